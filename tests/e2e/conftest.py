@@ -1,0 +1,657 @@
+"""Fixtures for end-to-end tests against a real OpenSSH ``sshd`` on loopback.
+
+See design.md section 8.  Fixtures provided here:
+
+``sshd``
+    A started :class:`SSHServer` (function scope): a throw-away sshd on a free
+    127.0.0.1 port, with its own host key and ``AuthorizedKeysFile``, plus a
+    temporary ``HOME`` whose ``~/.ssh/config`` names it as ``testhost``.
+    Teardown kills every session process and the listener.
+
+``free_port``
+    A callable ``free_port(host="127.0.0.1") -> int``.
+
+``echo_server``
+    A factory ``echo_server(host="127.0.0.2", port=0, greeting=None) -> (host, port)``
+    starting a thread-based TCP echo server (closed at teardown).
+
+Notes for users of ``sshd``:
+
+* The OpenSSH *client* reads ``~/.ssh/config`` from the passwd home directory,
+  not from ``$HOME``, so run it as ``ssh -F <home>/.ssh/config testhost ...``
+  with ``env=sshd.env``.  All paths in the generated config are absolute.
+* asyncssh expands ``~`` through ``$HOME``: set it in ``os.environ`` (e.g.
+  ``monkeypatch.setenv("HOME", str(sshd.home))``) before ``asyncssh.connect``.
+* ``stop()`` only stops the listener; sessions that are already established
+  keep running in their own sshd processes (as with a real sshd restart).
+  ``kill_connections()`` kills those, also after ``stop()``.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+SSHD_CANDIDATES = ("/usr/sbin/sshd", "/usr/local/sbin/sshd")
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 10.0
+KILL_TIMEOUT = 10.0
+
+
+# --------------------------------------------------------------------------
+# helpers
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that was free on ``host`` a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _find_sshd() -> str:
+    found = shutil.which("sshd")
+    candidates = ([found] if found else []) + list(SSHD_CANDIDATES)
+    for path in candidates:
+        if path and os.path.isfile(path) and os.access(path, os.X_OK):
+            # sshd refuses to re-exec unless started with an absolute path
+            return os.path.abspath(path)
+    pytest.fail(
+        "OpenSSH sshd not found (looked on PATH and in "
+        f"{', '.join(SSHD_CANDIDATES)}); the e2e tests need a real sshd: "
+        "run `apt-get install -y openssh-server`",
+        pytrace=False,
+    )
+
+
+def _find_tool(name: str) -> str:
+    path = shutil.which(name) or f"/usr/bin/{name}"
+    if not os.access(path, os.X_OK):
+        pytest.fail(
+            f"{name} not found; run `apt-get install -y openssh-client openssh-server`",
+            pytrace=False,
+        )
+    return path
+
+
+def _keygen(path: Path, comment: str) -> None:
+    subprocess.run(
+        [_find_tool("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-C", comment,
+         "-f", str(path)],
+        check=True, stdin=subprocess.DEVNULL, capture_output=True, timeout=30,
+    )
+
+
+def _proc_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (ppid, starttime, state) for every process in /proc."""
+    table: dict[int, tuple[int, int, str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                data = f.read().decode("ascii", "replace")
+        except OSError:
+            continue
+        # "pid (comm) state ppid ..." -- comm may contain spaces and parens
+        rest = data[data.rfind(")") + 2:].split()
+        try:
+            table[int(entry)] = (int(rest[1]), int(rest[19]), rest[0])
+        except (IndexError, ValueError):
+            continue
+    return table
+
+
+def _descendants(table: dict[int, tuple[int, int, str]], root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _start, _state) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found: set[int] = set()
+    todo = list(children.get(root, ()))
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(children.get(pid, ()))
+    return found
+
+
+def _alive(table: dict[int, tuple[int, int, str]], pid: int, start: int) -> bool:
+    info = table.get(pid)
+    return info is not None and info[1] == start and info[2] not in ("Z", "X")
+
+
+def _tail(path: Path, limit: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-limit:]
+    except OSError:
+        return ""
+
+
+# --------------------------------------------------------------------------
+# SSHServer
+
+
+@dataclass
+class SSHServer:
+    """A throw-away OpenSSH sshd on 127.0.0.1 plus a temp HOME naming it."""
+
+    home: Path
+    host: str
+    port: int
+    workdir: Path
+    env: dict[str, str]
+    sshd_log: Path
+    sshd_path: str = "/usr/sbin/sshd"
+    user: str = field(default_factory=lambda: pwd.getpwuid(os.getuid()).pw_name)
+    _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    # (pid, starttime) of session processes seen under the listener; kept so
+    # that kill_connections() still finds them after stop() orphaned them
+    _sessions: set[tuple[int, int]] = field(default_factory=set, init=False, repr=False)
+
+    # ---- paths ---------------------------------------------------------
+    @property
+    def ssh_config(self) -> Path:
+        return self.home / ".ssh" / "config"
+
+    @property
+    def identity(self) -> Path:
+        return self.home / ".ssh" / "id_ed25519"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.home / ".ssh" / "known_hosts"
+
+    @property
+    def sshd_config(self) -> Path:
+        return self.workdir / "sshd_config"
+
+    @property
+    def host_key(self) -> Path:
+        return self.workdir / "ssh_host_ed25519_key"
+
+    @property
+    def authorized_keys(self) -> Path:
+        return self.workdir / "authorized_keys"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.workdir / "sshd.pid"
+
+    @property
+    def stderr_log(self) -> Path:
+        """sshd's stdout/stderr (errors before -E takes effect end up here)."""
+        return self.workdir / "sshd.stderr"
+
+    @property
+    def pid(self) -> int | None:
+        """pid of the running listener, or None."""
+        if self._proc is not None and self._proc.poll() is None:
+            return self._proc.pid
+        return None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+    # ---- setup ---------------------------------------------------------
+    @classmethod
+    def create(cls, base: Path, *, port: int | None = None, host: str = "testhost") -> SSHServer:
+        """Generate keys and config files under ``base`` (does not start sshd)."""
+        workdir = base / "sshd"
+        home = base / "home"
+        workdir.mkdir(parents=True)
+        (home / ".ssh").mkdir(parents=True, mode=0o700)
+        runtime = tempfile.mkdtemp(prefix="td-", dir="/tmp")  # mode 0700, short path
+        env = dict(os.environ)
+        env.pop("SSH_AUTH_SOCK", None)
+        env.update(
+            HOME=str(home),
+            XDG_CONFIG_HOME=str(home / ".config"),
+            XDG_STATE_HOME=str(home / ".local" / "state"),
+            XDG_DATA_HOME=str(home / ".local" / "share"),
+            XDG_CACHE_HOME=str(home / ".cache"),
+            XDG_RUNTIME_DIR=runtime,
+        )
+        server = cls(
+            home=home,
+            host=host,
+            port=port if port is not None else _free_port(),
+            workdir=workdir,
+            env=env,
+            sshd_log=workdir / "sshd.log",
+            sshd_path=_find_sshd(),
+        )
+        server._write_files()
+        return server
+
+    def _write_files(self) -> None:
+        _keygen(self.host_key, "tunneld-test-hostkey")
+        _keygen(self.identity, f"{self.user}@tunneld-test")
+        shutil.copyfile(self.identity.with_suffix(".pub"), self.authorized_keys)
+        self.authorized_keys.chmod(0o600)
+
+        host_pub = self.host_key.with_suffix(".pub").read_text().split()
+        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_pub[0]} {host_pub[1]}\n")
+        self.known_hosts.chmod(0o600)
+
+        self.sshd_config.write_text(
+            "\n".join([
+                f"ListenAddress 127.0.0.1:{self.port}",
+                f"HostKey {self.host_key}",
+                f"PidFile {self.pid_file}",
+                f"AuthorizedKeysFile {self.authorized_keys}",
+                "StrictModes no",
+                "UsePAM no",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "PubkeyAuthentication yes",
+                "PermitRootLogin prohibit-password",
+                "AllowTcpForwarding yes",
+                "GatewayPorts no",
+                "PermitOpen any",
+                "AllowStreamLocalForwarding yes",
+                "ClientAliveInterval 0",
+                "MaxSessions 100",
+                "MaxStartups 100:30:200",
+                "LogLevel VERBOSE",
+                "Subsystem sftp internal-sftp",
+                "PermitUserEnvironment no",
+                "PrintMotd no",
+                "",
+            ])
+        )
+        self.ssh_config.write_text("")
+        self.ssh_config.chmod(0o600)  # ssh rejects group/world-writable configs
+        self.add_host_alias(self.host)
+
+    def add_host_alias(self, alias: str, **options: str) -> None:
+        """Append ``Host alias`` to home/.ssh/config, pointing at this sshd.
+
+        ``options`` are extra ssh_config keywords (e.g. ``ProxyJump="testhost"``);
+        they take precedence over the defaults (keywords are case-insensitive).
+        """
+        defaults = {
+            "HostName": "127.0.0.1",
+            "Port": str(self.port),
+            "User": self.user,
+            "IdentityFile": str(self.identity),
+            "IdentitiesOnly": "yes",
+            "UserKnownHostsFile": str(self.known_hosts),
+            "StrictHostKeyChecking": "yes",
+            "BatchMode": "yes",
+            "UpdateHostKeys": "no",
+        }
+        overridden = {k.lower() for k in options}
+        merged = {k: v for k, v in defaults.items() if k.lower() not in overridden}
+        merged.update(options)
+        lines = [f"Host {alias}"] + [f"    {k} {v}" for k, v in merged.items()]
+        with self.ssh_config.open("a") as f:
+            f.write("\n".join(lines) + "\n\n")
+
+    # ---- process control -----------------------------------------------
+    def start(self) -> None:
+        """(Re)start sshd on the same port with the same host key; wait until it accepts."""
+        if self._proc is not None:
+            self.stop()
+        if os.geteuid() == 0:
+            # privilege separation directory; sshd refuses to start without it
+            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        with self.stderr_log.open("ab") as err:
+            self._proc = subprocess.Popen(
+                [self.sshd_path, "-D", "-e", "-f", str(self.sshd_config), "-E", str(self.sshd_log)],
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                start_new_session=True,  # keep terminal ^C away; teardown stops it
+                close_fds=True,
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                rc = self._proc.returncode
+                self._proc = None
+                raise RuntimeError(
+                    f"sshd exited with status {rc} during startup\n"
+                    f"--- {self.sshd_log}:\n{_tail(self.sshd_log)}\n"
+                    f"--- {self.stderr_log}:\n{_tail(self.stderr_log)}"
+                )
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as s:
+                    s.settimeout(max(0.1, min(2.0, deadline - time.monotonic())))
+                    banner = s.recv(256)
+                if banner.startswith(b"SSH-") and self._proc.poll() is None:
+                    return
+                last_error = RuntimeError(f"unexpected banner {banner!r}")
+            except OSError as e:
+                last_error = e
+            time.sleep(0.05)
+        self._terminate_listener()
+        raise RuntimeError(
+            f"sshd did not accept connections on 127.0.0.1:{self.port} within "
+            f"{START_TIMEOUT}s (last error: {last_error!r})\n"
+            f"--- {self.sshd_log}:\n{_tail(self.sshd_log)}"
+        )
+
+    def stop(self) -> None:
+        """Stop the sshd listener (SIGTERM, wait).  Established sessions survive."""
+        if self._proc is None:
+            return
+        self._remember_sessions()
+        self._terminate_listener()
+
+    def _terminate_listener(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=STOP_TIMEOUT)
+
+    def _remember_sessions(self) -> set[tuple[int, int]]:
+        """Record and return (pid, starttime) of all live session processes."""
+        table = _proc_table()
+        self._sessions = {(p, s) for p, s in self._sessions if _alive(table, p, s)}
+        roots = [p for p, _ in self._sessions]
+        if self.pid is not None:
+            roots.append(self.pid)
+        for root in roots:
+            for pid in _descendants(table, root):
+                if _alive(table, pid, table[pid][1]):  # zombies are not sessions
+                    self._sessions.add((pid, table[pid][1]))
+        return set(self._sessions)
+
+    def session_pids(self) -> set[int]:
+        """pids of the processes serving established connections (not the listener)."""
+        return {pid for pid, _ in self._remember_sessions()}
+
+    def kill_connections(self) -> None:
+        """SIGKILL every process serving an existing connection (not the listener).
+
+        Covers the per-connection sshd processes and everything they spawned,
+        including sessions orphaned by an earlier stop().  Waits until they are gone.
+        """
+        victims = self._remember_sessions()
+        for pid, _start in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + KILL_TIMEOUT
+        while True:
+            table = _proc_table()
+            left = {(p, s) for p, s in victims if _alive(table, p, s)}
+            if not left:
+                break
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"sshd session processes survived SIGKILL: {sorted(left)}")
+            time.sleep(0.02)
+        self._sessions -= victims
+
+    def close(self) -> None:
+        """Teardown: kill sessions, stop the listener, remove the runtime dir."""
+        try:
+            self.kill_connections()
+            self.stop()
+            self.kill_connections()  # anything forked between the two steps
+        finally:
+            runtime = self.env.get("XDG_RUNTIME_DIR")
+            if runtime and runtime.startswith("/tmp/td-"):
+                shutil.rmtree(runtime, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture
+def free_port() -> Callable[..., int]:
+    """``free_port(host="127.0.0.1") -> int``: a port that was free a moment ago."""
+    return _free_port
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[SSHServer]:
+    """A started throw-away sshd on 127.0.0.1 with a temp HOME naming it ``testhost``."""
+    server = SSHServer.create(tmp_path)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+class _EchoServer:
+    def __init__(self, host: str, port: int, greeting: bytes | None) -> None:
+        self.greeting = greeting
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(128)
+        self.sock.settimeout(0.1)
+        self.address: tuple[str, int] = self.sock.getsockname()[:2]
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.conns: set[socket.socket] = set()
+        self.threads: list[threading.Thread] = []
+        self.accepted = 0
+        t = threading.Thread(target=self._accept_loop, name=f"echo-accept-{self.address[1]}",
+                             daemon=True)
+        self.threads.append(t)
+        t.start()
+
+    def _accept_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            conn.settimeout(None)
+            with self.lock:
+                if self.stopping.is_set():
+                    conn.close()
+                    break
+                self.conns.add(conn)
+                self.accepted += 1
+                t = threading.Thread(target=self._serve, args=(conn,), daemon=True,
+                                     name=f"echo-conn-{self.address[1]}")
+                self.threads.append(t)
+            t.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            if self.greeting:
+                conn.sendall(self.greeting)
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)  # pass the half-close on
+        except OSError:
+            pass
+        finally:
+            with self.lock:
+                self.conns.discard(conn)
+            conn.close()
+
+    def close(self) -> None:
+        self.stopping.set()
+        with self.lock:
+            conns = list(self.conns)
+            threads = list(self.threads)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)  # wakes a blocked recv()
+            except OSError:
+                pass
+        for t in threads:
+            t.join(timeout=2.0)
+        self.sock.close()
+
+
+@pytest.fixture
+def echo_server() -> Iterator[Callable[..., tuple[str, int]]]:
+    """Factory ``echo_server(host="127.0.0.2", port=0, greeting=None) -> (host, port)``.
+
+    Thread-based TCP echo server: echoes everything it reads, after sending
+    ``greeting`` (if any) on accept; passes EOF on as a half-close.  The
+    default 127.0.0.2 keeps targets apart from sshd's 127.0.0.1 (design.md 8).
+    """
+    servers: list[_EchoServer] = []
+
+    def factory(host: str = "127.0.0.2", port: int = 0,
+                greeting: bytes | None = None) -> tuple[str, int]:
+        server = _EchoServer(host, port, greeting)
+        servers.append(server)
+        return server.address
+
+    try:
+        yield factory
+    finally:
+        for server in servers:
+            server.close()
+
+
+# --------------------------------------------------------------------------
+# the daemon under test
+
+
+DAEMON_START_TIMEOUT = 15.0
+CTL_TIMEOUT = 60.0
+
+
+class Daemon:
+    """A `tunneld` process in the sshd fixture's temp HOME, driven through `tunnelctl`."""
+
+    def __init__(self, server: SSHServer, extra_env: dict[str, str] | None = None) -> None:
+        self.server = server
+        self.env = dict(server.env, TUNNELD_NO_AUTOSTART="1", PYTHONUNBUFFERED="1")
+        self.env.update(extra_env or {})
+        self.proc: subprocess.Popen | None = None
+        self.stderr_path = server.workdir / "tunneld.stderr"
+        self.socket = Path(self.env["XDG_RUNTIME_DIR"]) / "tunneld" / "tunneld.sock"
+        self.state_file = server.home / ".local" / "state" / "tunneld" / "forwards.json"
+        self.config_file = server.home / ".config" / "tunneld" / "config.toml"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, *args: str) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "daemon already running"
+        err = open(self.stderr_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tunneld", *args], env=self.env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        err.close()
+        deadline = time.monotonic() + DAEMON_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tunneld exited with {self.proc.returncode}:\n"
+                                   f"{self.log()}")
+            r = self.ctl("status", check=False, timeout=5)
+            if r.returncode == 0:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"tunneld did not answer within {DAEMON_START_TIMEOUT}s:\n"
+                           f"{self.log()}")
+
+    def ctl(self, *args: str, check: bool = True, timeout: float = CTL_TIMEOUT,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run([sys.executable, "-m", "tunnelctl", *args], env=self.env,
+                           capture_output=True, text=True, timeout=timeout, input=input)
+        if check and r.returncode != 0:
+            raise AssertionError(f"tunnelctl {' '.join(args)} exited {r.returncode}:\n"
+                                 f"stdout: {r.stdout}\nstderr: {r.stderr}\nlog:\n{self.log()}")
+        return r
+
+    def list(self) -> dict:
+        import json
+        return json.loads(self.ctl("list", "--json").stdout)
+
+    def host(self, name: str | None = None) -> dict:
+        name = name or self.server.host
+        for h in self.list()["hosts"]:
+            if h["name"] == name:
+                return h
+        raise AssertionError(f"{name} not in tunnelctl list")
+
+    def forward(self, listen_port: int, host: str | None = None) -> dict:
+        for f in self.host(host)["forwards"]:
+            if f["listen"].endswith(f":{listen_port}"):
+                return f
+        raise AssertionError(f"no forward listening on {listen_port}")
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 20.0,
+                 what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")[-6000:]
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> int:
+        """`tunnelctl stop`, and wait for the process; returns its exit status."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.ctl("stop", check=False, timeout=30)
+        try:
+            return self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            raise AssertionError(f"tunneld did not stop within 30s:\n{self.log()}")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def daemon(sshd: SSHServer) -> Iterator[Daemon]:
+    """A running tunneld whose HOME is the sshd fixture's (its ~/.ssh/config names it)."""
+    d = Daemon(sshd)
+    d.start()
+    try:
+        yield d
+    finally:
+        d.close()

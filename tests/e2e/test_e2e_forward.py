@@ -1,0 +1,324 @@
+"""Local forwards end to end: a real sshd, a real tunneld, real sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def roundtrip(port: int, payload: bytes, host: str = "127.0.0.1", timeout: float = 10) -> bytes:
+    """Connect, send ``payload``, half-close, read everything back."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    return b"".join(chunks)
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_range_carries_data_both_ways_and_counts_it(daemon, sshd, echo_server, free_port):
+    targets = [echo_server()[1] for _ in range(3)]
+    locals_ = [free_port() for _ in range(3)]
+    # a range on both sides needs consecutive ports: use one spec per pair plus one range
+    daemon.ctl("add", sshd.host, *[f"{l}:127.0.0.2:{t}" for l, t in zip(locals_, targets)])
+    for i, port in enumerate(locals_):
+        payload = os.urandom(100_000 + i)
+        assert roundtrip(port, payload) == payload
+    daemon.wait_for(lambda: all(daemon.forward(p)["active"] == 0 for p in locals_),
+                    what="connections to close")
+    for i, port in enumerate(locals_):
+        f = daemon.forward(port)
+        assert f["total"] == 1
+        assert f["bytes_out"] == 100_000 + i
+        assert f["bytes_in"] == 100_000 + i
+        assert f["state"] == "listening"
+        assert f["kind"] == "local"
+        assert f["target"] == f"127.0.0.2:{targets[i]}"
+        assert f["listen"] == f"127.0.0.1:{port}"
+    h = daemon.host()
+    assert h["state"] == "connected" and h["last_error"] is None
+    assert set(h) >= {"name", "state", "since", "last_error", "forwards"}
+
+
+def test_port_range_spec_remove_and_restore_after_restart(daemon, sshd, echo_server, free_port):
+    # find three consecutive free local ports and serve the same three on 127.0.0.2
+    for _ in range(50):
+        base = free_port()
+        try:
+            servers = [echo_server(port=base + i) for i in range(3)]
+            break
+        except OSError:
+            continue
+    else:
+        pytest.fail("no three consecutive free ports on 127.0.0.2")
+    lbase = base
+    spec = f"{lbase}-{lbase + 2}:127.0.0.2:{base}-{base + 2}"
+    r = daemon.ctl("add", sshd.host, spec)
+    assert f"{lbase + 1}:127.0.0.2:{base + 1}" in r.stdout
+    for i in range(3):
+        assert roundtrip(lbase + i, b"hello %d" % i) == b"hello %d" % i
+    daemon.ctl("remove", sshd.host, str(lbase + 1))
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", lbase + 1), timeout=2).close()
+    saved = json.loads(daemon.state_file.read_text())
+    assert saved["hosts"][sshd.host] == [f"{lbase}:127.0.0.2:{base}",
+                                         f"{lbase + 2}:127.0.0.2:{base + 2}"]
+    assert (os.stat(daemon.state_file).st_mode & 0o777) == 0o600
+    assert daemon.stop() == 0
+    daemon.start()
+    ports = sorted(int(f["listen"].rsplit(":", 1)[1]) for f in daemon.host()["forwards"])
+    assert ports == [lbase, lbase + 2]
+    assert roundtrip(lbase + 2, b"back") == b"back"
+    daemon.ctl("remove", sshd.host)
+    assert daemon.list()["hosts"] == []
+    assert json.loads(daemon.state_file.read_text())["hosts"] == {}
+
+
+def test_port_in_use_leaves_nothing_half_added(daemon, sshd, free_port):
+    ports = [free_port() for _ in range(3)]
+    blocker = socket.socket()
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    blocker.bind(("127.0.0.1", ports[1]))
+    blocker.listen()
+    try:
+        r = daemon.ctl("add", sshd.host, *[f"{p}:127.0.0.2:{p}" for p in ports], check=False)
+        assert r.returncode == 1
+        assert f"127.0.0.1:{ports[1]}" in r.stderr
+        assert "already in use" in r.stderr
+        assert f"pid {os.getpid()}" in r.stderr  # the OS told us who holds it
+        assert daemon.list()["hosts"] == []
+        for p in (ports[0], ports[2]):  # the ones bound before the failure were released
+            s = socket.socket()
+            s.bind(("127.0.0.1", p))
+            s.close()
+    finally:
+        blocker.close()
+
+
+def test_duplicate_add_is_a_noop_and_conflicts_are_named(daemon, sshd, echo_server, free_port):
+    port = free_port()
+    t = echo_server()[1]
+    daemon.ctl("add", sshd.host, f"{port}:127.0.0.2:{t}")
+    r = daemon.ctl("add", sshd.host, f"{port}:127.0.0.2:{t}")
+    assert "already forwarded" in r.stdout
+    assert len(daemon.host()["forwards"]) == 1
+    r = daemon.ctl("add", sshd.host, f"{port}:127.0.0.2:{t + 1}", check=False)
+    assert r.returncode == 1
+    assert f"127.0.0.1:{port}" in r.stderr and "tunneld already forwards it" in r.stderr
+
+
+@pytest.mark.timeout(120)
+def test_many_concurrent_connections_through_one_forward(daemon, sshd, echo_server, free_port):
+    port = free_port()
+    daemon.ctl("add", sshd.host, f"{port}:127.0.0.2:{echo_server()[1]}")
+    n = 200
+    results: list[bool] = [False] * n
+    barrier = threading.Barrier(n, timeout=60)
+
+    def worker(i: int) -> None:
+        payload = b"%d:" % i + os.urandom(2000)
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+            barrier.wait()  # all connections open at the same time
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            got = b""
+            while True:
+                data = s.recv(65536)
+                if not data:
+                    break
+                got += data
+        results[i] = got == payload
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    assert sum(results) == n
+    daemon.wait_for(lambda: daemon.forward(port)["active"] == 0, what="all closed")
+    f = daemon.forward(port)
+    assert f["total"] == n and f["last_error"] is None
+
+
+def test_destination_that_speaks_first(daemon, sshd, echo_server, free_port):
+    """design.md §9: under uvloop asyncssh's own forwarder loses a greeting sent before the
+    client writes.  Ours must deliver it."""
+    port = free_port()
+    greeting = b"SSH-2.0-FakeServer greets first\r\n"
+    daemon.ctl("add", sshd.host, f"{port}:127.0.0.2:{echo_server(greeting=greeting)[1]}")
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            got = b""
+            while len(got) < len(greeting):
+                data = s.recv(100)
+                assert data, "closed before the greeting arrived"
+                got += data
+            assert got == greeting
+            s.sendall(b"then echo")
+            assert s.recv(100) == b"then echo"
+
+
+def test_ipv6_bind(daemon, sshd, echo_server):
+    if not socket.has_ipv6:
+        pytest.fail("this machine has no IPv6 loopback; the test needs [::1]")
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        port = s.getsockname()[1]
+    daemon.ctl("add", sshd.host, f"[::1]:{port}:127.0.0.2:{echo_server()[1]}")
+    f = daemon.forward(port)
+    assert f["listen"] == f"[::1]:{port}"
+    assert roundtrip(port, b"six", host="::1") == b"six"
+
+
+def test_proxyjump_host(daemon, sshd, echo_server, free_port):
+    """A host reached through a ProxyJump hop (here the same sshd twice)."""
+    sshd.add_host_alias("behind", ProxyJump=sshd.host)
+    port = free_port()
+    daemon.ctl("add", "behind", f"{port}:127.0.0.2:{echo_server()[1]}")
+    assert daemon.host("behind")["state"] == "connected"
+    assert roundtrip(port, b"via the jump host") == b"via the jump host"
+
+
+def _sink_server(host: str = "127.0.0.2"):
+    """A server that accepts and never reads."""
+    srv = socket.socket()
+    srv.bind((host, 0))
+    srv.listen()
+    conns: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conns.append(srv.accept()[0])
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+
+    def close() -> None:
+        stop.set()
+        t.join(5)
+        for c in conns:
+            c.close()
+        srv.close()
+    return srv.getsockname()[1], close
+
+
+def _blast_server(host: str = "127.0.0.2"):
+    """A server that writes as fast as it can to whoever connects."""
+    srv = socket.socket()
+    srv.bind((host, 0))
+    srv.listen()
+    stop = threading.Event()
+    chunk = os.urandom(1 << 16)
+
+    def serve() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                c = srv.accept()[0]
+            except OSError:
+                continue
+            c.settimeout(0.5)
+            with c:
+                while not stop.is_set():
+                    try:
+                        c.sendall(chunk)
+                    except socket.timeout:
+                        continue
+                    except OSError:
+                        break
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+
+    def close() -> None:
+        stop.set()
+        t.join(5)
+        srv.close()
+    return srv.getsockname()[1], close
+
+
+@pytest.mark.timeout(120)
+def test_slow_reader_keeps_memory_bounded(daemon, sshd, free_port):
+    """Fast writer, reader that does not read: buffers stay bounded both ways."""
+    # remote writes fast, local client never reads
+    bport, bclose = _blast_server()
+    sport, sclose = _sink_server()
+    down, up = free_port(), free_port()
+    try:
+        daemon.ctl("add", sshd.host, f"{down}:127.0.0.2:{bport}", f"{up}:127.0.0.2:{sport}")
+        base = rss_kib(daemon.pid)
+        c = socket.create_connection(("127.0.0.1", down), timeout=10)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        # the server could push gigabytes in this time if nothing held it back
+        daemon.wait_for(lambda: daemon.forward(down)["bytes_in"] > 0, what="data flowing")
+        time.sleep(3)
+        grown_down = rss_kib(daemon.pid) - base
+        delivered = daemon.forward(down)["bytes_in"]
+        # local client writes fast, remote never reads
+        u = socket.create_connection(("127.0.0.1", up), timeout=10)
+        u.setblocking(False)
+        sent = 0
+        chunk = b"x" * 65536
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                sent += u.send(chunk)
+            except BlockingIOError:
+                time.sleep(0.05)
+        grown_up = rss_kib(daemon.pid) - base
+        # everything queued is bounded by socket buffers + SSH windows, not by the 5 s of
+        # writing: a few MiB, not hundreds
+        assert delivered < 64 * 1024 * 1024, delivered
+        assert sent < 64 * 1024 * 1024, sent
+        assert grown_down < 48 * 1024, f"daemon RSS grew {grown_down} KiB reading"
+        assert grown_up < 48 * 1024, f"daemon RSS grew {grown_up} KiB writing"
+        # and the flows still work: drain a little from the blast
+        c.settimeout(10)
+        assert len(c.recv(65536)) > 0
+        c.close()
+        u.close()
+    finally:
+        bclose()
+        sclose()
+
+
+def test_list_json_schema_matches_the_contract(daemon, sshd, echo_server, free_port):
+    port = free_port()
+    daemon.ctl("add", sshd.host, f"{port}:127.0.0.2:{echo_server()[1]}")
+    data = daemon.list()
+    assert set(data) >= {"version", "hosts"}
+    (h,) = data["hosts"]
+    assert h["state"] in {"connecting", "connected", "backoff", "needs-auth", "failed",
+                          "stopped"}
+    assert h["since"].endswith("Z")
+    (f,) = h["forwards"]
+    for key, typ in {"spec": str, "kind": str, "listen": str, "target": str, "state": str,
+                     "active": int, "total": int, "bytes_in": int, "bytes_out": int}.items():
+        assert isinstance(f[key], typ), key
+    assert "last_error" in f
+    text = daemon.ctl("list").stdout
+    assert sshd.host in text and f"127.0.0.1:{port}" in text and "listening" in text

@@ -1,0 +1,1 @@
+"""tunnelctl: the thin control client of tunneld."""

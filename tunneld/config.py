@@ -1,0 +1,193 @@
+"""config.toml and the persisted state file, as pydantic models.
+
+config.toml (optional)::
+
+    [defaults]
+    bind = "127.0.0.1"          # default listen address of forwards
+    keepalive_interval = 10     # seconds between SSH keepalives (0 disables)
+    keepalive_count_max = 2     # unanswered keepalives before the link is declared dead
+    hold_timeout = 10           # seconds a client is held while its host is down
+
+    [hosts.barhal]
+    forwards = ["8090-8092", "18888:node42:8888"]
+
+The state file keeps the forwards added at run time (``tunnelctl add``) so they come back
+when the daemon starts; it is written atomically (temp file, fsync, rename) with mode 0600.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from . import spec as specmod
+from .errors import ConfigError, SpecError
+
+log = logging.getLogger("tunneld")
+
+STATE_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Defaults(_Strict):
+    bind: str = specmod.DEFAULT_BIND
+    #: seconds between keepalives; with count_max 2 a black-holed link is dead within 30 s
+    keepalive_interval: float = Field(10.0, ge=0, le=3600)
+    keepalive_count_max: int = Field(2, ge=1, le=100)
+    #: seconds a client connecting during an outage is held before it is closed
+    hold_timeout: float = Field(10.0, ge=0, le=600)
+    #: seconds allowed for TCP connect + SSH handshake + authentication
+    connect_timeout: float = Field(20.0, gt=0, le=600)
+
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, v: str) -> str:
+        try:
+            return specmod.parse_bind(v)
+        except SpecError as exc:
+            raise ValueError(str(exc)) from None
+
+
+class HostConfig(_Strict):
+    forwards: list[str] = []
+
+    @field_validator("forwards")
+    @classmethod
+    def _forwards(cls, v: list[str]) -> list[str]:
+        for text in v:
+            try:
+                specmod.parse(text)
+            except SpecError as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
+
+class Config(_Strict):
+    defaults: Defaults = Defaults()
+    hosts: dict[str, HostConfig] = {}
+
+    def forwards(self) -> dict[str, list[specmod.ForwardSpec]]:
+        return {name: specmod.parse_all(h.forwards, self.defaults.bind)
+                for name, h in self.hosts.items()}
+
+
+class StateFile(_Strict):
+    version: int = STATE_VERSION
+    #: host → canonical specs added at run time
+    hosts: dict[str, list[str]] = {}
+
+
+def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
+    """Best-effort line number of the key at ``loc`` in a TOML text."""
+    keys = [str(k) for k in loc if not isinstance(k, int)]
+    if not keys:
+        return None
+    table: list[str] = []
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        m = re.match(r"^\[\s*([^\]]+?)\s*\]$", line)
+        if m:
+            table = [p.strip().strip('"') for p in m.group(1).split(".")]
+            if table == keys:
+                return n
+            continue
+        m = re.match(r'^"?([A-Za-z0-9_.-]+)"?\s*=', line)
+        if m and table + [m.group(1)] == keys[:len(table) + 1] and len(keys) == len(table) + 1:
+            return n
+    # fall back to the enclosing table
+    return _line_of(text, tuple(keys[:-1])) if len(keys) > 1 else None
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate config.toml.  A missing file is an empty config."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return Config()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = err["loc"]
+            key = ".".join(str(k) for k in loc)
+            line = _line_of(text, loc)
+            where = f"{path}:{line}" if line else str(path)
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            problems.append(f"{where}: {key}: {msg}")
+        raise ConfigError("; ".join(problems)) from None
+
+
+def load_state(path: Path) -> StateFile:
+    """Read the state file.  Missing or empty → empty state.  Corrupt → set aside, logged."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return StateFile()
+    except OSError as exc:
+        log.error("state file %s cannot be read (%s); starting with no saved forwards",
+                  path, exc.strerror)
+        return StateFile()
+    if not data.strip():
+        log.warning("state file %s is empty; starting with no saved forwards", path)
+        return StateFile()
+    try:
+        state = StateFile.model_validate(json.loads(data))
+        for host, texts in state.hosts.items():
+            specmod.parse_all(texts)
+        return state
+    except (ValueError, ValidationError, SpecError) as exc:
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        os.replace(path, aside)
+        first = str(exc).splitlines()[0]
+        log.error("state file %s is corrupt (%s); kept it as %s and started with no saved "
+                  "forwards", path, first, aside)
+        return StateFile()
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` atomically: temp file, fsync, rename, fsync the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def save_state(path: Path, state: StateFile) -> None:
+    atomic_write(path, (state.model_dump_json(indent=2) + "\n").encode())

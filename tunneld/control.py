@@ -1,0 +1,150 @@
+"""Unix-socket JSON-lines control server: permissions, limits, dispatch to the manager.
+
+Every request gets exactly one final reply (``wire.ok`` / ``wire.error``); a bad request
+never takes the daemon down.  Only the socket owner's uid is served (SO_PEERCRED).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from . import __version__, wire
+from .errors import ProtocolError, TunneldError, UsageError
+from .manager import Manager
+
+log = logging.getLogger("tunneld")
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process at the other end of a Unix socket, if the OS tells."""
+    if hasattr(socket, "SO_PEERCRED"):
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", creds)[1]
+    if hasattr(socket, "LOCAL_PEERCRED"):  # macOS / BSD: struct xucred {version, uid, ...}
+        creds = sock.getsockopt(0, socket.LOCAL_PEERCRED, struct.calcsize("2I"))
+        return struct.unpack("2I", creds)[1]
+    return None
+
+
+class ControlServer:
+    def __init__(self, manager: Manager, path: Path, on_stop: Callable[[], None]):
+        self.manager = manager
+        self.path = path
+        self.on_stop = on_stop
+        self.started = time.time()
+        self._server: asyncio.base_events.Server | None = None
+        self.handlers: dict[str, Handler] = {
+            "add": self._add, "remove": self._remove, "list": self._list,
+            "status": self._status, "stop": self._stop, "reconnect": self._reconnect,
+        }
+        assert set(self.handlers) <= wire.COMMANDS
+
+    async def start(self) -> None:
+        old = os.umask(0o177)  # the socket is born 0600: no window where others can connect
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._serve, path=str(self.path), limit=wire.MAX_LINE)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            sock = writer.get_extra_info("socket")
+            uid = peer_uid(sock) if sock is not None else None
+            if uid is not None and uid != os.getuid():
+                log.warning("control: refused a connection from uid %d (only uid %d may "
+                            "control this daemon)", uid, os.getuid())
+                await self._send(writer, wire.error(__version__, ProtocolError(
+                    f"permission denied: this tunneld belongs to uid {os.getuid()}")))
+                return
+            while True:
+                try:
+                    line = await asyncio.wait_for(reader.readline(), wire.REQUEST_TIMEOUT)
+                except asyncio.TimeoutError:
+                    await self._send(writer, wire.error(__version__, ProtocolError(
+                        f"no complete request within {wire.REQUEST_TIMEOUT:g}s; closing")))
+                    return
+                except (ValueError, asyncio.LimitOverrunError):
+                    await self._send(writer, wire.error(__version__, ProtocolError(
+                        f"request longer than {wire.MAX_LINE} bytes; closing")))
+                    return
+                if not line:
+                    return
+                reply = await self._handle(line)
+                await self._send(writer, reply)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def _send(self, writer: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
+        writer.write(wire.encode(msg))
+        await writer.drain()
+
+    async def _handle(self, line: bytes) -> dict[str, Any]:
+        try:
+            cmd, args = wire.parse_request(wire.decode(line))
+            result = await self.handlers[cmd](args)
+            return wire.ok(__version__, result)
+        except TunneldError as exc:
+            return wire.error(__version__, exc)
+        except Exception as exc:  # a bug: report it, keep serving
+            log.exception("control: internal error")
+            return wire.error(__version__, TunneldError(
+                f"internal error ({type(exc).__name__}: {exc}); see the daemon log"))
+
+    # -- commands ----------------------------------------------------------------------------
+
+    async def _add(self, args: dict[str, Any]) -> Any:
+        return await self.manager.add(args.get("host"), args.get("specs"),
+                                      public=bool(args.get("public", False)))
+
+    async def _remove(self, args: dict[str, Any]) -> Any:
+        return await self.manager.remove(args.get("host"), args.get("specs") or None)
+
+    async def _list(self, args: dict[str, Any]) -> Any:
+        return self.manager.snapshot()
+
+    async def _status(self, args: dict[str, Any]) -> Any:
+        return {"version": __version__, "pid": os.getpid(),
+                "uptime": round(time.time() - self.started, 3), "socket": str(self.path),
+                "hosts": len(self.manager.hosts),
+                "forwards": sum(len(h.forwards) for h in self.manager.hosts.values())}
+
+    async def _stop(self, args: dict[str, Any]) -> Any:
+        asyncio.get_running_loop().call_soon(self.on_stop)
+        return {"stopping": True, "pid": os.getpid()}
+
+    async def _reconnect(self, args: dict[str, Any]) -> Any:
+        host = args.get("host")
+        if host is None:
+            sups = list(self.manager.hosts.values())
+        else:
+            sup = self.manager.hosts.get(host) if isinstance(host, str) else None
+            if sup is None:
+                raise UsageError(f"{host!r} has no forwards; nothing to reconnect")
+            sups = [sup]
+        for sup in sups:
+            sup.reconnect()
+        for sup in sups:
+            await sup.wait_attempt(self.manager.config.defaults.connect_timeout + 1)
+        return {"hosts": [{"name": s.name, "state": s.state.value, "last_error": s.last_error}
+                          for s in sups]}

@@ -1,0 +1,138 @@
+"""Composition root: lock, socket, logging, signals, sd_notify, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import logging.handlers
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import IO
+
+from . import __version__, paths
+from .config import Config
+from .control import ControlServer
+from .errors import DaemonUnavailable
+from .manager import Manager
+
+log = logging.getLogger("tunneld")
+
+#: rotating daemon log: size of one file and how many old ones are kept
+LOG_MAX_BYTES = 2 * 1024 * 1024
+LOG_BACKUPS = 3
+
+
+def setup_logging(level: str = "INFO", to_file: bool = True) -> None:
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
+    root = logging.getLogger("tunneld")
+    root.setLevel(level)
+    root.propagate = False
+    root.handlers.clear()
+    err = logging.StreamHandler(sys.stderr)
+    err.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    root.addHandler(err)
+    if to_file:
+        try:
+            paths.log_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+            fh = logging.handlers.RotatingFileHandler(
+                paths.log_file(), maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS)
+            fh.setFormatter(fmt)
+            root.addHandler(fh)
+        except OSError as exc:
+            log.warning("cannot write the log file under %s: %s", paths.log_dir(), exc)
+    # asyncssh logs every channel at INFO: keep its chatter for debugging only
+    logging.getLogger("asyncssh").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state, if it is listening."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+    except OSError as exc:
+        log.warning("sd_notify to %s failed: %s", addr, exc)
+
+
+def acquire_lock(path: Path) -> IO[str]:
+    """Exactly one daemon per user: hold an exclusive lock on ``path`` for our lifetime."""
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise DaemonUnavailable(f"another tunneld (pid {pid}) is already running for this user "
+                                f"(lock {path}); `tunnelctl stop` stops it") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def clear_stale_socket(path: Path) -> None:
+    """Remove a socket left by a dead daemon.  We hold the lock, so no live daemon owns it."""
+    if not path.exists() and not path.is_symlink():
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1)
+        try:
+            s.connect(str(path))
+        except OSError:
+            log.info("removing stale socket %s", path)
+            path.unlink()
+            return
+    raise DaemonUnavailable(f"{path} is served by another process; is another tunneld running "
+                            "with a different lock file? Stop it first")
+
+
+class Daemon:
+    def __init__(self, config: Config, socket_path: Path, state_path: Path):
+        self.config = config
+        self.socket_path = socket_path
+        self.manager = Manager(config, state_path)
+        self.control = ControlServer(self.manager, socket_path, self.request_stop)
+        self._stop = asyncio.Event()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, on_ready: "callable | None" = None) -> int:
+        paths.ensure_private_dir(self.socket_path.parent)
+        lock = acquire_lock(paths.lock_path())
+        try:
+            clear_stale_socket(self.socket_path)
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+            await self.control.start()
+            await self.manager.restore()
+            log.info("tunneld %s ready (pid %d, socket %s)", __version__, os.getpid(),
+                     self.socket_path)
+            sd_notify("READY=1")
+            if on_ready:
+                on_ready()
+            await self._stop.wait()
+            log.info("stopping")
+            sd_notify("STOPPING=1")
+            await self.control.close()
+            await self.manager.close()
+            log.info("stopped")
+            return 0
+        finally:
+            await self.control.close()
+            lock.close()

@@ -1,0 +1,333 @@
+"""asyncssh adapter: one local listener per ``ForwardSpec``, one SSH channel per client.
+
+Why our own listener and not ``forward_local_port`` (design.md §9): it stays bound while the
+host is down (clients are held, then served), each refused connection is seen and logged,
+counters and flow control live in one place, and early bytes from a server that speaks first
+are not lost under uvloop.
+
+Data path, per accepted client::
+
+    local socket ──_LocalProtocol.data_received──► channel.write      (bytes_out)
+    local socket ◄──transport.write── _ChannelSession.data_received   (bytes_in)
+
+Back-pressure both ways: a full local write buffer pauses reading from the channel (so the
+SSH window closes and the server stops sending); a full channel send buffer (window exhausted)
+pauses reading from the local socket.  Memory per connection is bounded by the transport's
+high-water mark plus the channel window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+import asyncssh
+
+from .errors import BindError, TunneldError
+from .spec import ForwardSpec
+from .state import ForwardState, check_forward, forward_state_for
+
+if TYPE_CHECKING:
+    from .host import HostSupervisor
+
+log = logging.getLogger("tunneld")
+
+#: listen backlog of each forward's socket
+LISTEN_BACKLOG = 1024
+#: bytes read from a local client before its channel is open; past this, reading pauses
+PRE_OPEN_BUFFER = 256 * 1024
+#: asyncssh channel send-buffer high-water mark; above it the local socket stops being read
+CHANNEL_HIGH_WATER = 256 * 1024
+#: SSH channel window and packet size offered for each channel
+CHANNEL_WINDOW = 2 * 1024 * 1024
+CHANNEL_MAX_PKTSIZE = 32768
+
+
+class LocalForward:
+    """A bound listener for one spec, and the counters of the clients it served."""
+
+    def __init__(self, spec: ForwardSpec, host: "HostSupervisor", origin: str = "added"):
+        self.spec = spec
+        self.host = host
+        #: "config" (declared in config.toml) or "added" (tunnelctl add, persisted)
+        self.origin = origin
+        #: CLOSED until bind() succeeds; then follows the host (LISTENING iff host connected)
+        self.state = ForwardState.CLOSED
+        #: open client connections (each has a channel or is waiting for one)
+        self.conns: set[_LocalProtocol] = set()
+        self.total = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.last_error: str | None = None
+        #: the asyncio server; None iff the listener is not bound
+        self._server: asyncio.base_events.Server | None = None
+
+    # -- listener ---------------------------------------------------------------------------
+
+    async def bind(self) -> None:
+        """Bind the listener.  Raises ``BindError`` naming the port and, if known, its holder."""
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in self.spec.bind_host else socket.AF_INET
+        try:
+            self._server = await loop.create_server(
+                lambda: _LocalProtocol(self), self.spec.bind_host, self.spec.bind_port,
+                family=family, reuse_address=True, backlog=LISTEN_BACKLOG)
+        except OSError as exc:
+            raise BindError(bind_error_message(self.spec, exc)) from None
+        self.state = ForwardState.WAITING
+        self.follow_host()
+
+    def follow_host(self) -> None:
+        """Set this forward's state from its host's (called on every host transition)."""
+        if self.state is ForwardState.CLOSED:
+            return
+        new = forward_state_for(self.host.state)
+        if new is not self.state:
+            self.state = check_forward(self.state, new)
+
+    async def close(self, abort_clients: bool = True) -> None:
+        """Close the listener (and, by default, every open client connection)."""
+        if self.state is not ForwardState.CLOSED:
+            self.state = check_forward(self.state, ForwardState.CLOSED)
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        if abort_clients:
+            for conn in list(self.conns):
+                conn.abort()
+        if server is not None:
+            await server.wait_closed()
+
+    # -- counters ----------------------------------------------------------------------------
+
+    def fail(self, message: str) -> None:
+        self.last_error = message
+        log.warning("%s: %s", self.host.name, message)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "spec": str(self.spec), "kind": self.spec.kind, "listen": self.spec.listen,
+            "target": self.spec.target, "state": self.state.value, "active": len(self.conns),
+            "total": self.total, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+            "last_error": self.last_error, "origin": self.origin,
+        }
+
+
+class _LocalProtocol(asyncio.Protocol):
+    """One accepted local client.  Invariant: ``channel`` is None until the SSH channel is
+    open; until then received bytes wait in ``pending`` (bounded by ``PRE_OPEN_BUFFER``)."""
+
+    def __init__(self, fwd: LocalForward):
+        self.fwd = fwd
+        self.transport: asyncio.Transport | None = None
+        self.channel: asyncssh.SSHTCPChannel[bytes] | None = None
+        self.pending: list[bytes] = []
+        self.pending_len = 0
+        self.pending_eof = False
+        self.closed = False
+        self.peer = "?"
+        self._opener: asyncio.Task[None] | None = None
+
+    # asyncio.Protocol -----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  (uvloop's is not a subclass)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = f"{peer[0]}:{peer[1]}"
+        self.fwd.conns.add(self)
+        self.fwd.total += 1
+        self._opener = asyncio.get_running_loop().create_task(self._open())
+
+    def data_received(self, data: bytes) -> None:
+        if self.channel is not None:
+            self.channel.write(data)
+            self.fwd.bytes_out += len(data)
+            return
+        # channel not open yet (under uvloop this can happen even after pause_reading)
+        self.pending.append(data)
+        self.pending_len += len(data)
+        if self.pending_len >= PRE_OPEN_BUFFER and self.transport is not None:
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        if self.channel is not None:
+            self.channel.write_eof()
+        else:
+            self.pending_eof = True
+        return True  # keep the socket half-open: the reply may still be coming
+
+    def pause_writing(self) -> None:
+        if self.channel is not None:
+            self.channel.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.channel is not None:
+            self.channel.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.fwd.conns.discard(self)
+        if self.channel is not None:
+            self.channel.close()
+        elif self._opener is not None:
+            self._opener.cancel()
+
+    # ---------------------------------------------------------------------------------------
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def _open(self) -> None:
+        fwd, spec = self.fwd, self.fwd.spec
+        try:
+            conn = await fwd.host.connection_for_client()
+            chan, _ = await conn.create_connection(
+                lambda: _ChannelSession(self), spec.target_host, spec.target_port,
+                *_orig(self.transport), window=CHANNEL_WINDOW,
+                max_pktsize=CHANNEL_MAX_PKTSIZE)
+        except asyncio.CancelledError:
+            return
+        except asyncssh.ChannelOpenError as exc:
+            fwd.fail(f"{spec.listen} -> {spec.target}: the server could not open the "
+                     f"connection ({exc.reason or 'refused'}); is anything listening on "
+                     f"{spec.target} on the server? The forward stays open.")
+            self.abort()
+            return
+        except TunneldError as exc:
+            fwd.fail(f"{spec.listen}: closed client {self.peer}: {exc}")
+            self.abort()
+            return
+        except (OSError, asyncssh.Error) as exc:
+            fwd.fail(f"{spec.listen}: closed client {self.peer}: the connection to the server "
+                     f"failed ({exc})")
+            self.abort()
+            return
+        if self.closed:
+            chan.close()
+            return
+        chan.set_write_buffer_limits(CHANNEL_HIGH_WATER)
+        self.channel = chan
+        if self.pending:
+            data = b"".join(self.pending)
+            self.pending.clear()
+            self.pending_len = 0
+            chan.write(data)
+            fwd.bytes_out += len(data)
+            assert self.transport is not None
+            self.transport.resume_reading()
+        if self.pending_eof:
+            chan.write_eof()
+
+
+def _orig(transport: asyncio.BaseTransport | None) -> tuple[str, int]:
+    peer = transport.get_extra_info("peername") if transport else None
+    return (peer[0], peer[1]) if peer else ("", 0)
+
+
+class _ChannelSession(asyncssh.SSHTCPSession[bytes]):
+    """The SSH side of one client: writes straight to the local transport."""
+
+    def __init__(self, local: _LocalProtocol):
+        self.local = local
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        transport = self.local.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+            self.local.fwd.bytes_in += len(data)
+
+    def eof_received(self) -> bool:
+        transport = self.local.transport
+        if transport is not None and transport.can_write_eof() and not transport.is_closing():
+            transport.write_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        if self.local.transport is not None:
+            self.local.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.local.transport is not None and not self.local.transport.is_closing():
+            self.local.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        transport = self.local.transport
+        if transport is None:
+            return
+        if exc is not None:
+            # the SSH connection died under this channel: the client sees a reset
+            transport.abort()
+        else:
+            transport.close()
+
+
+# -- bind errors -------------------------------------------------------------------------------
+
+def bind_error_message(spec: ForwardSpec, exc: OSError) -> str:
+    where = spec.listen
+    if exc.errno == errno.EADDRINUSE:
+        holder = who_listens(spec.bind_port)
+        by = f" by {holder}" if holder else " by another program"
+        return (f"cannot listen on {where}: the port is already in use{by}; choose another "
+                f"local port (e.g. 1{spec.bind_port}:{spec.target_host}:{spec.target_port})"
+                if spec.bind_port < 55536 else
+                f"cannot listen on {where}: the port is already in use{by}")
+    if exc.errno == errno.EACCES and spec.bind_port < 1024:
+        return (f"cannot listen on {where}: ports below 1024 are privileged; use a port of "
+                f"1024 or more (e.g. 1{spec.bind_port:04d}:{spec.target})")
+    if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+        return (f"cannot listen on {where}: {spec.bind_host} is not an address of this "
+                "machine")
+    return f"cannot listen on {where}: {exc.strerror or exc}"
+
+
+def who_listens(port: int) -> str | None:
+    """Best effort (Linux /proc): ``"pid 1234 (python3)"`` of the process listening on
+    ``port``, or None when the OS does not tell us."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f, None)
+                for line in f:
+                    parts = line.split()
+                    if len(parts) > 9 and parts[3] == "0A" and \
+                            int(parts[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(parts[9])
+        except OSError:
+            continue
+    if not inodes:
+        return None
+    targets = {f"socket:[{i}]" for i in inodes}
+    deadline = time.monotonic() + 1.0
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        if time.monotonic() > deadline:
+            break
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in targets:
+                    with open(f"/proc/{pid}/comm") as f:
+                        comm = f.read().strip()
+                    return f"pid {pid} ({comm})"
+            except OSError:
+                continue
+    return None
+
