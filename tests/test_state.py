@@ -76,3 +76,15 @@ def test_backoff_survives_many_attempts():
     for _ in range(10_000):
         d = b.next_delay()
     assert 0 < d <= b.maximum
+
+
+@pytest.mark.parametrize("walls,monos,expected", [
+    ((100.0, 102.0), (50.0, 52.0), None),          # both advanced together
+    ((100.0, 3700.0), (50.0, 52.0), 3598.0),       # slept an hour
+    ((100.0, 106.0), (50.0, 51.0), None),          # 5 s gained: at the threshold, not beyond
+    ((100.0, 107.0), (50.0, 51.0), 6.0),
+    ((100.0, 40.0), (50.0, 52.0), None),           # wall clock stepped back
+])
+def test_slept_for(walls, monos, expected):
+    from tunneld.state import slept_for
+    assert slept_for(walls[0], monos[0], walls[1], monos[1]) == expected

@@ -61,9 +61,12 @@ def _start_daemon(path: str) -> socket.socket:
         exited_at: float | None = None
         while time.monotonic() < deadline:
             try:
-                return _connect(path)
+                sock = _connect(path)
             except OSError:
                 pass
+            else:
+                _drop_straggler(proc, sock)
+                return sock
             if proc.poll() is not None:
                 # it may have lost a start race to another daemon: give that one a moment
                 exited_at = exited_at or time.monotonic()
@@ -77,6 +80,22 @@ def _start_daemon(path: str) -> socket.socket:
                           f"{START_TIMEOUT:g}s; see {paths.log_file()}")
     raise Unreachable("could not start tunneld" + (f":\n{detail}" if detail else
                                                    f"; see {paths.log_file()}"))
+
+
+def _drop_straggler(proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+    """If another daemon won a start race and answered, end ours: left alone it could take
+    over later (say, after that one is stopped) and serve nobody's request."""
+    if proc.poll() is not None:
+        return
+    try:
+        with _connect(str(paths.socket_path())) as s:
+            s.sendall(wire.encode(wire.request("status")))
+            msg = wire.decode(s.makefile("rb").readline(wire.MAX_LINE + 1))
+        pid = (msg.get("result") or {}).get("pid")
+    except (OSError, wire.ProtocolError):
+        return
+    if pid is not None and pid != proc.pid:
+        proc.terminate()
 
 
 def open_socket(autostart: bool) -> socket.socket:
@@ -101,7 +120,11 @@ def call(cmd: str, autostart: bool = True, **args: Any) -> Any:
             if not line:
                 raise Unreachable("tunneld closed the connection without answering; see "
                                   f"{paths.log_file()}")
-            msg = wire.decode(line)
+            try:
+                msg = wire.decode(line)
+            except wire.ProtocolError as exc:
+                raise Unreachable(f"tunneld sent a reply tunnelctl cannot read ({exc})") \
+                    from None
             if not wire.is_final(msg):
                 if "message" in msg:
                     print(msg["message"], file=sys.stderr)
@@ -206,6 +229,21 @@ def cmd_status(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _lock_free() -> bool:
+    """True once no daemon holds the lock (a stopped daemon may linger as a zombie until its
+    parent reaps it, so its pid is no proof of life)."""
+    import fcntl
+    try:
+        with open(paths.lock_path(), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 def cmd_stop(a: argparse.Namespace) -> int:
     try:
         r = call("stop", autostart=False)
@@ -215,13 +253,9 @@ def cmd_stop(a: argparse.Namespace) -> int:
     pid = int(r["pid"])
     deadline = time.monotonic() + STOP_TIMEOUT
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if _lock_free():
             print(f"tunneld stopped (pid {pid})")
             return EXIT_OK
-        except PermissionError:
-            break
         time.sleep(0.02)
     raise Failed(f"tunneld (pid {pid}) did not exit within {STOP_TIMEOUT:g}s")
 

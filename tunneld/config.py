@@ -89,25 +89,49 @@ class StateFile(_Strict):
     hosts: dict[str, list[str]] = {}
 
 
+_KEY_PART = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|'[^']*')"""
+_KEY_PATH = rf"{_KEY_PART}(?:\s*\.\s*{_KEY_PART})*"
+_HEADER_RE = re.compile(rf"^\s*\[\s*({_KEY_PATH})\s*\]\s*(?:#.*)?$")
+_ASSIGN_RE = re.compile(rf"^\s*({_KEY_PATH})\s*=")
+
+
+def _key_parts(path: str) -> list[str]:
+    """``a."b.c".d`` → ``["a", "b.c", "d"]``."""
+    return [p[1:-1] if p[:1] in "\"'" else p
+            for p in re.findall(_KEY_PART, path)]
+
+
+def _fmt_loc(loc: tuple[Any, ...]) -> str:
+    """A pydantic error location as a TOML key path (dotted names quoted)."""
+    out = []
+    for k in loc:
+        if isinstance(k, int):
+            out[-1] += f"[{k}]"
+        else:
+            k = str(k)
+            out.append(f'"{k}"' if not re.fullmatch(r"[A-Za-z0-9_-]+", k) else k)
+    return ".".join(out)
+
+
 def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
-    """Best-effort line number of the key at ``loc`` in a TOML text."""
+    """Line number of the key at ``loc`` in a TOML text (or of its closest enclosing table);
+    None when it cannot be found."""
     keys = [str(k) for k in loc if not isinstance(k, int)]
-    if not keys:
-        return None
+    best: int | None = None
     table: list[str] = []
-    for n, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        m = re.match(r"^\[\s*([^\]]+?)\s*\]$", line)
+    for n, line in enumerate(text.splitlines(), 1):
+        m = _HEADER_RE.match(line)
         if m:
-            table = [p.strip().strip('"') for p in m.group(1).split(".")]
-            if table == keys:
-                return n
+            table = _key_parts(m.group(1))
+            if table == keys[:len(table)] and len(table) <= len(keys):
+                best = n
             continue
-        m = re.match(r'^"?([A-Za-z0-9_.-]+)"?\s*=', line)
-        if m and table + [m.group(1)] == keys[:len(table) + 1] and len(keys) == len(table) + 1:
-            return n
-    # fall back to the enclosing table
-    return _line_of(text, tuple(keys[:-1])) if len(keys) > 1 else None
+        m = _ASSIGN_RE.match(line)
+        if m:
+            full = table + _key_parts(m.group(1))
+            if full == keys[:len(full)]:
+                return n
+    return best
 
 
 def load_config(path: Path) -> Config:
@@ -128,7 +152,7 @@ def load_config(path: Path) -> Config:
         problems = []
         for err in exc.errors():
             loc = err["loc"]
-            key = ".".join(str(k) for k in loc)
+            key = _fmt_loc(loc)
             line = _line_of(text, loc)
             where = f"{path}:{line}" if line else str(path)
             msg = err["msg"].removeprefix("Value error, ")
@@ -153,11 +177,19 @@ def load_state(path: Path) -> StateFile:
         return StateFile()
     try:
         state = StateFile.model_validate(json.loads(data))
+        if state.version > STATE_VERSION:
+            raise ValueError(f"it was written by a newer tunneld (format {state.version}, "
+                             f"this one reads {STATE_VERSION})")
         for host, texts in state.hosts.items():
             specmod.parse_all(texts)
         return state
     except (ValueError, ValidationError, SpecError) as exc:
-        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
         os.replace(path, aside)
         first = str(exc).splitlines()[0]
         log.error("state file %s is corrupt (%s); kept it as %s and started with no saved "

@@ -35,6 +35,15 @@ def peer_uid(sock: socket.socket) -> int | None:
     return None
 
 
+def _open_fds() -> int | None:
+    for d in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(d))
+        except OSError:
+            continue
+    return None
+
+
 class ControlServer:
     def __init__(self, manager: Manager, path: Path, on_stop: Callable[[], None]):
         self.manager = manager
@@ -42,6 +51,8 @@ class ControlServer:
         self.on_stop = on_stop
         self.started = time.time()
         self._server: asyncio.base_events.Server | None = None
+        #: tasks serving connected clients; cancelled by close()
+        self._clients: set[asyncio.Task[Any]] = set()
         self.handlers: dict[str, Handler] = {
             "add": self._add, "remove": self._remove, "list": self._list,
             "status": self._status, "stop": self._stop, "reconnect": self._reconnect,
@@ -58,14 +69,23 @@ class ControlServer:
         os.chmod(self.path, 0o600)
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
             try:
                 self.path.unlink()
             except FileNotFoundError:
                 pass
+        clients = [t for t in self._clients if t is not asyncio.current_task()]
+        for t in clients:
+            t.cancel()
+        if clients:
+            await asyncio.wait(clients, timeout=5)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._clients.add(task)
         try:
             sock = writer.get_extra_info("socket")
             uid = peer_uid(sock) if sock is not None else None
@@ -92,7 +112,10 @@ class ControlServer:
                 await self._send(writer, reply)
         except (ConnectionError, OSError):
             pass
+        except asyncio.CancelledError:
+            pass  # the daemon is stopping
         finally:
+            self._clients.discard(task)  # type: ignore[arg-type]
             writer.close()
 
     async def _send(self, writer: asyncio.StreamWriter, msg: dict[str, Any]) -> None:
@@ -127,7 +150,9 @@ class ControlServer:
         return {"version": __version__, "pid": os.getpid(),
                 "uptime": round(time.time() - self.started, 3), "socket": str(self.path),
                 "hosts": len(self.manager.hosts),
-                "forwards": sum(len(h.forwards) for h in self.manager.hosts.values())}
+                "forwards": sum(len(h.forwards) for h in self.manager.hosts.values()),
+                # for leak checks: both return to their baseline after outages
+                "tasks": len(asyncio.all_tasks()), "fds": _open_fds()}
 
     async def _stop(self, args: dict[str, Any]) -> Any:
         asyncio.get_running_loop().call_soon(self.on_stop)

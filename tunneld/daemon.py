@@ -12,7 +12,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import IO
+from typing import Callable
 
 from . import __version__, paths
 from .config import Config
@@ -28,10 +28,10 @@ LOG_BACKUPS = 3
 
 
 def setup_logging(level: str = "INFO", to_file: bool = True) -> None:
+    """One line per event to stderr (journald adds its own timestamps) and to a rotating
+    file.  asyncssh's per-channel chatter shows only at DEBUG."""
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
-    root = logging.getLogger("tunneld")
-    root.setLevel(level)
-    root.propagate = False
+    root = logging.getLogger()
     root.handlers.clear()
     err = logging.StreamHandler(sys.stderr)
     err.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
@@ -45,8 +45,10 @@ def setup_logging(level: str = "INFO", to_file: bool = True) -> None:
             root.addHandler(fh)
         except OSError as exc:
             log.warning("cannot write the log file under %s: %s", paths.log_dir(), exc)
-    # asyncssh logs every channel at INFO: keep its chatter for debugging only
-    logging.getLogger("asyncssh").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
+    root.setLevel(logging.WARNING)
+    log.setLevel(level)
+    logging.getLogger("asyncssh").setLevel(logging.DEBUG if level == "DEBUG" else
+                                           logging.WARNING)
 
 
 def sd_notify(message: str) -> None:
@@ -64,24 +66,24 @@ def sd_notify(message: str) -> None:
         log.warning("sd_notify to %s failed: %s", addr, exc)
 
 
-def acquire_lock(path: Path) -> IO[str]:
-    """Exactly one daemon per user: hold an exclusive lock on ``path`` for our lifetime."""
-    f = open(path, "a+")
+def acquire_lock(path: Path) -> int:
+    """Exactly one daemon per user: hold an exclusive lock on ``path`` for our lifetime.
+
+    Returns a raw descriptor that is never closed: the kernel releases the lock when the
+    process is gone, so a client waiting for the lock knows the daemon has exited."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
         if exc.errno not in (errno.EAGAIN, errno.EACCES):
             raise
-        f.seek(0)
-        pid = f.read().strip() or "?"
-        f.close()
         raise DaemonUnavailable(f"another tunneld (pid {pid}) is already running for this user "
                                 f"(lock {path}); `tunnelctl stop` stops it") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def clear_stale_socket(path: Path) -> None:
@@ -111,16 +113,19 @@ class Daemon:
     def request_stop(self) -> None:
         self._stop.set()
 
-    async def run(self, on_ready: "callable | None" = None) -> int:
+    async def run(self, on_ready: Callable[[], None] | None = None) -> int:
         paths.ensure_private_dir(self.socket_path.parent)
-        lock = acquire_lock(paths.lock_path())
+        acquire_lock(paths.lock_path())
         try:
             clear_stale_socket(self.socket_path)
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
+            # SIGUSR1: the network changed (a hook can send it): check every link now
+            loop.add_signal_handler(signal.SIGUSR1, self.manager.check_liveness, "SIGUSR1")
             await self.control.start()
             await self.manager.restore()
+            clock = asyncio.get_running_loop().create_task(self.manager.watch_clock())
             log.info("tunneld %s ready (pid %d, socket %s)", __version__, os.getpid(),
                      self.socket_path)
             sd_notify("READY=1")
@@ -129,10 +134,11 @@ class Daemon:
             await self._stop.wait()
             log.info("stopping")
             sd_notify("STOPPING=1")
+            clock.cancel()
             await self.control.close()
             await self.manager.close()
             log.info("stopped")
             return 0
         finally:
+            # the lock is not released here: acquire_lock says why
             await self.control.close()
-            lock.close()

@@ -31,6 +31,11 @@ PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
                      "chacha20-poly1305@openssh.com", "aes128-ctr", "aes192-ctr", "aes256-ctr")
 #: longest ProxyJump chain followed
 MAX_JUMPS = 8
+#: after a wake, keepalives this often (s) and this many unanswered declare the link dead...
+LIVENESS_INTERVAL = 2.0
+LIVENESS_COUNT_MAX = 2
+#: ... for this long (s), then the configured keepalive settings return
+LIVENESS_WINDOW = 15.0
 
 
 class _Client(asyncssh.SSHClient):
@@ -68,14 +73,21 @@ class HostSupervisor:
         self._kick = asyncio.Event()
         #: set by `reconnect` to retry from needs-auth / failed too
         self._retry = asyncio.Event()
+        #: (interval, count_max) of keepalives on the live connection
+        self._keepalive: tuple[float, int] = (settings.keepalive_interval,
+                                              settings.keepalive_count_max)
         #: number of connection attempts finished (success or failure)
         self.attempts = 0
+        #: set once by stop(); the loop ends at its next step
+        self._stopping = False
         #: the supervisor loop; None iff not running
         self._task: asyncio.Task[None] | None = None
 
     # -- state -------------------------------------------------------------------------------
 
     def _set(self, new: HostState, why: str | None = None) -> None:
+        if self._stopping and new is not HostState.STOPPED:
+            return  # after stop() the only transition left is to STOPPED
         old = self.state
         self.state = check_host(old, new)
         self.since = time.time()
@@ -110,13 +122,15 @@ class HostSupervisor:
 
     async def stop(self) -> None:
         """Close every forward and the connection; state becomes STOPPED."""
+        self._stopping = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            # cancellation can be swallowed by wait_for races in Python 3.11; the loop also
+            # checks _stopping, and we never wait for it unboundedly
+            self._retry.set()
+            self._kick.set()
+            await asyncio.wait({task}, timeout=5)
         await self._close_conn()
         for fwd in list(self.forwards.values()):
             await fwd.close()
@@ -130,6 +144,21 @@ class HostSupervisor:
         if self.conn is not None:
             self.conn.close()
 
+    def check_liveness(self) -> None:
+        """Find out soon whether the link survived (after a sleep or a network change):
+        a connected host gets quick keepalives for a while; a host in backoff retries now."""
+        conn = self.conn
+        if conn is not None and self.state is HostState.CONNECTED:
+            conn.set_keepalive(LIVENESS_INTERVAL, LIVENESS_COUNT_MAX)
+            loop = asyncio.get_running_loop()
+            loop.call_later(LIVENESS_WINDOW, self._restore_keepalive, conn)
+        elif self.state is HostState.BACKOFF:
+            self._kick.set()
+
+    def _restore_keepalive(self, conn: asyncssh.SSHClientConnection) -> None:
+        if conn is self.conn and not conn.is_closed():
+            conn.set_keepalive(*self._keepalive)
+
     async def wait_attempt(self, timeout: float) -> None:
         """Wait until the next connection attempt has finished (bounded)."""
         start = self.attempts
@@ -141,7 +170,7 @@ class HostSupervisor:
             await self.wait_change(left)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             self._set(HostState.CONNECTING)
             self._kick.clear()
             self._retry.clear()
@@ -164,6 +193,8 @@ class HostSupervisor:
             self._set(HostState.CONNECTED)
             exc = await client.lost
             await self._close_conn()
+            if self._stopping:
+                return
             if time.monotonic() - up >= self.backoff.stable_after:
                 self.backoff.reset()
             if self._retry.is_set():
@@ -233,8 +264,9 @@ class HostSupervisor:
         ProxyJump hops ourselves so that our options apply to every hop (design.md §9)."""
         user, host, port = _split_target(target)
         try:
+            # config=() loads ~/.ssh/config (the default, None, loads nothing)
             options = asyncssh.SSHClientConnectionOptions(
-                host=host, port=port if port else (), username=user or ())
+                config=(), host=host, port=port if port else (), username=user or ())
         except (ValueError, asyncssh.Error) as exc:
             raise ConfigError(f"{self.name}: bad ssh configuration for {host}: {exc}") from None
         cfg = options.config
@@ -251,10 +283,13 @@ class HostSupervisor:
         kwargs: dict[str, Any] = {}
         if cfg.get("Ciphers") is None:
             kwargs["encryption_algs"] = _available(PREFERRED_CIPHERS)
-        if cfg.get("ServerAliveInterval") is None:
-            kwargs["keepalive_interval"] = self.settings.keepalive_interval
-        if cfg.get("ServerAliveCountMax") is None:
-            kwargs["keepalive_count_max"] = self.settings.keepalive_count_max
+        # the user's ServerAlive* settings win over ours
+        kwargs["keepalive_interval"] = cfg.get("ServerAliveInterval",
+                                               self.settings.keepalive_interval)
+        kwargs["keepalive_count_max"] = cfg.get("ServerAliveCountMax",
+                                                self.settings.keepalive_count_max)
+        if depth == 0:
+            self._keepalive = (kwargs["keepalive_interval"], kwargs["keepalive_count_max"])
         client_box: list[_Client] = []
 
         def factory() -> _Client:
@@ -329,6 +364,7 @@ class HostSupervisor:
             "name": self.name, "state": self.state.value,
             "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since)),
             "last_error": self.last_error,
+            "cipher": self.conn.get_extra_info("send_cipher") if self.conn else None,
             "forwards": [f.snapshot() for f in sorted(self.forwards.values(),
                                                       key=lambda f: f.spec)],
         }

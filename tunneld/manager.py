@@ -7,8 +7,10 @@ Invariants: a host is in ``hosts`` iff it has at least one forward; every forwar
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,12 @@ from .errors import BindError, NotFound, UsageError
 from .forward import LocalForward
 from .host import HostSupervisor
 from .spec import ForwardSpec
-from .state import HostState
+from .state import HostState, slept_for
 
 log = logging.getLogger("tunneld")
+
+#: seconds between two clock readings of the sleep detector
+CLOCK_TICK = 2.0
 
 #: an ssh host alias: what `ssh NAME` would accept as a destination, without options
 _HOST_RE = re.compile(r"^(?!-)[A-Za-z0-9_.@%+\[\]:-]{1,255}$")
@@ -67,6 +72,24 @@ class Manager:
             sup.start()
         n = sum(len(h.forwards) for h in self.hosts.values())
         log.info("restored %d forward(s) on %d host(s)", n, len(self.hosts))
+
+    def check_liveness(self, why: str) -> None:
+        """After a sleep or a network change: every host checks its link now."""
+        if self.hosts:
+            log.info("%s: checking %d connection(s)", why, len(self.hosts))
+        for sup in self.hosts.values():
+            sup.check_liveness()
+
+    async def watch_clock(self) -> None:
+        """Detect a sleep (wall clock ran ahead of the monotonic one) and check liveness."""
+        wall, mono = time.time(), time.monotonic()
+        while True:
+            await asyncio.sleep(CLOCK_TICK)
+            w, m = time.time(), time.monotonic()
+            slept = slept_for(wall, mono, w, m)
+            wall, mono = w, m
+            if slept is not None:
+                self.check_liveness(f"the clock jumped {slept:.0f}s (the machine slept?)")
 
     async def close(self) -> None:
         for sup in list(self.hosts.values()):

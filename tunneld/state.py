@@ -111,3 +111,19 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempts = 0
+
+
+#: a security/robustness limit: wall-clock time gained on the monotonic clock between two
+#: ticks beyond which we assume the machine slept (or the network may have changed under us)
+WAKE_JUMP = 5.0
+
+
+def slept_for(prev_wall: float, prev_mono: float, wall: float, mono: float,
+              threshold: float = WAKE_JUMP) -> float | None:
+    """Seconds the machine seems to have slept between two clock readings, or None.
+
+    The monotonic clock stops while a laptop sleeps; the wall clock does not.  A backwards
+    wall-clock step (NTP, manual change) is not a sleep.
+    """
+    gained = (wall - prev_wall) - (mono - prev_mono)
+    return gained if gained > threshold else None

@@ -613,9 +613,11 @@ class Daemon:
             time.sleep(0.05)
         raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{self.log()}")
 
-    def log(self) -> str:
+    def log(self, tail: int | None = 6000) -> str:
+        """The daemon's stderr (its last ``tail`` characters; None: all of it)."""
         try:
-            return self.stderr_path.read_text(errors="replace")[-6000:]
+            text = self.stderr_path.read_text(errors="replace")
+            return text[-tail:] if tail else text
         except FileNotFoundError:
             return ""
 
@@ -655,3 +657,189 @@ def daemon(sshd: SSHServer) -> Iterator[Daemon]:
         yield d
     finally:
         d.close()
+
+
+# --------------------------------------------------------------------------
+# fault injection
+
+
+class FaultProxy:
+    """A TCP proxy between tunneld and sshd that can misbehave on demand.
+
+    ``pause()`` black-holes the link (bytes are neither forwarded nor refused, as when a VPN
+    drops), ``resume()`` lets them through again, ``reset()`` sends RST on every open
+    connection, ``close_listener()`` refuses new connections (the server is gone) and
+    ``open_listener()`` accepts them again.  One thread, selectors, bounded waits.
+    """
+
+    def __init__(self, target: tuple[str, int], host: str = "127.0.0.1") -> None:
+        import selectors
+        self.target = target
+        self.host = host
+        self.port = _free_port(host)
+        self.sel = selectors.DefaultSelector()
+        self.lock = threading.Lock()
+        self.paused = False
+        self.pairs: dict[socket.socket, socket.socket] = {}
+        self.listener: socket.socket | None = None
+        self.accepted = 0
+        self.stopping = threading.Event()
+        self._cmds: list[Callable[[], None]] = []
+        self._wake_r, self._wake_w = socket.socketpair()
+        self.sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self.open_listener()
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="fault-proxy")
+        self.thread.start()
+
+    # commands run on the proxy thread, so the selector is only touched there
+    def _run(self, fn: Callable[[], None]) -> None:
+        done = threading.Event()
+
+        def wrapped() -> None:
+            try:
+                fn()
+            finally:
+                done.set()
+        with self.lock:
+            self._cmds.append(wrapped)
+        self._wake_w.send(b"x")
+        if not done.wait(10):
+            raise RuntimeError("fault proxy did not run a command within 10 s")
+
+    def open_listener(self) -> None:
+        def do() -> None:
+            if self.listener is not None:
+                return
+            import selectors
+            ls = socket.socket()
+            ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            ls.bind((self.host, self.port))
+            ls.listen(128)
+            ls.setblocking(False)
+            self.listener = ls
+            self.sel.register(ls, selectors.EVENT_READ, "accept")
+        if threading.current_thread() is getattr(self, "thread", None) or \
+                not hasattr(self, "thread"):
+            do()
+        else:
+            self._run(do)
+
+    def close_listener(self) -> None:
+        def do() -> None:
+            if self.listener is not None:
+                self.sel.unregister(self.listener)
+                self.listener.close()
+                self.listener = None
+        self._run(do)
+
+    def pause(self) -> None:
+        def do() -> None:
+            self.paused = True
+        self._run(do)
+
+    def resume(self) -> None:
+        def do() -> None:
+            self.paused = False
+        self._run(do)
+
+    def reset(self) -> None:
+        """RST every open connection (both sides)."""
+        def do() -> None:
+            import struct
+            for s in list(self.pairs):
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                except OSError:
+                    pass
+                self._drop(s)
+        self._run(do)
+
+    @property
+    def connections(self) -> int:
+        return len(self.pairs) // 2
+
+    def _drop(self, s: socket.socket) -> None:
+        peer = self.pairs.pop(s, None)
+        for x in (s, peer):
+            if x is None:
+                continue
+            self.pairs.pop(x, None)
+            try:
+                self.sel.unregister(x)
+            except (KeyError, ValueError):
+                pass
+            x.close()
+
+    def _loop(self) -> None:
+        import selectors
+        while not self.stopping.is_set():
+            for key, _ in self.sel.select(timeout=0.2):
+                if key.data == "wake":
+                    self._wake_r.recv(4096)
+                    with self.lock:
+                        cmds, self._cmds = self._cmds, []
+                    for c in cmds:
+                        c()
+                elif key.data == "accept":
+                    try:
+                        c, _ = key.fileobj.accept()
+                    except OSError:
+                        continue
+                    try:
+                        u = socket.create_connection(self.target, timeout=5)
+                    except OSError:
+                        c.close()
+                        continue
+                    self.accepted += 1
+                    for x in (c, u):
+                        x.setblocking(False)
+                    self.pairs[c], self.pairs[u] = u, c
+                    self.sel.register(c, selectors.EVENT_READ, "data")
+                    self.sel.register(u, selectors.EVENT_READ, "data")
+                else:
+                    s = key.fileobj
+                    if self.paused:
+                        # black hole: leave the bytes unread; keep the sockets open
+                        continue
+                    try:
+                        data = s.recv(65536)
+                    except OSError:
+                        data = b""
+                    peer = self.pairs.get(s)
+                    if not data or peer is None:
+                        self._drop(s)
+                        continue
+                    try:
+                        peer.setblocking(True)
+                        peer.settimeout(5)
+                        peer.sendall(data)
+                        peer.setblocking(False)
+                    except OSError:
+                        self._drop(s)
+            if self.paused:
+                time.sleep(0.05)  # don't spin on readable sockets we ignore
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(5)
+        for s in list(self.pairs):
+            self._drop(s)
+        if self.listener is not None:
+            self.listener.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+@pytest.fixture
+def fault_proxy(sshd: SSHServer) -> Iterator[FaultProxy]:
+    """A FaultProxy in front of the sshd fixture, and an alias ``flaky`` that goes through it
+    (same host key: its known_hosts entry is added)."""
+    proxy = FaultProxy(("127.0.0.1", sshd.port))
+    pub = sshd.host_key.with_suffix(".pub").read_text().split()
+    with sshd.known_hosts.open("a") as f:
+        f.write(f"[127.0.0.1]:{proxy.port} {pub[0]} {pub[1]}\n")
+    sshd.add_host_alias("flaky", Port=str(proxy.port))
+    try:
+        yield proxy
+    finally:
+        proxy.close()

@@ -9,30 +9,11 @@ import threading
 import time
 
 import pytest
+from netutil import roundtrip, rss_kib
 
 pytestmark = pytest.mark.timeout(90)
 
 
-def roundtrip(port: int, payload: bytes, host: str = "127.0.0.1", timeout: float = 10) -> bytes:
-    """Connect, send ``payload``, half-close, read everything back."""
-    with socket.create_connection((host, port), timeout=timeout) as s:
-        s.sendall(payload)
-        s.shutdown(socket.SHUT_WR)
-        chunks = []
-        while True:
-            data = s.recv(65536)
-            if not data:
-                break
-            chunks.append(data)
-    return b"".join(chunks)
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def test_range_carries_data_both_ways_and_counts_it(daemon, sshd, echo_server, free_port):
@@ -64,7 +45,8 @@ def test_port_range_spec_remove_and_restore_after_restart(daemon, sshd, echo_ser
     for _ in range(50):
         base = free_port()
         try:
-            servers = [echo_server(port=base + i) for i in range(3)]
+            for i in range(3):
+                echo_server(port=base + i)
             break
         except OSError:
             continue
@@ -322,3 +304,13 @@ def test_list_json_schema_matches_the_contract(daemon, sshd, echo_server, free_p
     assert "last_error" in f
     text = daemon.ctl("list").stdout
     assert sshd.host in text and f"127.0.0.1:{port}" in text and "listening" in text
+
+
+def test_aes_gcm_preferred_unless_ssh_config_says_otherwise(daemon, sshd, echo_server,
+                                                             free_port):
+    t = echo_server()[1]
+    daemon.ctl("add", sshd.host, f"{free_port()}:127.0.0.2:{t}")
+    assert daemon.host()["cipher"] == "aes128-gcm@openssh.com"
+    sshd.add_host_alias("chacha", Ciphers="chacha20-poly1305@openssh.com")
+    daemon.ctl("add", "chacha", f"{free_port()}:127.0.0.2:{t}")
+    assert daemon.host("chacha")["cipher"] == "chacha20-poly1305@openssh.com"

@@ -1,0 +1,408 @@
+"""config.toml and the persisted state file: loading, errors that name key and line, atomic
+writes.  Pure and synchronous (files in tmp_path only)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import stat
+from pathlib import Path
+
+import pytest
+
+from tunneld import spec as specmod
+from tunneld.config import (
+    STATE_VERSION,
+    Config,
+    Defaults,
+    StateFile,
+    atomic_write,
+    load_config,
+    load_state,
+    save_state,
+)
+from tunneld.errors import ConfigError, TunneldError
+from tunneld.spec import ForwardSpec
+
+
+@pytest.fixture
+def tlog(caplog):
+    """Records of the "tunneld" logger, even if something set ``propagate = False`` on it
+    (the daemon's ``setup_logging`` does)."""
+    logger = logging.getLogger("tunneld")
+    logger.addHandler(caplog.handler)
+    old_level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
+        logger.setLevel(old_level)
+
+
+def _write(tmp_path: Path, text: str, name: str = "config.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def _config_error(path: Path) -> str:
+    with pytest.raises(ConfigError) as ei:
+        load_config(path)
+    assert isinstance(ei.value, TunneldError)
+    return str(ei.value)
+
+
+# -- load_config: good input ---------------------------------------------------------------------
+
+def test_missing_config_is_defaults(tmp_path):
+    c = load_config(tmp_path / "nope" / "config.toml")
+    assert c == Config()
+    assert c.hosts == {}
+    d = c.defaults
+    assert d.bind == "127.0.0.1"
+    assert d.keepalive_interval == 10
+    assert d.keepalive_count_max == 2
+    assert d.hold_timeout == 10
+    assert d.connect_timeout == 20
+    assert c.forwards() == {}
+
+
+def test_empty_config_is_defaults(tmp_path):
+    assert load_config(_write(tmp_path, "")) == Config()
+    assert load_config(_write(tmp_path, "# only a comment\n\n")) == Config()
+
+
+def test_valid_config(tmp_path):
+    p = _write(tmp_path, """\
+# tunneld config
+[defaults]
+bind = "127.0.0.1"
+keepalive_interval = 5
+keepalive_count_max = 3
+hold_timeout = 2.5
+connect_timeout = 7
+
+[hosts.barhal]
+forwards = ["8090-8092", "18888:node42:8888"]
+
+[hosts."login.cluster.example.org"]
+forwards = ["9000"]
+
+[hosts.empty]
+""")
+    c = load_config(p)
+    assert c.defaults == Defaults(bind="127.0.0.1", keepalive_interval=5, keepalive_count_max=3,
+                                  hold_timeout=2.5, connect_timeout=7)
+    assert set(c.hosts) == {"barhal", "login.cluster.example.org", "empty"}
+    assert c.hosts["barhal"].forwards == ["8090-8092", "18888:node42:8888"]
+    assert c.hosts["empty"].forwards == []
+
+
+@pytest.mark.parametrize("bind,expected", [
+    ("127.0.0.1", "127.0.0.1"),
+    ("localhost", "127.0.0.1"),
+    ("*", "0.0.0.0"),
+    ("::1", "::1"),
+    ("[::1]", "::1"),
+    ("127.0.0.2", "127.0.0.2"),
+])
+def test_bind_values(tmp_path, bind, expected):
+    c = load_config(_write(tmp_path, f'[defaults]\nbind = "{bind}"\n'))
+    assert c.defaults.bind == expected
+
+
+def test_keepalive_zero_disables(tmp_path):
+    c = load_config(_write(tmp_path, "[defaults]\nkeepalive_interval = 0\n"))
+    assert c.defaults.keepalive_interval == 0
+
+
+def test_forwards_expands_ranges(tmp_path):
+    c = load_config(_write(tmp_path, """\
+[hosts.barhal]
+forwards = ["8090-8092", "18888:node42:8888", "18090-18091:8090-8091"]
+
+[hosts.other]
+forwards = ["7000", "7000"]
+"""))
+    fw = c.forwards()
+    assert set(fw) == {"barhal", "other"}
+    assert fw["barhal"] == [
+        ForwardSpec("127.0.0.1", 8090, "localhost", 8090),
+        ForwardSpec("127.0.0.1", 8091, "localhost", 8091),
+        ForwardSpec("127.0.0.1", 8092, "localhost", 8092),
+        ForwardSpec("127.0.0.1", 18888, "node42", 8888),
+        ForwardSpec("127.0.0.1", 18090, "localhost", 8090),
+        ForwardSpec("127.0.0.1", 18091, "localhost", 8091),
+    ]
+    # the same forward twice is kept once
+    assert fw["other"] == [ForwardSpec("127.0.0.1", 7000, "localhost", 7000)]
+
+
+def test_forwards_use_default_bind(tmp_path):
+    c = load_config(_write(tmp_path, """\
+[defaults]
+bind = "127.0.0.2"
+
+[hosts.h]
+forwards = ["8090-8091", "10.0.0.1:9000:node:9000"]
+"""))
+    assert [(s.bind_host, s.bind_port) for s in c.forwards()["h"]] == [
+        ("127.0.0.2", 8090), ("127.0.0.2", 8091), ("10.0.0.1", 9000)]
+
+
+# -- load_config: errors name path:LINE and the dotted key --------------------------------------
+
+# (toml text, dotted key, line, a fragment of the message)
+UNKNOWN_KEYS = [
+    ("bogus = 1\n", "bogus", 1, "unknown key"),
+    ("[defaults]\nbind = \"127.0.0.1\"\nkeepalive = 3\n", "defaults.keepalive", 3,
+     "unknown key"),
+    ("# c\n\n[hosts.barhal]\nforwards = [\"8090\"]\nport = 22\n", "hosts.barhal.port", 5,
+     "unknown key"),
+    ("[defaults]\nhold_timeout = 1\n\n[extra]\nx = 1\n", "extra", 4, "unknown key"),
+    ("[hosts.barhal.options]\nx = 1\n", "hosts.barhal.options", 1, "unknown key"),
+    # a comment after a table header is ordinary TOML
+    pytest.param("[defaults]  # the defaults\nkeepalive = 3\n", "defaults.keepalive", 2,
+                 "unknown key", id="comment-after-table-header"),
+    # host names with dots are the common case for ssh hosts; TOML quotes them
+    pytest.param("[hosts.\"login.example.org\"]\nforwards = [\"8090\"]\nport = 22\n",
+                 "port", 3, "unknown key", id="quoted-host-name-with-dots"),
+]
+
+
+@pytest.mark.parametrize("text,key,line,fragment", UNKNOWN_KEYS)
+def test_unknown_key(tmp_path, text, key, line, fragment):
+    p = _write(tmp_path, text)
+    msg = _config_error(p)
+    assert f"{p}:{line}" in msg, msg
+    assert key in msg, msg
+    assert fragment in msg, msg
+
+
+BAD_VALUES = [
+    ("[defaults]\n\nkeepalive_interval = -1\n", "defaults.keepalive_interval", 3,
+     "greater than or equal to 0"),
+    ("[defaults]\nkeepalive_interval = 99999\n", "defaults.keepalive_interval", 2, "3600"),
+    ("[defaults]\nkeepalive_count_max = 0\n", "defaults.keepalive_count_max", 2, "1"),
+    ("[defaults]\nkeepalive_count_max = \"two\"\n", "defaults.keepalive_count_max", 2,
+     "integer"),
+    ("[defaults]\nhold_timeout = -5\n", "defaults.hold_timeout", 2, "0"),
+    ("[defaults]\nconnect_timeout = 0\n", "defaults.connect_timeout", 2, "greater than 0"),
+    ("[defaults]\nkeepalive_interval = 3\nbind = \"foo\"\n", "defaults.bind", 3, "'foo'"),
+    ("[defaults]\nbind = \"300.1.1.1\"\n", "defaults.bind", 2, "300.1.1.1"),
+    ("[hosts.barhal]\nforwards = [\"8090\", \"abc\"]\n", "hosts.barhal.forwards", 2, "'abc'"),
+    ("[hosts.barhal]\nforwards = [\"8090-8092:1-2\"]\n", "hosts.barhal.forwards", 2,
+     "same length"),
+    ("[hosts.barhal]\nforwards = [\"70000\"]\n", "hosts.barhal.forwards", 2, "70000"),
+    ("[hosts.barhal]\nforwards = \"8090\"\n", "hosts.barhal.forwards", 2, "list"),
+    ("[hosts.a]\nforwards = [\"1\"]\n\n[hosts.b]\nforwards = [\"x:y\"]\n",
+     "hosts.b.forwards", 5, "'x'"),
+    ("hosts = 3\n", "hosts", 1, "dictionary"),
+    ("defaults = \"x\"\n", "defaults", 1, ""),
+    # inline tables are ordinary TOML too
+    ("hosts = { barhal = { forwards = [\"x\"] } }\n", "hosts.barhal.forwards", 1, "'x'"),
+    # a comment after the table header must not lose the line
+    pytest.param("[hosts.barhal]   # login node\nforwards = [\"abc\"]\n",
+                 "hosts.barhal.forwards", 2, "'abc'", id="comment-after-table-header"),
+    # a host name with dots (quoted in TOML) must not lose the line
+    pytest.param("[hosts.\"login.example.org\"]\nforwards = [\"abc\"]\n", "forwards", 2,
+                 "'abc'", id="quoted-host-name-with-dots"),
+    # dotted keys are ordinary TOML
+    pytest.param("defaults.keepalive_interval = -1\n", "defaults.keepalive_interval", 1, "0",
+                 id="dotted-key"),
+]
+
+
+@pytest.mark.parametrize("text,key,line,fragment", BAD_VALUES)
+def test_bad_value(tmp_path, text, key, line, fragment):
+    p = _write(tmp_path, text)
+    msg = _config_error(p)
+    assert f"{p}:{line}" in msg, msg
+    assert key in msg, msg
+    assert fragment in msg, msg
+
+
+def test_several_problems_are_all_reported(tmp_path):
+    p = _write(tmp_path, "[defaults]\nkeepalive_interval = -1\nfoo = 2\n")
+    msg = _config_error(p)
+    assert f"{p}:2" in msg and "defaults.keepalive_interval" in msg
+    assert f"{p}:3" in msg and "defaults.foo" in msg
+
+
+@pytest.mark.parametrize("text,line", [
+    ("[defaults]\nbind = \n", 2),
+    ("[defaults\n", 1),
+    ("a = 1\nb = 2\na = 3\n", 3),
+    ("[hosts.x]\nforwards = [\"8090\",\n\n[other]\n", 4),
+    ("[defaults]\nkeepalive_interval = 1 2\n", 2),
+])
+def test_toml_syntax_error(tmp_path, text, line):
+    p = _write(tmp_path, text)
+    msg = _config_error(p)
+    assert str(p) in msg, msg
+    assert re.search(rf"\bline {line}\b", msg) or f"{p}:{line}" in msg, msg
+
+
+def test_unreadable_config(tmp_path):
+    d = tmp_path / "config.toml"
+    d.mkdir()  # a directory where the file should be
+    msg = _config_error(d)
+    assert str(d) in msg
+
+
+def test_config_is_frozen(tmp_path):
+    c = load_config(_write(tmp_path, "[hosts.a]\nforwards = [\"1\"]\n"))
+    with pytest.raises(Exception):
+        c.defaults.bind = "0.0.0.0"  # type: ignore[misc]
+
+
+# -- load_state ----------------------------------------------------------------------------------
+
+def _asides(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(path.name + ".corrupt-*"))
+
+
+def test_missing_state_is_empty(tmp_path, tlog):
+    s = load_state(tmp_path / "nope" / "forwards.json")
+    assert s == StateFile()
+    assert s.hosts == {} and s.version == STATE_VERSION
+    assert not [r for r in tlog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("data", [b"", b"\n", b"  \n\t\n"])
+def test_empty_state_is_empty_with_warning(tmp_path, tlog, data):
+    p = tmp_path / "forwards.json"
+    p.write_bytes(data)
+    s = load_state(p)
+    assert s.hosts == {}
+    warnings = [r for r in tlog.records if r.levelno == logging.WARNING]
+    assert warnings, tlog.records
+    assert str(p) in warnings[0].getMessage()
+    assert not _asides(p)
+
+
+CORRUPT = [
+    pytest.param(b"{not json", id="malformed-json"),
+    pytest.param(b'{"version": 1, "hosts": {"a": ["8090"]}', id="truncated"),
+    pytest.param(b"\xff\xfe\x00garbage", id="binary"),
+    pytest.param(b"[1, 2, 3]\n", id="list"),
+    pytest.param(b"null\n", id="null"),
+    pytest.param(b'"hosts"\n', id="string"),
+    pytest.param(b'{"version": 1, "hosts": {"a": "8090"}}\n', id="specs-not-list"),
+    pytest.param(b'{"version": 1, "hosts": ["a"]}\n', id="hosts-not-object"),
+    pytest.param(b'{"version": 1, "hosts": {}, "extra": true}\n', id="unknown-key"),
+    pytest.param(b'{"version": "one", "hosts": {}}\n', id="version-not-int"),
+    pytest.param(b'{"version": 1, "hosts": {"a": [8090]}}\n', id="spec-not-string"),
+    pytest.param(b'{"version": 1, "hosts": {"a": ["abc"]}}\n', id="bad-spec"),
+    pytest.param(b'{"version": 1, "hosts": {"a": ["8090", "1-3:4"]}}\n', id="bad-range"),
+]
+
+
+@pytest.mark.parametrize("data", CORRUPT)
+def test_corrupt_state_is_set_aside(tmp_path, tlog, data):
+    p = tmp_path / "forwards.json"
+    p.write_bytes(data)
+    s = load_state(p)
+    assert s.hosts == {}
+    assert not p.exists(), "the corrupt file must be moved out of the way"
+    asides = _asides(p)
+    assert len(asides) == 1, list(tmp_path.iterdir())
+    assert asides[0].read_bytes() == data
+    errors = [r for r in tlog.records if r.levelno >= logging.ERROR]
+    assert errors, tlog.records
+    text = errors[0].getMessage()
+    assert str(p) in text and asides[0].name in text
+    # loading again now sees no file at all: empty, nothing more set aside
+    assert load_state(p).hosts == {}
+    assert _asides(p) == asides
+
+
+def test_save_then_load_round_trips(tmp_path):
+    p = tmp_path / "state" / "forwards.json"
+    state = StateFile(hosts={"barhal": ["8090", "8091", "18888:node42:8888"],
+                             "login.example.org": ["[::1]:9000:localhost:9000"],
+                             "empty": []})
+    save_state(p, state)
+    assert load_state(p) == state
+    on_disk = json.loads(p.read_bytes())
+    assert on_disk["version"] == STATE_VERSION
+    assert on_disk["hosts"]["barhal"] == ["8090", "8091", "18888:node42:8888"]
+    # the spec strings survive as written, and still parse
+    for texts in load_state(p).hosts.values():
+        specmod.parse_all(texts)
+
+
+def test_save_overwrites(tmp_path):
+    p = tmp_path / "forwards.json"
+    save_state(p, StateFile(hosts={"a": ["1", "2"]}))
+    save_state(p, StateFile(hosts={"b": ["3"]}))
+    assert load_state(p) == StateFile(hosts={"b": ["3"]})
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["forwards.json"]
+
+
+def test_state_file_mode_0600(tmp_path):
+    p = tmp_path / "forwards.json"
+    p.write_text("{}")
+    p.chmod(0o644)  # an older, too-open file is replaced by a private one
+    old_umask = os.umask(0)
+    try:
+        save_state(p, StateFile(hosts={"a": ["1"]}))
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o600
+
+
+def test_save_state_creates_private_dir(tmp_path):
+    p = tmp_path / "a" / "b" / "forwards.json"
+    save_state(p, StateFile())
+    assert p.is_file()
+    assert stat.S_IMODE(p.parent.stat().st_mode) & 0o077 == 0
+
+
+# -- atomic_write --------------------------------------------------------------------------------
+
+def test_atomic_write_new_file(tmp_path):
+    p = tmp_path / "f.bin"
+    atomic_write(p, b"hello\x00world")
+    assert p.read_bytes() == b"hello\x00world"
+    assert stat.S_IMODE(p.stat().st_mode) == 0o600
+    assert [x.name for x in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_atomic_write_mode_argument(tmp_path):
+    p = tmp_path / "f"
+    atomic_write(p, b"x", mode=0o640)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o640
+
+
+def test_atomic_write_replaces_by_rename(tmp_path):
+    """A reader holding the old file sees the old bytes whole; the path gets a new inode."""
+    p = tmp_path / "f"
+    atomic_write(p, b"old contents\n")
+    old_inode = p.stat().st_ino
+    with open(p, "rb") as reader:
+        atomic_write(p, b"new\n")
+        assert reader.read() == b"old contents\n"
+    assert p.read_bytes() == b"new\n"
+    assert p.stat().st_ino != old_inode
+    assert [x.name for x in tmp_path.iterdir()] == ["f"]
+
+
+def test_atomic_write_many_times_leaves_no_temp_files(tmp_path):
+    p = tmp_path / "f"
+    for i in range(50):
+        atomic_write(p, str(i).encode())
+    assert p.read_bytes() == b"49"
+    assert [x.name for x in tmp_path.iterdir()] == ["f"]
+
+
+def test_atomic_write_failure_keeps_old_file_and_no_temp(tmp_path):
+    p = tmp_path / "f"
+    atomic_write(p, b"precious")
+    with pytest.raises(TypeError):
+        atomic_write(p, "not bytes")  # type: ignore[arg-type]
+    assert p.read_bytes() == b"precious"
+    assert [x.name for x in tmp_path.iterdir()] == ["f"]

@@ -1,0 +1,138 @@
+"""tunnelctl without a daemon: the thin-client import rule, usage errors, --version.
+
+Every run is a subprocess with its own socket path that nothing listens on and autostart
+disabled, so no test here can reach or start a real daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tunneld import __version__
+
+pytestmark = pytest.mark.timeout(60)
+
+HEAVY = ("asyncio", "asyncssh", "pydantic", "uvloop")
+
+
+@pytest.fixture
+def env(tmp_path):
+    """An environment whose socket does not exist and where autostart is off."""
+    sockdir = Path(tempfile.mkdtemp(prefix="tctl-", dir="/tmp"))
+    e = dict(os.environ)
+    e.update(TUNNELD_SOCKET=str(sockdir / "nope.sock"), TUNNELD_NO_AUTOSTART="1",
+             HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / "config"),
+             XDG_STATE_HOME=str(tmp_path / "state"), XDG_RUNTIME_DIR=str(sockdir))
+    e.pop("TUNNELD_CONFIG", None)
+    try:
+        yield e
+    finally:
+        for p in sockdir.iterdir():
+            p.unlink()
+        sockdir.rmdir()
+
+
+def ctl(env, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tunnelctl", *args], env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+
+
+PROBE = """
+import json, sys
+import tunnelctl.__main__ as m
+rc = m.main(sys.argv[1:])
+print(json.dumps({"rc": rc, "loaded": [n for n in %r if n in sys.modules]}))
+""" % (HEAVY,)
+
+
+@pytest.mark.parametrize("argv", [["status"], ["list"], ["add", "barhal", "8090"],
+                                  ["stop"]])
+def test_thin_client_imports_nothing_heavy(env, argv):
+    r = subprocess.run([sys.executable, "-c", PROBE, *argv], env=env, stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=30)
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["loaded"] == [], f"tunnelctl imported {out['loaded']}"
+    expected = 0 if argv == ["stop"] else 3  # stopping a daemon that is not running is fine
+    assert out["rc"] == expected, r.stderr
+
+
+def test_status_without_daemon_exits_3(env):
+    r = ctl(env, "status")
+    assert r.returncode == 3
+    assert env["TUNNELD_SOCKET"] in r.stderr
+    assert "not running" in r.stderr
+    assert r.stdout == ""
+
+
+def test_no_autostart_is_explained(env):
+    r = ctl(env, "list")
+    assert r.returncode == 3
+    assert "TUNNELD_NO_AUTOSTART" in r.stderr
+    assert env["TUNNELD_SOCKET"] in r.stderr
+
+
+def test_stop_without_daemon(env):
+    r = ctl(env, "stop")
+    assert r.returncode == 0
+    assert "not running" in r.stdout + r.stderr
+
+
+def test_socket_path_that_is_not_a_socket(env):
+    Path(env["TUNNELD_SOCKET"]).write_text("not a socket")
+    r = ctl(env, "status")
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    pytest.param([], id="no-command"),
+    pytest.param(["add"], id="add-no-host"),
+    pytest.param(["add", "barhal"], id="add-no-spec"),
+    pytest.param(["frobnicate"], id="unknown-command"),
+    pytest.param(["list", "--bogus"], id="unknown-option"),
+    pytest.param(["remove"], id="remove-no-host"),
+    pytest.param(["status", "extra"], id="extra-argument"),
+])
+def test_usage_errors_exit_2(env, argv):
+    r = ctl(env, *argv)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "usage:" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_unknown_command_names_the_known_ones(env):
+    r = ctl(env, "frobnicate")
+    assert r.returncode == 2
+    assert "frobnicate" in r.stderr
+    for cmd in ("add", "remove", "list", "status", "stop"):
+        assert cmd in r.stderr
+
+
+def test_version(env):
+    r = ctl(env, "--version")
+    assert r.returncode == 0
+    assert r.stdout.strip() == f"tunnelctl {__version__}"
+
+
+def test_help_lists_commands(env):
+    r = ctl(env, "--help")
+    assert r.returncode == 0
+    for cmd in ("add", "remove", "list", "status", "stop", "reconnect"):
+        assert cmd in r.stdout
+
+
+def test_cli_verbs_are_wire_commands():
+    """House rule 8: CLI verbs = wire commands."""
+    from tunnelctl.__main__ import build_parser
+    from tunneld import wire
+
+    ap = build_parser()
+    sub = next(a for a in ap._actions if a.dest == "cmd")
+    assert set(sub.choices) <= wire.COMMANDS
