@@ -63,7 +63,7 @@ def test_missing_config_is_defaults(tmp_path):
     assert c.hosts == {}
     d = c.defaults
     assert d.bind == "127.0.0.1"
-    assert d.keepalive_interval == 10
+    assert d.keepalive_interval == 9  # x (2 + 1): a dead link is noticed within 27 s
     assert d.keepalive_count_max == 2
     assert d.hold_timeout == 10
     assert d.connect_timeout == 20

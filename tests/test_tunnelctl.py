@@ -133,6 +133,11 @@ def test_cli_verbs_are_wire_commands():
     from tunnelctl.__main__ import build_parser
     from tunneld import wire
 
+    from tunnelctl.__main__ import LOCAL_VERBS
+
     ap = build_parser()
     sub = next(a for a in ap._actions if a.dest == "cmd")
-    assert set(sub.choices) <= wire.COMMANDS
+    # verbs that run in the client itself say which wire command they use
+    assert set(sub.choices) - set(LOCAL_VERBS) <= wire.COMMANDS
+    assert set(LOCAL_VERBS.values()) <= wire.COMMANDS
+    assert set(LOCAL_VERBS) <= set(sub.choices)

@@ -24,8 +24,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 START_TIMEOUT = 15.0
 #: seconds to wait for a stopped daemon to exit
 STOP_TIMEOUT = 20.0
-#: commands that must not start a daemon that is not running
-NO_AUTOSTART = {"stop", "status"}
+#: verbs that run in the client itself → the wire command they send (house rule 8)
+LOCAL_VERBS = {"watch": "open", "ssh": "open"}
 
 
 class Unreachable(Exception):
@@ -110,8 +110,14 @@ def open_socket(autostart: bool) -> socket.socket:
         raise Unreachable(f"cannot reach tunneld at {path}: {exc.strerror or exc}") from None
 
 
+def _write_output(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def call(cmd: str, autostart: bool = True, **args: Any) -> Any:
-    """Send one request, print progress lines to stderr, return the result or raise."""
+    """Send one request, print progress lines (messages to stderr, session output to stdout),
+    return the result or raise."""
     with open_socket(autostart) as s:
         s.sendall(wire.encode(wire.request(cmd, **args)))
         f = s.makefile("rb")
@@ -128,6 +134,8 @@ def call(cmd: str, autostart: bool = True, **args: Any) -> Any:
             if not wire.is_final(msg):
                 if "message" in msg:
                     print(msg["message"], file=sys.stderr)
+                if "output" in msg:
+                    _write_output(msg["output"])
                 continue
             version = msg.get("version")
             if version and version != __version__:
@@ -165,6 +173,13 @@ def _ago(since: str) -> str:
     return f"{s // 86400}d"
 
 
+def _table(rows: list[tuple[str, ...]], indent: str = "") -> None:
+    """Columns padded to their widest cell; the last column is not padded."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
 def print_list(data: dict[str, Any]) -> None:
     hosts = data.get("hosts", [])
     if not hosts:
@@ -178,9 +193,7 @@ def print_list(data: dict[str, Any]) -> None:
         for f in h.get("forwards", []):
             rows.append((f["spec"], f["listen"], f["target"], f["state"], str(f["active"]),
                          str(f["total"]), _size(f["bytes_in"]), _size(f["bytes_out"])))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        for r in rows:
-            print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        _table(rows, indent="  ")
         for f in h.get("forwards", []):
             if f.get("last_error"):
                 print(f"  ! {f['spec']}: {f['last_error']}")
@@ -272,6 +285,108 @@ def cmd_reconnect(a: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def _session_line(r: dict[str, Any]) -> str:
+    if r.get("exit_status") is not None:
+        return f"exit status {r['exit_status']}"
+    if r.get("exit_signal"):
+        return f"killed by signal {r['exit_signal']}"
+    return r.get("error") or r.get("state", "?")
+
+
+def _session_exit(r: dict[str, Any]) -> int:
+    """A followed session's end as an exit status, as ssh would give it."""
+    if r.get("exit_status") is not None:
+        return int(r["exit_status"])
+    return 255 if r.get("state") in ("failed", "lost") else 128 + 15
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    command = a.command
+    if not command:
+        print("tunnelctl run: give the command after --, e.g. "
+              "`tunnelctl run barhal -- jupyter lab --no-browser`", file=sys.stderr)
+        return EXIT_USAGE
+    port: Any = None
+    if a.port is not None:
+        if a.port == "auto":
+            port = "auto"
+        elif a.port.isdigit() and 1 <= int(a.port) <= 65535:
+            port = int(a.port)
+        else:
+            print(f"tunnelctl run: --port takes 'auto' or a port number, not {a.port!r}",
+                  file=sys.stderr)
+            return EXIT_USAGE
+    r = call("run", host=a.host, command=command, name=a.name, port=port)
+    if a.follow:
+        print(f"tunnelctl: session {r['name']} started on {a.host}", file=sys.stderr)
+        if r.get("url"):
+            print(f"tunnelctl: port {r['port']} is forwarded: {r['url']}", file=sys.stderr)
+        end = call("logs", name=r["name"], follow=True)
+        print(f"tunnelctl: session {r['name']}: {_session_line(end)}", file=sys.stderr)
+        return _session_exit(end)
+    print(r["name"])
+    if r.get("url"):
+        print(f"tunnelctl: port {r['port']} is forwarded: {r['url']}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_sessions(a: argparse.Namespace) -> int:
+    r = call("sessions")
+    if a.json:
+        print(json.dumps(r, indent=1))
+        return EXIT_OK
+    if not r["sessions"]:
+        print("no sessions; start one with `tunnelctl run HOST -- COMMAND`")
+        return EXIT_OK
+    rows = [("NAME", "HOST", "STATE", "EXIT", "PORT", "STARTED", "COMMAND")]
+    for x in r["sessions"]:
+        ex = "" if x["state"] in ("starting", "running") else _session_line(x)
+        rows.append((x["name"], x["host"], x["state"], ex, str(x["port"] or ""),
+                     _ago(x["started"]) + " ago", x["command"]))
+    _table(rows)
+    return EXIT_OK
+
+
+def cmd_logs(a: argparse.Namespace) -> int:
+    call("logs", name=a.session, follow=a.follow, all=a.all)
+    return EXIT_OK
+
+
+def cmd_kill(a: argparse.Namespace) -> int:
+    r = call("kill", name=a.session)
+    print(f"{r['name']}: {r['state']}")
+    return EXIT_OK
+
+
+def cmd_open(a: argparse.Namespace) -> int:
+    r = call("open", host=a.host, url=a.url)
+    if r.get("opened"):
+        print(f"opened {r['url']}")
+    else:
+        print(f"not opened again ({r.get('reason')}): {r['url']}")
+    return EXIT_OK
+
+
+def cmd_watch(a: argparse.Namespace) -> int:
+    from tunnelctl import watch
+    return watch.watch(a.host, open_url)
+
+
+def cmd_ssh(a: argparse.Namespace) -> int:
+    from tunnelctl import watch
+    return watch.ssh(a.host, a.ssh_args, open_url)
+
+
+def open_url(host: str, url: str, node: str | None) -> None:
+    """Ask the daemon to open a marker's URL; report on stderr, never raise."""
+    try:
+        r = call("open", host=host, url=url, node=node)
+        if r.get("opened"):
+            print(f"\r\ntunnelctl: opened {r['url']}\r", file=sys.stderr)
+    except (Failed, Unreachable) as exc:
+        print(f"\r\ntunnelctl: {exc}\r", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tunnelctl", description="control the tunneld daemon")
     ap.add_argument("--version", action="version", version=f"tunnelctl {__version__}")
@@ -304,11 +419,66 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reconnect", help="drop and re-establish connections now")
     p.add_argument("host", nargs="?")
     p.set_defaults(func=cmd_reconnect)
+
+    p = sub.add_parser("run", help="run a remote command as a session, output watched",
+                       usage="tunnelctl run HOST [--name N] [--port auto|N] [--follow] "
+                             "-- COMMAND...")
+    p.add_argument("host")
+    p.add_argument("--name", help="session name (default: the command's name and a number)")
+    p.add_argument("--port", metavar="auto|N",
+                   help="a port for the command: 'auto' picks one free on the server; "
+                        "replaces {port} in COMMAND, exported as PORT, and forwarded")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="stream the output until the session ends")
+    p.set_defaults(func=cmd_run, command=[])
+
+    p = sub.add_parser("sessions", help="sessions with state and exit status")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sessions)
+
+    p = sub.add_parser("logs", help="a session's output")
+    p.add_argument("session")
+    p.add_argument("-f", "--follow", action="store_true", help="keep streaming until it ends")
+    p.add_argument("--all", action="store_true", help="the whole log, not only its tail")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("kill", help="stop a session's remote process and all its children")
+    p.add_argument("session")
+    p.set_defaults(func=cmd_kill)
+
+    p = sub.add_parser("open", help="open a remote URL locally through the tunnel")
+    p.add_argument("host")
+    p.add_argument("url")
+    p.set_defaults(func=cmd_open)
+
+    p = sub.add_parser("watch", help="copy stdin to stdout, opening browser-open markers")
+    p.add_argument("host", help="the host whose output this is")
+    p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("ssh", help="your own ssh in a terminal, output watched for markers",
+                       usage="tunnelctl ssh HOST [ssh args...]")
+    p.add_argument("host")
+    p.add_argument("ssh_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_ssh)
     return ap
 
 
+def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """``run HOST [opts] -- CMD...``: everything after the first ``--`` is the command,
+    untouched by option parsing."""
+    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if first is not None and argv[first] == "run" and "--" in argv[first:]:
+        i = argv.index("--", first)
+        return argv[:i], argv[i + 1:]
+    return argv, None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    argv, command = _split_command(argv)
     args = build_parser().parse_args(argv)
+    if command is not None:
+        args.command = command
     try:
         return args.func(args)
     except Unreachable as exc:

@@ -4,7 +4,7 @@ config.toml (optional)::
 
     [defaults]
     bind = "127.0.0.1"          # default listen address of forwards
-    keepalive_interval = 10     # seconds between SSH keepalives (0 disables)
+    keepalive_interval = 9      # seconds between SSH keepalives (0 disables)
     keepalive_count_max = 2     # unanswered keepalives before the link is declared dead
     hold_timeout = 10           # seconds a client is held while its host is down
 
@@ -43,13 +43,19 @@ class _Strict(BaseModel):
 
 class Defaults(_Strict):
     bind: str = specmod.DEFAULT_BIND
-    #: seconds between keepalives; with count_max 2 a black-holed link is dead within 30 s
-    keepalive_interval: float = Field(10.0, ge=0, le=3600)
+    #: seconds between keepalives; with count_max 2 a black-holed link is dead within 27 s
+    keepalive_interval: float = Field(9.0, ge=0, le=3600)
     keepalive_count_max: int = Field(2, ge=1, le=100)
     #: seconds a client connecting during an outage is held before it is closed
     hold_timeout: float = Field(10.0, ge=0, le=600)
     #: seconds allowed for TCP connect + SSH handshake + authentication
     connect_timeout: float = Field(20.0, gt=0, le=600)
+    #: browser command for opened URLs (a list of arguments, or a string split like a shell
+    #: would, never run by one); "%s" is replaced by the URL, else the URL is appended.
+    #: Unset: Python's webbrowser (honours BROWSER in the daemon's environment)
+    browser: list[str] | str | None = None
+    #: seconds to wait for a marker's remote port to accept connections before opening
+    ready_timeout: float = Field(60.0, gt=0, le=3600)
 
     @field_validator("bind")
     @classmethod

@@ -7,6 +7,8 @@ never takes the daemon down.  Only the socket owner's uid is served (SO_PEERCRED
 from __future__ import annotations
 
 import asyncio
+import codecs
+import io
 import logging
 import os
 import socket
@@ -17,11 +19,16 @@ from typing import Any, Awaitable, Callable
 
 from . import __version__, wire
 from .errors import ProtocolError, TunneldError, UsageError
-from .manager import Manager
+from .manager import Manager, check_host_name
 
 log = logging.getLogger("tunneld")
 
-Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+Handler = Callable[[dict[str, Any], Emit], Awaitable[Any]]
+#: bytes of session output per progress line
+OUTPUT_CHUNK = 32 * 1024
+#: a limit: bytes of a session log sent by `logs` without --all
+LOGS_TAIL = 256 * 1024
 
 
 def peer_uid(sock: socket.socket) -> int | None:
@@ -33,6 +40,10 @@ def peer_uid(sock: socket.socket) -> int | None:
         creds = sock.getsockopt(0, socket.LOCAL_PEERCRED, struct.calcsize("2I"))
         return struct.unpack("2I", creds)[1]
     return None
+
+
+def _empty() -> io.BytesIO:
+    return io.BytesIO()
 
 
 def _open_fds() -> int | None:
@@ -56,6 +67,8 @@ class ControlServer:
         self.handlers: dict[str, Handler] = {
             "add": self._add, "remove": self._remove, "list": self._list,
             "status": self._status, "stop": self._stop, "reconnect": self._reconnect,
+            "run": self._run, "sessions": self._sessions, "logs": self._logs,
+            "kill": self._kill, "open": self._open,
         }
         assert set(self.handlers) <= wire.COMMANDS
 
@@ -108,7 +121,9 @@ class ControlServer:
                     return
                 if not line:
                     return
-                reply = await self._handle(line)
+                async def emit(msg: dict[str, Any]) -> None:
+                    await self._send(writer, msg)
+                reply = await self._handle(line, emit)
                 await self._send(writer, reply)
         except (ConnectionError, OSError):
             pass
@@ -122,10 +137,10 @@ class ControlServer:
         writer.write(wire.encode(msg))
         await writer.drain()
 
-    async def _handle(self, line: bytes) -> dict[str, Any]:
+    async def _handle(self, line: bytes, emit: Emit) -> dict[str, Any]:
         try:
             cmd, args = wire.parse_request(wire.decode(line))
-            result = await self.handlers[cmd](args)
+            result = await self.handlers[cmd](args, emit)
             return wire.ok(__version__, result)
         except TunneldError as exc:
             return wire.error(__version__, exc)
@@ -136,17 +151,17 @@ class ControlServer:
 
     # -- commands ----------------------------------------------------------------------------
 
-    async def _add(self, args: dict[str, Any]) -> Any:
+    async def _add(self, args: dict[str, Any], emit: Emit) -> Any:
         return await self.manager.add(args.get("host"), args.get("specs"),
                                       public=bool(args.get("public", False)))
 
-    async def _remove(self, args: dict[str, Any]) -> Any:
+    async def _remove(self, args: dict[str, Any], emit: Emit) -> Any:
         return await self.manager.remove(args.get("host"), args.get("specs") or None)
 
-    async def _list(self, args: dict[str, Any]) -> Any:
+    async def _list(self, args: dict[str, Any], emit: Emit) -> Any:
         return self.manager.snapshot()
 
-    async def _status(self, args: dict[str, Any]) -> Any:
+    async def _status(self, args: dict[str, Any], emit: Emit) -> Any:
         return {"version": __version__, "pid": os.getpid(),
                 "uptime": round(time.time() - self.started, 3), "socket": str(self.path),
                 "hosts": len(self.manager.hosts),
@@ -154,11 +169,11 @@ class ControlServer:
                 # for leak checks: both return to their baseline after outages
                 "tasks": len(asyncio.all_tasks()), "fds": _open_fds()}
 
-    async def _stop(self, args: dict[str, Any]) -> Any:
+    async def _stop(self, args: dict[str, Any], emit: Emit) -> Any:
         asyncio.get_running_loop().call_soon(self.on_stop)
         return {"stopping": True, "pid": os.getpid()}
 
-    async def _reconnect(self, args: dict[str, Any]) -> Any:
+    async def _reconnect(self, args: dict[str, Any], emit: Emit) -> Any:
         host = args.get("host")
         if host is None:
             sups = list(self.manager.hosts.values())
@@ -173,3 +188,56 @@ class ControlServer:
             await sup.wait_attempt(self.manager.config.defaults.connect_timeout + 1)
         return {"hosts": [{"name": s.name, "state": s.state.value, "last_error": s.last_error}
                           for s in sups]}
+
+    async def _run(self, args: dict[str, Any], emit: Emit) -> Any:
+        return await self.manager.run(args.get("host"), args.get("command"),
+                                      name=args.get("name"), port=args.get("port"))
+
+    async def _sessions(self, args: dict[str, Any], emit: Emit) -> Any:
+        return self.manager.sessions_snapshot()
+
+    async def _kill(self, args: dict[str, Any], emit: Emit) -> Any:
+        return await self.manager.kill(args.get("name"))
+
+    async def _open(self, args: dict[str, Any], emit: Emit) -> Any:
+        host, url = args.get("host"), args.get("url")
+        if not isinstance(url, str):
+            raise UsageError("open needs a URL, e.g. `tunnelctl open HOST http://localhost:8888/`")
+        node = args.get("node")
+        if node is not None and not isinstance(node, str):
+            raise UsageError("'node' must be a host name")
+        self.manager.host_for(check_host_name(host))
+        try:
+            return await self.manager.opener.open(host, url, node, "tunnelctl open")
+        finally:
+            await self.manager.release_host(host)
+
+    async def _logs(self, args: dict[str, Any], emit: Emit) -> Any:
+        """Stream a session's log (its tail, or all of it), then, with ``follow``, new output
+        until the session ends.  Output travels as ``{"output": text}`` progress lines."""
+        sess = self.manager.session(args.get("name"))
+        follow = bool(args.get("follow"))
+        queue = sess.follow() if follow else None
+        text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        try:
+            size = sess.log_path.stat().st_size if sess.log_path.exists() else 0
+            start = 0 if args.get("all") else max(0, size - LOGS_TAIL)
+            with open(sess.log_path, "rb") if size else _empty() as f:
+                f.seek(start)
+                remaining = size - start
+                while remaining > 0:
+                    chunk = f.read(min(OUTPUT_CHUNK, remaining))
+                    if not chunk:
+                        break
+                    remaining -= len(chunk)
+                    await emit({"output": text.decode(chunk)})
+            while queue is not None:
+                data = await queue.get()
+                if data is None:
+                    break
+                for i in range(0, len(data), OUTPUT_CHUNK):
+                    await emit({"output": text.decode(data[i:i + OUTPUT_CHUNK])})
+        finally:
+            if queue is not None:
+                sess.unfollow(queue)
+        return sess.snapshot()

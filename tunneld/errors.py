@@ -7,6 +7,7 @@ on (what failed, for which host/port, what to do).  Foreign errors (``OSError``,
     TunneldError
     ├── UsageError          bad input from the user: spec grammar, arguments, unknown host name
     │   └── SpecError       a forward spec that does not parse
+    ├── urls.Refused        a URL the opener will not open (also a ValueError; pure module)
     ├── ConfigError         config.toml or the state file is invalid
     ├── ProtocolError       a control-socket message that is malformed, too long, or unknown
     ├── BindError           a local listener could not be bound (port in use, permission)

@@ -19,6 +19,7 @@ high-water mark plus the channel window.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 import os
@@ -79,6 +80,9 @@ class LocalForward:
                 family=family, reuse_address=True, backlog=LISTEN_BACKLOG)
         except OSError as exc:
             raise BindError(bind_error_message(self.spec, exc)) from None
+        if self.spec.bind_port == 0:  # the OS chose the port
+            port = self._server.sockets[0].getsockname()[1]
+            self.spec = dataclasses.replace(self.spec, bind_port=port)
         self.state = ForwardState.WAITING
         self.follow_host()
 

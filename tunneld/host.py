@@ -234,7 +234,8 @@ class HostSupervisor:
         while True:
             if self.state is HostState.CONNECTED and self.conn is not None:
                 return self.conn
-            if self.state in (HostState.NEEDS_AUTH, HostState.FAILED, HostState.STOPPED):
+            if self.state in (HostState.NEEDS_AUTH, HostState.FAILED) or (
+                    self.state is HostState.STOPPED and (self._task is None or self._stopping)):
                 raise ConnectError(f"{self.name} is {self.state}: {self.last_error or ''}"
                                    .rstrip(": "))
             self._kick.set()

@@ -1,15 +1,19 @@
-"""Registry of host supervisors: add/remove forwards, snapshot, persistence.
+"""Registry of host supervisors and sessions: forwards, sessions, snapshot, persistence.
 
-Invariants: a host is in ``hosts`` iff it has at least one forward; every forward in a host's
-``forwards`` has a bound listener; the state file holds exactly the forwards of origin
-"added", written after every change.
+Invariants: a host is in ``hosts`` iff it has at least one forward or running session, or
+an open request is using it; every forward in a host's ``forwards`` has a bound listener; the
+state file holds exactly the forwards of origin "added", written after every change.
+Forwards of origin "auto" (made for a browser-open marker or ``run --port auto``) are not
+persisted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -17,16 +21,36 @@ from typing import Any
 from . import __version__
 from . import spec as specmod
 from .config import Config, StateFile, load_state, save_state
-from .errors import BindError, NotFound, UsageError
+import asyncssh
+
+from .errors import BindError, ConnectError, NotFound, TunneldError, UsageError
 from .forward import LocalForward
 from .host import HostSupervisor
-from .spec import ForwardSpec
+from .markers import BrowserOpen
+from .opener import Opener
+from .session import MAX_SESSIONS, Session, check_name, default_name
+from .spec import ForwardSpec, is_loopback
 from .state import HostState, slept_for
 
 log = logging.getLogger("tunneld")
 
 #: seconds between two clock readings of the sleep detector
 CLOCK_TICK = 2.0
+#: seconds allowed for ending every session when the daemon stops
+KILL_ALL_TIMEOUT = 15.0
+#: where `run --port auto` looks for a free port, and how many it tries
+FREE_PORT_RANGE = (20000, 60000)
+FREE_PORT_TRIES = 50
+
+
+def _locally_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
 
 #: an ssh host alias: what `ssh NAME` would accept as a destination, without options
 _HOST_RE = re.compile(r"^(?!-)[A-Za-z0-9_.@%+\[\]:-]{1,255}$")
@@ -40,11 +64,17 @@ def check_host_name(name: Any) -> str:
 
 
 class Manager:
-    def __init__(self, config: Config, state_path: Path):
+    def __init__(self, config: Config, state_path: Path, session_dir: Path | None = None):
         self.config = config
         self.state_path = state_path
-        #: host name → supervisor; a host is here iff it has forwards
+        self.session_dir = session_dir or state_path.parent / "sessions"
+        #: host name → supervisor (see the module docstring for when a host is here)
         self.hosts: dict[str, HostSupervisor] = {}
+        #: session name → session (running ones, and ended ones until MAX_SESSIONS)
+        self.sessions: dict[str, Session] = {}
+        #: tasks waiting for sessions to end
+        self._reapers: set[asyncio.Task[None]] = set()
+        self.opener = Opener(self, config.defaults.browser, config.defaults.ready_timeout)
 
     # -- start / stop ------------------------------------------------------------------------
 
@@ -92,6 +122,11 @@ class Manager:
                 self.check_liveness(f"the clock jumped {slept:.0f}s (the machine slept?)")
 
     async def close(self) -> None:
+        running = [sess for sess in self.sessions.values() if sess.running]
+        if running:
+            log.info("ending %d session(s)", len(running))
+            await asyncio.wait([asyncio.ensure_future(sess.kill()) for sess in running],
+                               timeout=KILL_ALL_TIMEOUT)
         for sup in list(self.hosts.values()):
             await sup.stop()
         self.hosts.clear()
@@ -105,6 +140,15 @@ class Manager:
                     return sup, fwd
         return None
 
+    def host_for(self, host: str) -> HostSupervisor:
+        """The supervisor of ``host``, created and started if needed."""
+        check_host_name(host)
+        sup = self.hosts.get(host)
+        if sup is None:
+            sup = self.hosts[host] = HostSupervisor(host, self.config.defaults)
+        sup.start()
+        return sup
+
     async def _bind(self, host: str, s: ForwardSpec, origin: str) -> LocalForward:
         sup = self.hosts.get(host)
         if sup is None:
@@ -112,8 +156,41 @@ class Manager:
         fwd = LocalForward(s, sup, origin)
         await fwd.bind()
         self.hosts[host] = sup
-        sup.forwards[s] = fwd
+        sup.forwards[fwd.spec] = fwd
         return fwd
+
+    async def ensure_forward(self, host: str, target_host: str,
+                             target_port: int) -> LocalForward:
+        """A forward of ``host`` to ``target_host:target_port``: an existing one, or a new
+        automatic one on the same local port if that is free, else on a free port."""
+        sup = self.host_for(host)
+        loop_target = is_loopback(target_host)
+        for fwd in sup.forwards.values():
+            t = fwd.spec
+            if t.kind == "local" and t.target_port == target_port and (
+                    t.target_host == target_host or (loop_target and is_loopback(t.target_host))):
+                return fwd
+        bind = self.config.defaults.bind
+        for port in (target_port, 0):
+            if port and self._find(bind, port) is not None:
+                continue
+            try:
+                fwd = await self._bind(host, ForwardSpec(bind, port, target_host, target_port),
+                                       "auto")
+            except BindError:
+                continue
+            log.info("%s: added automatic forward %s", host, fwd.spec)
+            return fwd
+        raise BindError(f"{host}: no local port could be bound for {target_host}:{target_port}")
+
+    async def release_host(self, host: str) -> None:
+        """Stop ``host``'s supervisor when nothing uses it any more."""
+        sup = self.hosts.get(host)
+        if sup is None or sup.forwards or any(
+                sess.host is sup and sess.running for sess in self.sessions.values()):
+            return
+        del self.hosts[host]
+        await sup.stop()
 
     async def add(self, host: str, texts: list[str], public: bool = False) -> dict[str, Any]:
         """Add forwards to ``host``: all bound, or none (BindError names the port)."""
@@ -174,15 +251,13 @@ class Manager:
             return
         sup.forwards.pop(fwd.spec, None)
         await fwd.close()
-        if not sup.forwards:
-            del self.hosts[host]
-            await sup.stop()
+        await self.release_host(host)
 
     async def remove(self, host: str, texts: list[str] | None = None) -> dict[str, Any]:
         """Remove the named forwards of ``host`` (all of them when none are named)."""
         check_host_name(host)
         sup = self.hosts.get(host)
-        if sup is None:
+        if sup is None or not sup.forwards:
             raise NotFound(f"{host} has no forwards; `tunnelctl list` shows what there is")
         if texts:
             if not all(isinstance(t, str) for t in texts):
@@ -220,6 +295,108 @@ class Manager:
                 return fwd
         return None
 
+    # -- sessions ----------------------------------------------------------------------------
+
+    async def run(self, host: str, command: Any, name: Any = None,
+                  port: Any = None) -> dict[str, Any]:
+        """Start ``command`` on ``host`` as a session.  ``port``: None, "auto" or a number;
+        it replaces ``{port}`` in the command, is exported as ``PORT`` and is forwarded."""
+        check_host_name(host)
+        if isinstance(command, str):
+            command = [command]
+        if not isinstance(command, list) or not command or \
+                not all(isinstance(a, str) for a in command) or not "".join(command).strip():
+            raise UsageError("run needs a command, e.g. `tunnelctl run HOST -- jupyter lab`")
+        if name is not None:
+            check_name(name)
+            old = self.sessions.get(name)
+            if old is not None and old.running:
+                raise UsageError(f"a session named {name} is running on {old.host.name}; "
+                                 f"pick another --name or `tunnelctl kill {name}`")
+        else:
+            name = default_name(" ".join(command),
+                                {n for n, s in self.sessions.items() if s.running} |
+                                set(self.sessions))
+        sup = self.host_for(host)
+        env: dict[str, str] = {}
+        fwd = None
+        if port is not None:
+            if port == "auto":
+                port = await self._free_remote_port(sup)
+            elif not isinstance(port, int) or not 1 <= port <= 65535:
+                raise UsageError(f"--port takes 'auto' or a port number, not {port!r}")
+            command = [a.replace("{port}", str(port)) for a in command]
+            env["PORT"] = str(port)
+            fwd = await self.ensure_forward(host, "localhost", port)
+        text = " ".join(command)
+        sess = Session(name, sup, text, self.session_dir / f"{name}.log", self._on_open,
+                       env=env, port=port)
+        self.sessions[name] = sess
+        self._forget_old_sessions()
+        sess.start()
+        reaper = asyncio.get_running_loop().create_task(self._reap(sess))
+        self._reapers.add(reaper)
+        reaper.add_done_callback(self._reapers.discard)
+        result: dict[str, Any] = {"name": name, "host": host, "command": text}
+        if fwd is not None:
+            result.update(port=port, forward=str(fwd.spec),
+                          url=f"http://127.0.0.1:{fwd.spec.bind_port}/")
+        return result
+
+    async def _on_open(self, sess: Session, ev: BrowserOpen) -> None:
+        try:
+            await self.opener.open(sess.host.name, ev.url, ev.node, f"session {sess.name}")
+        except TunneldError as exc:
+            log.warning("%s", exc)
+
+    async def _free_remote_port(self, sup: HostSupervisor) -> int:
+        """A port nothing listens on, on the server's loopback, and free here too."""
+        conn = await sup.connection_for_client()
+        rng = random.Random()
+        for _ in range(FREE_PORT_TRIES):
+            port = rng.randrange(*FREE_PORT_RANGE)
+            if self._find(self.config.defaults.bind, port) is not None or \
+                    not _locally_free(self.config.defaults.bind, port):
+                continue
+            try:
+                _, writer = await conn.open_connection("localhost", port)
+            except asyncssh.ChannelOpenError:
+                return port  # refused: nothing listens there
+            writer.close()
+        raise ConnectError(f"{sup.name}: found no free port on the server in "
+                           f"{FREE_PORT_TRIES} tries; pass --port NUMBER")
+
+    def _forget_old_sessions(self) -> None:
+        ended = sorted((s for s in self.sessions.values() if not s.running),
+                       key=lambda s: s.ended or 0)
+        while len(self.sessions) > MAX_SESSIONS and ended:
+            del self.sessions[ended.pop(0).name]
+
+    def session(self, name: Any) -> Session:
+        if not isinstance(name, str) or name not in self.sessions:
+            known = " ".join(sorted(self.sessions)) or "none"
+            raise NotFound(f"no session named {name!r}; sessions: {known}")
+        return self.sessions[name]
+
+    async def kill(self, name: Any) -> dict[str, Any]:
+        sess = self.session(name)
+        said = await sess.kill()
+        return {"name": sess.name, "state": sess.state, "said": said}
+
+    async def _reap(self, sess: Session) -> None:
+        """When a session ends: drop its `--port auto` forward, release its host."""
+        await sess.done.wait()
+        await sess.settle(self.config.defaults.ready_timeout + 30)
+        if sess.port is not None:
+            await self._drop_session_forward(sess)
+        await self.release_host(sess.host.name)
+
+    async def _drop_session_forward(self, sess: Session) -> None:
+        for fwd in list(sess.host.forwards.values()):
+            if fwd.origin == "auto" and fwd.spec.target_port == sess.port and \
+                    is_loopback(fwd.spec.target_host):
+                await self._unbind(sess.host.name, fwd)
+
     # -- persistence and reporting -----------------------------------------------------------
 
     def save(self) -> None:
@@ -235,3 +412,8 @@ class Manager:
     def snapshot(self) -> dict[str, Any]:
         return {"version": __version__,
                 "hosts": [self.hosts[h].snapshot() for h in sorted(self.hosts)]}
+
+    def sessions_snapshot(self) -> dict[str, Any]:
+        return {"version": __version__,
+                "sessions": [s.snapshot() for s in sorted(self.sessions.values(),
+                                                           key=lambda s: s.started)]}

@@ -30,7 +30,8 @@ REQUEST_TIMEOUT = 30.0
 
 #: every command the daemon serves; tunnelctl's verbs are these names
 COMMANDS = frozenset({
-    "add", "remove", "list", "status", "stop", "reconnect", "reload",
+    "add", "remove", "list", "status", "stop", "reconnect",
+    "run", "sessions", "logs", "kill", "open",
 })
 
 

@@ -8,6 +8,19 @@ See design.md section 8.  Fixtures provided here:
     temporary ``HOME`` whose ``~/.ssh/config`` names it as ``testhost``.
     Teardown kills every session process and the listener.
 
+``netns_sshd``
+    Like ``sshd`` but the sshd runs inside a network namespace made for the test
+    (``ip netns``, needs root), so the server has its *own* loopback: the
+    server's 127.0.0.1 is not the client's.  It listens on port 22 of the
+    namespace side of a veth pair (``sshd.listen_host``, 10.251.x.y/30) and the
+    alias is ``netnshost``.  ``sshd.exec_in_ns(argv)`` prefixes ``argv`` with
+    ``ip netns exec NS`` to start targets that only the server side can reach.
+    Teardown kills every process left in the namespace, then deletes the veth
+    pair and the namespace (also when the test failed).
+
+``netns_daemon``
+    Like ``daemon``, but on ``netns_sshd``.
+
 ``free_port``
     A callable ``free_port(host="127.0.0.1") -> int``.
 
@@ -29,8 +42,12 @@ Notes for users of ``sshd``:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import itertools
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -85,6 +102,11 @@ def _find_tool(name: str) -> str:
             pytrace=False,
         )
     return path
+
+
+def _known_host_name(host: str, port: int) -> str:
+    """How ssh writes ``host``:``port`` in known_hosts."""
+    return host if port == 22 else f"[{host}]:{port}"
 
 
 def _keygen(path: Path, comment: str) -> None:
@@ -147,7 +169,12 @@ def _tail(path: Path, limit: int = 4000) -> str:
 
 @dataclass
 class SSHServer:
-    """A throw-away OpenSSH sshd on 127.0.0.1 plus a temp HOME naming it."""
+    """A throw-away OpenSSH sshd plus a temp HOME naming it.
+
+    By default it listens on 127.0.0.1.  With ``netns`` set it is started as
+    ``ip netns exec NETNS sshd ...`` (the namespace must exist and reach
+    ``listen_host`` from the root namespace; see the ``netns_sshd`` fixture).
+    """
 
     home: Path
     host: str
@@ -157,6 +184,12 @@ class SSHServer:
     sshd_log: Path
     sshd_path: str = "/usr/sbin/sshd"
     user: str = field(default_factory=lambda: pwd.getpwuid(os.getuid()).pw_name)
+    # network namespace sshd runs in (None: the caller's), and the address it
+    # listens on (reachable from the root namespace)
+    netns: str | None = None
+    listen_host: str = "127.0.0.1"
+    # the NetNS made for this server by netns_ssh_server() (None otherwise)
+    ns: NetNS | None = field(default=None, repr=False)
     _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     # (pid, starttime) of session processes seen under the listener; kept so
     # that kill_connections() still finds them after stop() orphaned them
@@ -207,10 +240,28 @@ class SSHServer:
     def running(self) -> bool:
         return self.pid is not None
 
+    @property
+    def address(self) -> tuple[str, int]:
+        """(listen_host, port): where sshd accepts connections from the root namespace."""
+        return (self.listen_host, self.port)
+
+    def exec_in_ns(self, argv: list[str]) -> list[str]:
+        """``argv`` prefixed to run inside the server's network namespace (if it has one)."""
+        if self.netns is None:
+            return list(argv)
+        return ["ip", "netns", "exec", self.netns, *argv]
+
     # ---- setup ---------------------------------------------------------
     @classmethod
-    def create(cls, base: Path, *, port: int | None = None, host: str = "testhost") -> SSHServer:
-        """Generate keys and config files under ``base`` (does not start sshd)."""
+    def create(cls, base: Path, *, port: int | None = None, host: str = "testhost",
+               netns: str | None = None, listen_host: str = "127.0.0.1") -> SSHServer:
+        """Generate keys and config files under ``base`` (does not start sshd).
+
+        ``port`` defaults to a free port on ``listen_host``, or to 22 with ``netns``
+        (a fresh namespace has nothing listening).
+        """
+        if port is None:
+            port = 22 if netns is not None else _free_port(listen_host)
         workdir = base / "sshd"
         home = base / "home"
         workdir.mkdir(parents=True)
@@ -229,11 +280,13 @@ class SSHServer:
         server = cls(
             home=home,
             host=host,
-            port=port if port is not None else _free_port(),
+            port=port,
             workdir=workdir,
             env=env,
             sshd_log=workdir / "sshd.log",
             sshd_path=_find_sshd(),
+            netns=netns,
+            listen_host=listen_host,
         )
         server._write_files()
         return server
@@ -245,12 +298,13 @@ class SSHServer:
         self.authorized_keys.chmod(0o600)
 
         host_pub = self.host_key.with_suffix(".pub").read_text().split()
-        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_pub[0]} {host_pub[1]}\n")
+        self.known_hosts.write_text(
+            f"{_known_host_name(self.listen_host, self.port)} {host_pub[0]} {host_pub[1]}\n")
         self.known_hosts.chmod(0o600)
 
         self.sshd_config.write_text(
             "\n".join([
-                f"ListenAddress 127.0.0.1:{self.port}",
+                f"ListenAddress {self.listen_host}:{self.port}",
                 f"HostKey {self.host_key}",
                 f"PidFile {self.pid_file}",
                 f"AuthorizedKeysFile {self.authorized_keys}",
@@ -285,7 +339,7 @@ class SSHServer:
         they take precedence over the defaults (keywords are case-insensitive).
         """
         defaults = {
-            "HostName": "127.0.0.1",
+            "HostName": self.listen_host,
             "Port": str(self.port),
             "User": self.user,
             "IdentityFile": str(self.identity),
@@ -304,7 +358,11 @@ class SSHServer:
 
     # ---- process control -----------------------------------------------
     def start(self) -> None:
-        """(Re)start sshd on the same port with the same host key; wait until it accepts."""
+        """(Re)start sshd on the same port with the same host key; wait until it accepts.
+
+        With ``netns``, ``ip netns exec`` execs sshd in place (no fork), so the
+        Popen pid is sshd's; pids are global across network namespaces.
+        """
         if self._proc is not None:
             self.stop()
         if os.geteuid() == 0:
@@ -312,7 +370,8 @@ class SSHServer:
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
         with self.stderr_log.open("ab") as err:
             self._proc = subprocess.Popen(
-                [self.sshd_path, "-D", "-e", "-f", str(self.sshd_config), "-E", str(self.sshd_log)],
+                self.exec_in_ns([self.sshd_path, "-D", "-e", "-f", str(self.sshd_config),
+                                 "-E", str(self.sshd_log)]),
                 stdin=subprocess.DEVNULL,
                 stdout=err,
                 stderr=err,
@@ -326,12 +385,13 @@ class SSHServer:
                 rc = self._proc.returncode
                 self._proc = None
                 raise RuntimeError(
-                    f"sshd exited with status {rc} during startup\n"
+                    f"sshd exited with status {rc} during startup"
+                    f"{f' (in netns {self.netns})' if self.netns else ''}\n"
                     f"--- {self.sshd_log}:\n{_tail(self.sshd_log)}\n"
                     f"--- {self.stderr_log}:\n{_tail(self.stderr_log)}"
                 )
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as s:
+                with socket.create_connection(self.address, timeout=1.0) as s:
                     s.settimeout(max(0.1, min(2.0, deadline - time.monotonic())))
                     banner = s.recv(256)
                 if banner.startswith(b"SSH-") and self._proc.poll() is None:
@@ -342,7 +402,7 @@ class SSHServer:
             time.sleep(0.05)
         self._terminate_listener()
         raise RuntimeError(
-            f"sshd did not accept connections on 127.0.0.1:{self.port} within "
+            f"sshd did not accept connections on {self.listen_host}:{self.port} within "
             f"{START_TIMEOUT}s (last error: {last_error!r})\n"
             f"--- {self.sshd_log}:\n{_tail(self.sshd_log)}"
         )
@@ -437,6 +497,244 @@ def sshd(tmp_path: Path) -> Iterator[SSHServer]:
         yield server
     finally:
         server.close()
+
+
+# --------------------------------------------------------------------------
+# sshd in a network namespace of the test's own making (design.md 8)
+
+NETNS_PREFIX = "td-"
+NETNS_NET = (10, 251)  # 10.251.0.0/16, cut into /30 blocks
+NETNS_BLOCKS = 16384   # /30 blocks in a /16
+NETNS_LOCK = "/run/lock/tunneld-test-netns.lock"
+NETNS_TIMEOUT = 10.0
+_netns_counter = itertools.count()
+
+
+def _find_ip() -> str:
+    for path in (shutil.which("ip"), "/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"):
+        if path and os.access(path, os.X_OK):
+            return path
+    pytest.fail(
+        "`ip` (iproute2) not found; the netns e2e fixtures need it: run "
+        "`apt-get install -y iproute2` (and run the tests as root)",
+        pytrace=False,
+    )
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([_find_ip(), *args], check=False, stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=NETNS_TIMEOUT)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)} exited {r.returncode}: {r.stderr.strip()}")
+    return r
+
+
+def _netns_names() -> set[str]:
+    # "name (id: N)" or just "name"
+    return {line.split()[0] for line in _ip("netns", "list").stdout.splitlines() if line.strip()}
+
+
+def _netns_pids(name: str) -> set[int]:
+    r = _ip("netns", "pids", name, check=False)
+    return {int(x) for x in r.stdout.split() if x.isdigit()}
+
+
+def _netns_kill_all(name: str) -> None:
+    """SIGKILL every process in namespace ``name`` and wait until they are gone."""
+    deadline = time.monotonic() + KILL_TIMEOUT
+    while True:
+        pids = _netns_pids(name) - {os.getpid()}
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"processes in netns {name} survived SIGKILL: {sorted(pids)}")
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def _netns_lock() -> Iterator[None]:
+    """An exclusive flock shared by all test processes on this machine."""
+    try:
+        fd = os.open(NETNS_LOCK, os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError:
+        fd = os.open(tempfile.gettempdir(), os.O_RDONLY)  # no /run/lock: lock /tmp itself
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sweep_stale_netns() -> None:
+    """Remove namespaces ``td-<pid>-<n>`` left behind by test processes that died."""
+    for name in _netns_names():
+        m = re.fullmatch(rf"{NETNS_PREFIX}(\d+)-(\d+)", name)
+        if m is None or _pid_alive(int(m.group(1))):
+            continue
+        with contextlib.suppress(Exception):
+            _netns_kill_all(name)
+            _ip("netns", "del", name, check=False)  # takes its veth end (and pair) along
+
+
+@dataclass
+class NetNS:
+    """A network namespace plus a veth pair into it, with a /30 from 10.251.0.0/16.
+
+    ``host_ip`` is the root-namespace end (``veth_host``), ``ns_ip`` the
+    namespace end (``veth_ns``); ``lo`` is up inside.  Use :meth:`create`
+    and :meth:`close` (idempotent; kills everything left in the namespace).
+    """
+
+    name: str
+    veth_host: str
+    veth_ns: str
+    host_ip: str
+    ns_ip: str
+    prefix: int = 30
+    _closed: bool = field(default=False, init=False, repr=False)
+
+    @classmethod
+    def create(cls) -> NetNS:
+        _find_ip()
+        pid = os.getpid()
+        with _netns_lock():  # allocation is serialized across processes
+            _sweep_stale_netns()
+            existing = _netns_names()
+            while True:
+                n = next(_netns_counter)
+                name = f"{NETNS_PREFIX}{pid}-{n}"
+                if name not in existing:
+                    break
+            r = _ip("netns", "add", name, check=False)
+            if r.returncode != 0:
+                pytest.fail(
+                    f"cannot create a network namespace (`ip netns add {name}` exited "
+                    f"{r.returncode}: {r.stderr.strip()}); the netns e2e fixtures "
+                    "need root (CAP_SYS_ADMIN and CAP_NET_ADMIN) and iproute2 "
+                    "(`ip netns add` must work)",
+                    pytrace=False,
+                )
+            ns = cls._setup(name, pid, n)
+        return ns
+
+    @classmethod
+    def _setup(cls, name: str, pid: int, n: int) -> NetNS:
+        ns: NetNS | None = None
+        try:
+            _ip("-n", name, "link", "set", "lo", "up")
+            used = set(re.findall(r"inet (10\.251\.\d+\.\d+)", _ip("-o", "-4", "addr").stdout))
+            start = (pid * 64 + n) % NETNS_BLOCKS
+            for i in range(NETNS_BLOCKS):
+                block = (start + i) % NETNS_BLOCKS
+                base = block * 4
+                addrs = [f"{NETNS_NET[0]}.{NETNS_NET[1]}.{(base + k) // 256}.{(base + k) % 256}"
+                         for k in range(4)]
+                veth_host, veth_ns = f"tdv{block}a", f"tdv{block}b"
+                if used.intersection(addrs) or os.path.exists(f"/sys/class/net/{veth_host}"):
+                    continue
+                break
+            else:
+                raise RuntimeError("no free /30 left in 10.251.0.0/16")
+            ns = cls(name=name, veth_host=veth_host, veth_ns=veth_ns,
+                     host_ip=addrs[1], ns_ip=addrs[2])
+            _ip("link", "add", veth_host, "type", "veth", "peer", "name", veth_ns,
+                "netns", name)
+            _ip("addr", "add", f"{ns.host_ip}/{ns.prefix}", "dev", veth_host)
+            _ip("-n", name, "addr", "add", f"{ns.ns_ip}/{ns.prefix}", "dev", veth_ns)
+            _ip("link", "set", veth_host, "up")
+            _ip("-n", name, "link", "set", veth_ns, "up")
+            return ns
+        except BaseException:
+            if ns is not None:
+                ns.close()
+            else:
+                _ip("netns", "del", name, check=False)
+            raise
+
+    def exec_argv(self, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def close(self) -> None:
+        """Kill every process in the namespace, delete the veth pair and the namespace."""
+        if self._closed:
+            return
+        self._closed = True
+        errors: list[str] = []
+        try:
+            _netns_kill_all(self.name)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:  # delete the rest
+            errors.append(str(e))
+        r = _ip("link", "del", self.veth_host, check=False)  # takes the peer along
+        if r.returncode != 0 and os.path.exists(f"/sys/class/net/{self.veth_host}"):
+            errors.append(f"ip link del {self.veth_host}: {r.stderr.strip()}")
+        r = _ip("netns", "del", self.name, check=False)
+        if r.returncode != 0 and self.name in _netns_names():
+            errors.append(f"ip netns del {self.name}: {r.stderr.strip()}")
+        if errors:
+            raise RuntimeError(f"netns {self.name} teardown: " + "; ".join(errors))
+
+
+@contextlib.contextmanager
+def netns_ssh_server(base: Path, *, host: str = "netnshost",
+                     port: int = 22) -> Iterator[SSHServer]:
+    """A started :class:`SSHServer` inside a fresh :class:`NetNS` (its ``.ns`` attribute).
+
+    On exit (also on error): sessions and listener are killed, then every
+    process left in the namespace, then the veth pair and the namespace go.
+    """
+    ns = NetNS.create()
+    server: SSHServer | None = None
+    try:
+        server = SSHServer.create(base, port=port, host=host, netns=ns.name,
+                                  listen_host=ns.ns_ip)
+        server.ns = ns
+        server.start()
+        yield server
+    finally:
+        try:
+            if server is not None:
+                server.close()
+        finally:
+            ns.close()
+
+
+@pytest.fixture
+def netns_sshd(tmp_path: Path) -> Iterator[SSHServer]:
+    """A started throw-away sshd on port 22 inside a network namespace of its own.
+
+    The alias is ``netnshost`` (``sshd.host``); it listens on ``sshd.listen_host``
+    (10.251.x.y, reachable from here through a veth pair); ``sshd.netns`` is the
+    namespace and ``sshd.exec_in_ns(argv)`` runs ``argv`` in it.  The server's
+    127.0.0.1 is the namespace's own loopback.  Needs root and iproute2.
+    """
+    with netns_ssh_server(tmp_path) as server:
+        yield server
+
+
+@pytest.fixture
+def netns_daemon(netns_sshd: SSHServer) -> Iterator[Daemon]:
+    """A running tunneld whose HOME is the netns_sshd fixture's (alias ``netnshost``)."""
+    d = Daemon(netns_sshd)
+    d.start()
+    try:
+        yield d
+    finally:
+        d.close()
 
 
 class _EchoServer:
@@ -834,11 +1132,11 @@ class FaultProxy:
 def fault_proxy(sshd: SSHServer) -> Iterator[FaultProxy]:
     """A FaultProxy in front of the sshd fixture, and an alias ``flaky`` that goes through it
     (same host key: its known_hosts entry is added)."""
-    proxy = FaultProxy(("127.0.0.1", sshd.port))
+    proxy = FaultProxy(sshd.address)
     pub = sshd.host_key.with_suffix(".pub").read_text().split()
     with sshd.known_hosts.open("a") as f:
         f.write(f"[127.0.0.1]:{proxy.port} {pub[0]} {pub[1]}\n")
-    sshd.add_host_alias("flaky", Port=str(proxy.port))
+    sshd.add_host_alias("flaky", HostName=proxy.host, Port=str(proxy.port))
     try:
         yield proxy
     finally:

@@ -42,8 +42,24 @@ def test_range_carries_data_both_ways_and_counts_it(daemon, sshd, echo_server, f
 
 def test_port_range_spec_remove_and_restore_after_restart(daemon, sshd, echo_server, free_port):
     # find three consecutive free local ports and serve the same three on 127.0.0.2
+    def free_run(host: str, base: int) -> bool:
+        socks = []
+        try:
+            for i in range(3):
+                s = socket.socket()
+                socks.append(s)
+                s.bind((host, base + i))
+            return True
+        except OSError:
+            return False
+        finally:
+            for s in socks:
+                s.close()
+
     for _ in range(50):
         base = free_port()
+        if not (free_run("127.0.0.1", base) and free_run("127.0.0.2", base)):
+            continue
         try:
             for i in range(3):
                 echo_server(port=base + i)
@@ -51,7 +67,7 @@ def test_port_range_spec_remove_and_restore_after_restart(daemon, sshd, echo_ser
         except OSError:
             continue
     else:
-        pytest.fail("no three consecutive free ports on 127.0.0.2")
+        pytest.fail("no three consecutive free ports on 127.0.0.1 and 127.0.0.2")
     lbase = base
     spec = f"{lbase}-{lbase + 2}:127.0.0.2:{base}-{base + 2}"
     r = daemon.ctl("add", sshd.host, spec)

@@ -1,0 +1,137 @@
+"""Acts on a BrowserOpen: URL rules, the forward it needs, a readiness probe, the browser.
+
+Order: Jupyter's redirect file is read on the server and replaced by its target URL; the URL
+rules (``urls.plan``) accept or refuse it; the remote port is mapped to an existing forward or a
+new automatic one; the browser opens only once the remote port accepts a connection (bounded);
+duplicates and floods are dropped (``urls.OpenPolicy``).  The browser is launched without a
+shell: a configured command gets the URL as one argument; otherwise Python's ``webbrowser``
+(which honours the daemon's ``BROWSER`` variable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+import time
+import webbrowser
+from typing import TYPE_CHECKING, Any
+
+import asyncssh
+
+from . import urls
+from .errors import ConnectError, UsageError
+
+if TYPE_CHECKING:
+    from .host import HostSupervisor
+    from .manager import Manager
+
+log = logging.getLogger("tunneld")
+
+#: a limit: bytes of a Jupyter redirect file read from the server
+MAX_REDIRECT_FILE = 64 * 1024
+#: seconds between readiness probes of the remote port, and the cap of its growth
+PROBE_INTERVAL = 0.2
+PROBE_INTERVAL_MAX = 1.0
+
+
+class Opener:
+    def __init__(self, manager: "Manager", browser: list[str] | str | None = None,
+                 ready_timeout: float = 60.0):
+        self.manager = manager
+        self.browser = shlex.split(browser) if isinstance(browser, str) else browser
+        self.ready_timeout = ready_timeout
+        self.policy = urls.OpenPolicy()
+
+    async def open(self, host: str, url: str, node: str | None = None,
+                   source: str = "") -> dict[str, Any]:
+        """Open ``url`` (as printed on ``host``) in the local browser.  Raises UsageError
+        (refused URL) or ConnectError (host down, port never ready)."""
+        sup = self.manager.host_for(host)
+        where = f" ({source})" if source else ""
+        path = urls.jupyter_redirect_path(url)
+        if path is not None:
+            url = await self._read_redirect(sup, path)
+        try:
+            plan = urls.plan(url)
+        except urls.Refused as exc:
+            log.warning("%s: refused to open a URL%s: %s", host, where, exc)
+            raise UsageError(f"{host}: not opened: {exc}") from None
+        fwd = await self.manager.ensure_forward(host, plan.remote_host, plan.remote_port)
+        local = plan.local_url(fwd.spec.bind_port, _url_host(fwd.spec.bind_host))
+        shown = urls.redact(local)
+        await self._wait_ready(sup, plan)
+        why = self.policy.check(host, local, time.monotonic())
+        if why is not None:
+            if why != "duplicate" and self.policy.burst_started():
+                log.warning("%s: too many browser opens; dropping them for a while%s", host,
+                            where)
+            elif why == "duplicate":
+                log.info("%s: %s was opened moments ago; not opening it again", host, shown)
+            return {"url": local, "opened": False, "reason": why, "forward": str(fwd.spec)}
+        log.info("%s: opening %s%s", host, shown, where)
+        await self._launch(local)
+        return {"url": local, "opened": True, "forward": str(fwd.spec)}
+
+    async def _read_redirect(self, sup: "HostSupervisor", path: str) -> str:
+        conn = await sup.connection_for_client()
+        try:
+            result = await asyncio.wait_for(conn.run(
+                f"head -c {MAX_REDIRECT_FILE} -- {shlex.quote(path)}", check=False,
+                request_pty=False, term_type=None), 15)
+        except (asyncio.TimeoutError, asyncssh.Error, OSError) as exc:
+            raise ConnectError(f"{sup.name}: could not read Jupyter's redirect file {path}: "
+                               f"{exc}") from None
+        target = urls.jupyter_redirect_target(result.stdout or "")
+        if result.exit_status != 0 or target is None:
+            raise UsageError(f"{sup.name}: not opened: {path} on the server holds no URL "
+                             f"({(result.stderr or '').strip() or 'no link found'})")
+        return target
+
+    async def _wait_ready(self, sup: "HostSupervisor", plan: urls.Plan) -> None:
+        """Until the server can connect to the target (bounded by ``ready_timeout``)."""
+        deadline = time.monotonic() + self.ready_timeout
+        delay = PROBE_INTERVAL
+        last = ""
+        while True:
+            conn = await sup.connection_for_client()
+            try:
+                _, writer = await conn.open_connection(plan.remote_host, plan.remote_port)
+                writer.close()
+                return
+            except asyncssh.ChannelOpenError as exc:
+                last = exc.reason or "refused"
+            if time.monotonic() + delay > deadline:
+                raise ConnectError(
+                    f"{sup.name}: not opened: nothing accepted connections on "
+                    f"{plan.remote_host}:{plan.remote_port} within {self.ready_timeout:g}s "
+                    f"({last})")
+            await asyncio.sleep(delay)
+            delay = min(PROBE_INTERVAL_MAX, delay * 1.5)
+
+    async def _launch(self, url: str) -> None:
+        if self.browser:
+            argv = [a.replace("%s", url) for a in self.browser]
+            if not any("%s" in a for a in self.browser):
+                argv.append(url)
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+            except OSError as exc:
+                raise UsageError(f"cannot run the browser command {argv[0]!r}: "
+                                 f"{exc.strerror or exc}; check `browser` in config.toml") \
+                    from None
+            asyncio.get_running_loop().create_task(proc.wait())  # reap it
+            return
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(None, webbrowser.open, url)
+        if not ok:
+            raise UsageError("no browser could be started; set `browser` in config.toml or "
+                             "BROWSER in the daemon's environment")
+
+
+def _url_host(bind_host: str) -> str:
+    if bind_host in ("0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{bind_host}]" if ":" in bind_host else bind_host
