@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import TunneldError
 
     setup_logging(args.log_level)
+    if os.environ.get("TUNNELD_STOCK_ASYNCSSH") != "1":  # for side-by-side measurements
+        from . import fastpath
+        fastpath.install()
     try:
         config = load_config(paths.config_file())
     except TunneldError as exc:

@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tunneld")
 
-#: listen backlog of each forward's socket
-LISTEN_BACKLOG = 1024
+#: listen backlog of each forward's socket (the kernel caps it at net.core.somaxconn)
+LISTEN_BACKLOG = 4096
 #: bytes read from a local client before its channel is open; past this, reading pauses
 PRE_OPEN_BUFFER = 256 * 1024
 #: asyncssh channel send-buffer high-water mark; above it the local socket stops being read
@@ -152,9 +152,22 @@ class _LocalProtocol(asyncio.Protocol):
         self._opener = asyncio.get_running_loop().create_task(self._open())
 
     def data_received(self, data: bytes) -> None:
-        if self.channel is not None:
-            self.channel.write(data)
-            self.fwd.bytes_out += len(data)
+        chan = self.channel
+        if chan is not None:
+            n = len(data)
+            try:
+                if n <= CHANNEL_MAX_PKTSIZE:
+                    chan.write(data)
+                else:
+                    # one packet's worth at a time: asyncssh copies each write once, but
+                    # cuts a larger buffer into packets by deleting from its front
+                    view = memoryview(data)
+                    for i in range(0, n, CHANNEL_MAX_PKTSIZE):
+                        chan.write(view[i:i + CHANNEL_MAX_PKTSIZE])  # type: ignore[arg-type]
+            except OSError:  # the channel closed under us (the remote end went away)
+                self.abort()
+                return
+            self.fwd.bytes_out += n
             return
         # channel not open yet (under uvloop this can happen even after pause_reading)
         self.pending.append(data)

@@ -1,0 +1,99 @@
+"""tunneld.fastpath against a real sshd: fewer packets on AEAD ciphers, same bytes, rekeying
+still works, stock behaviour elsewhere."""
+
+from __future__ import annotations
+
+import os
+
+import asyncssh
+import pytest
+
+from tunneld import fastpath
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def home(sshd, monkeypatch):
+    monkeypatch.setenv("HOME", str(sshd.home))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    yield sshd
+    fastpath.uninstall()
+
+
+async def _echo_packets(host: str, echo: tuple[str, int], cipher: str, chunks: int,
+                        **kw) -> tuple[int, bytes, bytes, asyncssh.SSHClientConnection]:
+    """Send ``chunks`` writes through a direct-tcpip channel; return the packets the client
+    sent for them, what was sent and what came back."""
+    async with asyncssh.connect(host, encryption_algs=[cipher], **kw) as conn:
+        reader, writer = await conn.open_connection(*echo)
+        payload = os.urandom(1000)
+        start = conn._send_seq
+        for _ in range(chunks):
+            writer.write(payload)
+            await writer.drain()
+            await reader.readexactly(len(payload))
+        used = (conn._send_seq - start) & 0xffffffff
+        sent = payload * 2
+        writer.write(sent)
+        writer.write_eof()
+        got = await reader.read()
+        return used, sent, got, conn
+
+
+@pytest.mark.parametrize("cipher", ["aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com"])
+async def test_aead_ciphers_send_half_the_packets(home, echo_server, cipher):
+    echo = echo_server()
+    stock, _, _, _ = await _echo_packets(home.host, echo, cipher, 50)
+    assert fastpath.install()
+    fast, sent, got, _ = await _echo_packets(home.host, echo, cipher, 50)
+    assert got == sent
+    # stock asyncssh: an ignore packet before each data packet (and window adjusts)
+    assert stock >= 2 * 50
+    assert fast <= stock // 2 + 5, (fast, stock)
+
+
+async def test_other_ciphers_keep_the_ignore_packets(home, echo_server):
+    echo = echo_server()
+    assert fastpath.install()
+    used, sent, got, _ = await _echo_packets(home.host, echo, "aes128-ctr", 50)
+    assert got == sent
+    assert used >= 2 * 50
+
+
+async def test_rekeying_under_the_fast_path(home, echo_server):
+    assert fastpath.install()
+    echo = echo_server()
+    kexinits = []
+    orig = asyncssh.connection.SSHConnection._send_kexinit
+
+    def counting(self):
+        kexinits.append(1)
+        return orig(self)
+
+    asyncssh.connection.SSHConnection._send_kexinit = counting
+    try:
+        async with asyncssh.connect(home.host, encryption_algs=["aes128-gcm@openssh.com"],
+                                    rekey_bytes=200_000) as conn:
+            reader, writer = await conn.open_connection(*echo)
+            data = os.urandom(4_000_000)
+            writer.write(data)
+            writer.write_eof()
+            got = await reader.read()
+            assert got == data
+            # and the connection is still good after many key exchanges
+            result = await conn.run("echo still here", check=True)
+            assert result.stdout.strip() == "still here"
+    finally:
+        asyncssh.connection.SSHConnection._send_kexinit = orig
+    assert len(kexinits) >= 5, len(kexinits)
+
+
+def test_unsupported_version_is_left_alone(monkeypatch):
+    fastpath.uninstall()
+    assert not fastpath.supported("2.25.0")
+    assert fastpath.supported(asyncssh.__version__)
+    monkeypatch.setattr(fastpath, "supported", lambda version=None: False)
+    before = asyncssh.connection.SSHConnection.send_packet
+    assert fastpath.install() is False
+    assert asyncssh.connection.SSHConnection.send_packet is before
