@@ -406,3 +406,22 @@ def test_atomic_write_failure_keeps_old_file_and_no_temp(tmp_path):
         atomic_write(p, "not bytes")  # type: ignore[arg-type]
     assert p.read_bytes() == b"precious"
     assert [x.name for x in tmp_path.iterdir()] == ["f"]
+
+
+def test_state_file_keeps_remote_and_socks_forwards(tmp_path):
+    """-R/-D forwards are saved as their canonical strings and read back (not set aside)."""
+    path = tmp_path / "forwards.json"
+    texts = ["8090", "-R 9000:localhost:8000", "-R [::1]:9001:127.0.0.2:80", "-D 1080",
+             "-D 0.0.0.0:1081"]
+    save_state(path, StateFile(hosts={"barhal": texts}))
+    state = load_state(path)
+    assert state.hosts == {"barhal": texts}
+    assert not list(tmp_path.glob("*.corrupt-*"))
+    specs = specmod.parse_all(state.hosts["barhal"])
+    assert [s.kind for s in specs] == ["local", "remote", "remote", "socks", "socks"]
+    assert [str(s) for s in specs] == texts
+
+
+def test_config_forwards_are_local_only(tmp_path):
+    with pytest.raises(ConfigError):
+        load_config(_write(tmp_path, '[hosts.barhal]\nforwards = ["-R 9000:localhost:80"]\n'))

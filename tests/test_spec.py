@@ -97,3 +97,133 @@ def test_spec_is_frozen_and_hashable():
 ])
 def test_parse_bind(text, expected):
     assert parse_bind(text) == expected
+
+
+# -- remote forwards (-R) and SOCKS proxies (-D) -------------------------------------------------
+
+from tunneld.spec import parse_any, parse_remote, parse_socks  # noqa: E402
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("9000:localhost:8000", [(L, 9000, "localhost", 8000)]),
+    (" 9000:127.0.0.2:8000 ", [(L, 9000, "127.0.0.2", 8000)]),
+    ("9000:node42:8000", [(L, 9000, "node42", 8000)]),
+    ("0.0.0.0:9000:localhost:8000", [("0.0.0.0", 9000, "localhost", 8000)]),
+    ("*:9000:localhost:8000", [("0.0.0.0", 9000, "localhost", 8000)]),
+    ("localhost:9000:localhost:8000", [(L, 9000, "localhost", 8000)]),
+    ("[::1]:9000:[::1]:8000", [("::1", 9000, "::1", 8000)]),
+    ("9000-9002:localhost:8000-8002", [(L, 9000 + i, "localhost", 8000 + i) for i in range(3)]),
+])
+def test_parse_remote(text, expected):
+    specs = parse_remote(text)
+    assert [(s.bind_host, s.bind_port, s.target_host, s.target_port) for s in specs] == expected
+    assert all(s.kind == "remote" for s in specs)
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("", "empty remote"),
+    ("9000", "names no local target"),
+    ("9000:8000", "names no local target"),
+    ("a:b:c:d:e", "5 fields"),
+    ("9000-9001:localhost:8000", "same length"),
+    ("0:localhost:8000", "out of range"),
+    ("9000:bad host:80", "not a valid host"),
+    ("foo:9000:localhost:80", "must be an IP address"),
+    ("9000::80", "empty local host"),
+])
+def test_parse_remote_errors(text, fragment):
+    with pytest.raises(SpecError) as ei:
+        parse_remote(text)
+    assert fragment in str(ei.value)
+    assert "-R" in str(ei.value)
+
+
+@pytest.mark.parametrize("text,bind,port", [
+    ("1080", L, 1080), ("127.0.0.1:1080", L, 1080), ("localhost:1080", L, 1080),
+    ("*:1080", "0.0.0.0", 1080), ("[::1]:1080", "::1", 1080), (" 1080 ", L, 1080),
+])
+def test_parse_socks(text, bind, port):
+    (s,) = parse_socks(text)
+    assert (s.kind, s.bind_host, s.bind_port) == ("socks", bind, port)
+    assert s.target == "*"
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("", "empty SOCKS"), ("abc", "not a port"), ("1080-1081", "range"),
+    ("a:b:c", "3 fields"), ("0", "out of range"), ("foo:1080", "must be an IP address"),
+])
+def test_parse_socks_errors(text, fragment):
+    with pytest.raises(SpecError) as ei:
+        parse_socks(text)
+    assert fragment in str(ei.value)
+
+
+def test_socks_default_bind_is_the_configured_one():
+    assert parse_socks("1080", default_bind="::1")[0].bind_host == "::1"
+    assert parse_any("-D 1080", default_bind="::1")[0].bind_host == "::1"
+    # the server-side default of a remote forward is not the local default bind
+    assert parse_any("-R 9000:localhost:80", default_bind="::1")[0].bind_host == L
+
+
+@pytest.mark.parametrize("text,canonical", [
+    ("-R 9000:localhost:8000", "-R 9000:localhost:8000"),
+    ("-R9000:localhost:8000", "-R 9000:localhost:8000"),
+    ("-R   localhost:9000:node:1", "-R 9000:node:1"),
+    ("-R 0.0.0.0:9000:127.0.0.2:80", "-R 0.0.0.0:9000:127.0.0.2:80"),
+    ("-R [::1]:9000:[::1]:80", "-R [::1]:9000:[::1]:80"),
+    ("-D 1080", "-D 1080"),
+    ("-D1080", "-D 1080"),
+    ("-D 127.0.0.1:1080", "-D 1080"),
+    ("-D *:1080", "-D 0.0.0.0:1080"),
+    ("-D [::1]:1080", "-D [::1]:1080"),
+    ("8090", "8090"),
+    ("18090:node42:8090", "18090:node42:8090"),
+])
+def test_parse_any_and_canonical_strings(text, canonical):
+    (s,) = parse_any(text)
+    assert str(s) == canonical
+    assert parse_any(str(s)) == [s]
+
+
+def test_kinds_of_the_same_ports_are_different_forwards():
+    (local,) = parse_any("9000:localhost:9000")
+    (remote,) = parse_any("-R 9000:localhost:9000")
+    assert local != remote and len({local, remote}) == 2
+    assert (local.kind, remote.kind) == ("local", "remote")
+    # the local form's string is unchanged (design.md §4: "spec": "8090")
+    assert str(parse_any("8090")[0]) == "8090"
+
+
+def test_parse_any_unknown_option():
+    with pytest.raises(SpecError) as ei:
+        parse_any("-L 8090:localhost:8090")
+    assert "-R" in str(ei.value) and "-D" in str(ei.value)
+
+
+def test_parse_all_reads_every_kind_and_dedups():
+    specs = parse_all(["8090", "-R 9000:localhost:80", "-D 1080", "-R9000:localhost:80"])
+    assert [(s.kind, s.bind_port) for s in specs] == [("local", 8090), ("remote", 9000),
+                                                      ("socks", 1080)]
+
+
+def test_public_remote_and_socks():
+    assert parse_any("-R 0.0.0.0:9000:localhost:80")[0].is_public
+    assert not parse_any("-R 9000:localhost:80")[0].is_public
+    assert parse_any("-D *:1080")[0].is_public
+    assert not parse_any("-D 1080")[0].is_public
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="-RD 0123456789:*[].abclhost", max_size=40))
+def test_parse_any_raises_only_spec_error_and_round_trips(text):
+    try:
+        specs = parse_any(text)
+    except SpecError:
+        return
+    for s in specs[:5]:
+        assert s.kind in ("local", "remote", "socks")
+        assert parse_any(str(s)) == [s]

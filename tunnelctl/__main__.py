@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 from tunneld import __version__, paths, wire
 
@@ -25,7 +25,7 @@ START_TIMEOUT = 15.0
 #: seconds to wait for a stopped daemon to exit
 STOP_TIMEOUT = 20.0
 #: verbs that run in the client itself → the wire command they send (house rule 8)
-LOCAL_VERBS = {"watch": "open", "ssh": "open"}
+LOCAL_VERBS = {"watch": "open", "ssh": "open", "service": "status", "completion": "list"}
 
 
 class Unreachable(Exception):
@@ -115,14 +115,22 @@ def _write_output(text: str) -> None:
     sys.stdout.flush()
 
 
-def call(cmd: str, autostart: bool = True, **args: Any) -> Any:
-    """Send one request, print progress lines (messages to stderr, session output to stdout),
-    return the result or raise."""
+def call(cmd: str, autostart: bool = True,
+         on_progress: Callable[[dict[str, Any]], None] | None = None, **args: Any) -> Any:
+    """Send one request, print progress lines (messages to stderr, session output to stdout;
+    ``on_progress`` gets every progress line too), return the result or raise."""
     with open_socket(autostart) as s:
-        s.sendall(wire.encode(wire.request(cmd, **args)))
+        try:
+            s.sendall(wire.encode(wire.request(cmd, **args)))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the daemon already closed (it refused us): its reply is still readable
         f = s.makefile("rb")
         while True:
-            line = f.readline(wire.MAX_LINE + 1)
+            try:
+                line = f.readline(wire.MAX_LINE + 1)
+            except OSError as exc:
+                raise Unreachable(f"lost the connection to tunneld ({exc.strerror or exc}); "
+                                  f"see {paths.log_file()}") from None
             if not line:
                 raise Unreachable("tunneld closed the connection without answering; see "
                                   f"{paths.log_file()}")
@@ -132,6 +140,8 @@ def call(cmd: str, autostart: bool = True, **args: Any) -> Any:
                 raise Unreachable(f"tunneld sent a reply tunnelctl cannot read ({exc})") \
                     from None
             if not wire.is_final(msg):
+                if on_progress is not None:
+                    on_progress(msg)
                 if "message" in msg:
                     print(msg["message"], file=sys.stderr)
                 if "output" in msg:
@@ -191,7 +201,12 @@ def print_list(data: dict[str, Any]) -> None:
             print(f"  ! {h['last_error']}")
         rows = [("SPEC", "LISTEN", "TARGET", "STATE", "ACTIVE", "TOTAL", "IN", "OUT")]
         for f in h.get("forwards", []):
-            rows.append((f["spec"], f["listen"], f["target"], f["state"], str(f["active"]),
+            listen, target = f["listen"], f["target"]
+            if f.get("kind") == "remote":  # the server listens; the target is reached from here
+                listen, target = f"{h['name']}:{listen}", f"here:{target}"
+            elif f.get("kind") == "socks":
+                target = f"SOCKS via {h['name']}"
+            rows.append((f["spec"], listen, target, f["state"], str(f["active"]),
                          str(f["total"]), _size(f["bytes_in"]), _size(f["bytes_out"])))
         _table(rows, indent="  ")
         for f in h.get("forwards", []):
@@ -202,11 +217,26 @@ def print_list(data: dict[str, Any]) -> None:
 # -- commands ----------------------------------------------------------------------------------
 
 def cmd_add(a: argparse.Namespace) -> int:
-    r = call("add", host=a.host, specs=a.specs, public=a.public)
+    if not (a.specs or a.remote or a.socks):
+        print("usage: tunnelctl add HOST [SPEC...] [-R SPEC]... [-D [BIND:]PORT]... "
+              "[--public]\ntunnelctl add: error: name at least one forward: SPEC (e.g. 8090), "
+              "-R SPEC (e.g. -R 9000:localhost:8000) or -D [BIND:]PORT (e.g. -D 1080)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    args: dict[str, Any] = {"specs": a.specs}
+    if a.remote:
+        args["remote"] = a.remote
+    if a.socks:
+        args["socks"] = a.socks
+    r = call("add", host=a.host, public=a.public, **args)
     if r["added"]:
-        print(f"{a.host}: added {' '.join(r['added'])}")
+        print(f"{a.host}: added {', '.join(r['added'])}")
     for s in r.get("existing", []):
         print(f"{a.host}: {s} is already forwarded (nothing to do)")
+    if r.get("state") == "connected":
+        for f in r.get("forwards", []):
+            if f.get("last_error"):
+                print(f"tunnelctl: warning: {f['spec']}: {f['last_error']}", file=sys.stderr)
     if r.get("state") and r["state"] != "connected":
         print(f"tunnelctl: warning: {a.host} is {r['state']}"
               + (f": {r['last_error']}" if r.get("last_error") else "")
@@ -216,8 +246,13 @@ def cmd_add(a: argparse.Namespace) -> int:
 
 
 def cmd_remove(a: argparse.Namespace) -> int:
-    r = call("remove", host=a.host, specs=a.specs)
-    print(f"{a.host}: removed {' '.join(r['removed'])}")
+    args: dict[str, Any] = {"specs": a.specs}
+    if a.remote:
+        args["remote"] = a.remote
+    if a.socks:
+        args["socks"] = a.socks
+    r = call("remove", host=a.host, **args)
+    print(f"{a.host}: removed {', '.join(r['removed'])}")
     if r.get("note"):
         print(f"tunnelctl: note: {r['note']}", file=sys.stderr)
     return EXIT_OK
@@ -257,20 +292,30 @@ def _lock_free() -> bool:
         return True
 
 
-def cmd_stop(a: argparse.Namespace) -> int:
+def stop_daemon() -> int | None:
+    """Stop a running daemon and wait until it has exited: its pid, or None if none ran."""
     try:
         r = call("stop", autostart=False)
     except Unreachable:
-        print("tunneld is not running")
-        return EXIT_OK
+        return None
     pid = int(r["pid"])
-    deadline = time.monotonic() + STOP_TIMEOUT
+    # the daemon lets open connections finish for up to r["drain"] seconds
+    limit = STOP_TIMEOUT + float(r.get("drain") or 0)
+    deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if _lock_free():
-            print(f"tunneld stopped (pid {pid})")
-            return EXIT_OK
+            return pid
         time.sleep(0.02)
-    raise Failed(f"tunneld (pid {pid}) did not exit within {STOP_TIMEOUT:g}s")
+    raise Failed(f"tunneld (pid {pid}) did not exit within {limit:g}s")
+
+
+def cmd_stop(a: argparse.Namespace) -> int:
+    pid = stop_daemon()
+    if pid is None:
+        print("tunneld is not running")
+    else:
+        print(f"tunneld stopped (pid {pid})")
+    return EXIT_OK
 
 
 def cmd_reconnect(a: argparse.Namespace) -> int:
@@ -348,7 +393,128 @@ def cmd_sessions(a: argparse.Namespace) -> int:
 
 
 def cmd_logs(a: argparse.Namespace) -> int:
+    if a.daemon:
+        if a.session is not None:
+            print("tunnelctl logs: --daemon shows the daemon's own log; give no SESSION",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        from tunnelctl import daemonlog
+        return daemonlog.show(paths.log_file(), None if a.all else a.lines, a.follow)
+    if a.session is None:
+        print("tunnelctl logs: name a SESSION (`tunnelctl sessions` lists them), or pass "
+              "--daemon for the daemon's log", file=sys.stderr)
+        return EXIT_USAGE
     call("logs", name=a.session, follow=a.follow, all=a.all)
+    return EXIT_OK
+
+
+def cmd_reload(a: argparse.Namespace) -> int:
+    r = call("reload", autostart=False)
+    print(f"config reloaded: added {' '.join(r['added']) or 'nothing'}; removed "
+          f"{' '.join(r['removed']) or 'nothing'}; {r['unchanged']} unchanged")
+    for text in r.get("existing", []):
+        print(f"tunnelctl: note: {text} was already forwarded (added with `tunnelctl add`); "
+              "left as it is", file=sys.stderr)
+    for f in r.get("failed", []):
+        print(f"tunnelctl: {f['host']} {f['spec']}: {f['error']}", file=sys.stderr)
+    return EXIT_FAILED if r.get("failed") else EXIT_OK
+
+
+def _clock(iso: str) -> str:
+    """An event's UTC time as local HH:MM:SS."""
+    import calendar
+    try:
+        t = calendar.timegm(time.strptime(iso[:19], "%Y-%m-%dT%H:%M:%S"))
+    except (TypeError, ValueError):
+        return "--:--:--"
+    return time.strftime("%H:%M:%S", time.localtime(t))
+
+
+def format_event(ev: dict[str, Any]) -> str:
+    """One event as one line for a person: ``21:00:03 barhal: connecting -> connected``."""
+    kind, host = ev.get("kind"), ev.get("host")
+    head = f"{_clock(ev.get('time', ''))} {host or 'tunneld'}:"
+    if kind == "host":
+        why = f" ({ev['error']})" if ev.get("error") else ""
+        return f"{head} {ev.get('old')} -> {ev.get('new')}{why}"
+    if kind == "forward":
+        if ev.get("event") == "state":
+            return f"{head} forward {ev.get('spec')}: {ev.get('old')} -> {ev.get('new')}"
+        return f"{head} forward {ev.get('spec')} {ev.get('event')} ({ev.get('origin')})"
+    if kind == "session":
+        if ev.get("event") == "ended":
+            how = ev.get("state")
+            if ev.get("exit_status") is not None:
+                how = f"{how}, exit status {ev['exit_status']}"
+            return f"{head} session {ev.get('name')} ended ({how})"
+        return f"{head} session {ev.get('name')} {ev.get('event')}"
+    if kind == "open":
+        src = f" ({ev['source']})" if ev.get("source") else ""
+        return f"{head} opened {ev.get('url')}{src}"
+    if kind == "daemon":
+        if ev.get("event") == "reloaded":
+            return (f"{head} config reloaded (added {' '.join(ev.get('added') or []) or '-'}"
+                    f"; removed {' '.join(ev.get('removed') or []) or '-'})")
+        return f"{head} {ev.get('event')}"
+    return f"{head} {kind} " + json.dumps({k: v for k, v in ev.items()
+                                           if k not in ("time", "kind", "host")})
+
+
+def cmd_events(a: argparse.Namespace) -> int:
+    def show(msg: dict[str, Any]) -> None:
+        if msg.get("subscribed"):
+            print("tunnelctl: events: watching (^C ends)", file=sys.stderr, flush=True)
+        ev = msg.get("event")
+        if isinstance(ev, dict):
+            print(json.dumps(ev) if a.json else format_event(ev), flush=True)
+    try:
+        r = call("events", autostart=False, on_progress=show)
+    except KeyboardInterrupt:
+        return EXIT_OK  # the usual way to end the stream
+    print(f"tunnelctl: events: {r.get('ended', 'the stream ended')}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _daemon_status() -> dict[str, Any] | None:
+    try:
+        return call("status", autostart=False)
+    except (Unreachable, Failed):
+        return None
+
+
+def _stop_for_service() -> str | None:
+    pid = stop_daemon()
+    if pid is None:
+        return None
+    return (f"stopped the tunneld that was running (pid {pid}) so that the service runs it; "
+            "its forwards are saved")
+
+
+def cmd_service(a: argparse.Namespace) -> int:
+    from tunnelctl import service
+    manager = a.manager or service.default_manager()
+    if a.action == "install":
+        return service.install(manager, a.dry_run, _stop_for_service)
+    if a.action == "uninstall":
+        return service.uninstall(manager, a.dry_run)
+    return service.status(manager, _daemon_status)
+
+
+def cmd_completion(a: argparse.Namespace) -> int:
+    from tunnelctl import completion
+    if a.names:
+        return completion.print_names(a.names)
+    if a.shell is None:
+        print("tunnelctl completion: name a shell: bash or zsh", file=sys.stderr)
+        return EXIT_USAGE
+    sub = next(x for x in build_parser()._actions
+               if isinstance(x, argparse._SubParsersAction))
+    helps = {c.dest: c.help or "" for c in sub._choices_actions}
+    commands = {name: (helps.get(name, ""),
+                       sorted(o for act in p._actions for o in act.option_strings
+                              if act.help != argparse.SUPPRESS))
+                for name, p in sub.choices.items()}
+    sys.stdout.write(completion.render(a.shell, commands))
     return EXIT_OK
 
 
@@ -392,17 +558,32 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"tunnelctl {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("add", help="add local forwards to a host")
+    p = sub.add_parser("add", help="add forwards to a host (local, -R remote, -D SOCKS)",
+                       usage="tunnelctl add HOST [SPEC...] [-R SPEC]... [-D [BIND:]PORT]... "
+                             "[--public]")
     p.add_argument("host", help="host alias from ~/.ssh/config, or a host name")
-    p.add_argument("specs", nargs="+", metavar="SPEC",
+    p.add_argument("specs", nargs="*", metavar="SPEC",
                    help="PORT, A-B, LPORT:RPORT, LPORT:RHOST:RPORT, BIND:LPORT:RHOST:RPORT")
+    p.add_argument("-R", dest="remote", action="append", default=[], metavar="SPEC",
+                   help="remote forward: the server listens on [RBIND:]RPORT (default "
+                        "127.0.0.1) and connects back to LHOST:LPORT from here; "
+                        "[RBIND:]RPORT:LHOST:LPORT, ranges allowed")
+    p.add_argument("-D", dest="socks", action="append", default=[], metavar="[BIND:]PORT",
+                   help="SOCKS5/4a proxy on a local port; host names are resolved by the "
+                        "server")
     p.add_argument("--public", action="store_true",
-                   help="allow binding a non-loopback address (reachable from other machines)")
+                   help="allow a non-loopback listen address (reachable from other machines)")
     p.set_defaults(func=cmd_add)
 
-    p = sub.add_parser("remove", help="remove forwards (all of HOST's with no SPEC)")
+    p = sub.add_parser("remove", help="remove forwards (all of HOST's with no SPEC)",
+                       usage="tunnelctl remove HOST [SPEC...] [-R SPEC|RPORT]... "
+                             "[-D [BIND:]PORT]...")
     p.add_argument("host")
     p.add_argument("specs", nargs="*", metavar="SPEC")
+    p.add_argument("-R", dest="remote", action="append", default=[], metavar="SPEC",
+                   help="a remote forward, by its spec or its remote port")
+    p.add_argument("-D", dest="socks", action="append", default=[], metavar="[BIND:]PORT",
+                   help="a SOCKS proxy")
     p.set_defaults(func=cmd_remove)
 
     p = sub.add_parser("list", help="hosts and forwards with state and counters")
@@ -436,10 +617,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sessions)
 
-    p = sub.add_parser("logs", help="a session's output")
-    p.add_argument("session")
-    p.add_argument("-f", "--follow", action="store_true", help="keep streaming until it ends")
+    p = sub.add_parser("logs", help="a session's output, or the daemon's log (--daemon)",
+                       usage="tunnelctl logs SESSION [-f] [--all] | "
+                             "tunnelctl logs --daemon [-f] [-n N] [--all]")
+    p.add_argument("session", nargs="?")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="keep streaming (a session: until it ends; --daemon: until ^C)")
     p.add_argument("--all", action="store_true", help="the whole log, not only its tail")
+    p.add_argument("--daemon", action="store_true",
+                   help=f"the daemon's own log ({paths.log_file()}); works without a daemon")
+    p.add_argument("-n", "--lines", type=int, default=50, metavar="N",
+                   help="with --daemon: how many lines of its tail (default 50)")
     p.set_defaults(func=cmd_logs)
 
     p = sub.add_parser("kill", help="stop a session's remote process and all its children")
@@ -460,6 +648,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("host")
     p.add_argument("ssh_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_ssh)
+
+    p = sub.add_parser("reload", help="re-read the config; unchanged forwards are not touched")
+    p.set_defaults(func=cmd_reload)
+
+    p = sub.add_parser("events", help="stream state changes as lines until interrupted")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_events)
+
+    p = sub.add_parser("service", help="start tunneld at login (systemd user unit / launchd "
+                                       "agent)")
+    p.add_argument("action", choices=["install", "uninstall", "status"])
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the file and the commands; change nothing")
+    p.add_argument("--manager", choices=["systemd", "launchd"],
+                   help="service manager (default: this system's)")
+    p.set_defaults(func=cmd_service)
+
+    p = sub.add_parser("completion", help="print a shell completion script (bash or zsh)")
+    p.add_argument("shell", nargs="?", choices=["bash", "zsh"])
+    p.add_argument("--names", choices=["hosts", "sessions"], help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_completion)
     return ap
 
 
@@ -476,7 +685,15 @@ def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     argv, command = _split_command(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `add HOST 8090 -R … 8091`: argparse takes positionals only before the first option
+        if getattr(args, "func", None) in (cmd_add, cmd_remove) and \
+                not any(x.startswith("-") for x in extra):
+            args.specs = list(args.specs) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if command is not None:
         args.command = command
     try:

@@ -56,6 +56,8 @@ class Defaults(_Strict):
     browser: list[str] | str | None = None
     #: seconds to wait for a marker's remote port to accept connections before opening
     ready_timeout: float = Field(60.0, gt=0, le=3600)
+    #: seconds a stopping daemon lets open connections finish (listeners close at once)
+    stop_timeout: float = Field(10.0, ge=0, le=600)
 
     @field_validator("bind")
     @classmethod
@@ -148,10 +150,16 @@ def load_config(path: Path) -> Config:
         return Config()
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+                          f"at offset {exc.start}); TOML files must be UTF-8") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: arrays or tables nested too deeply") from None
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
@@ -189,7 +197,9 @@ def load_state(path: Path) -> StateFile:
         for host, texts in state.hosts.items():
             specmod.parse_all(texts)
         return state
-    except (ValueError, ValidationError, SpecError) as exc:
+    except (ValueError, ValidationError, SpecError, RecursionError) as exc:
+        if isinstance(exc, RecursionError):
+            exc = ValueError("nested too deeply")
         stamp = time.strftime("%Y%m%dT%H%M%S")
         aside = path.with_name(f"{path.name}.corrupt-{stamp}")
         n = 1

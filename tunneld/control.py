@@ -29,6 +29,12 @@ Handler = Callable[[dict[str, Any], Emit], Awaitable[Any]]
 OUTPUT_CHUNK = 32 * 1024
 #: a limit: bytes of a session log sent by `logs` without --all
 LOGS_TAIL = 256 * 1024
+#: a limit: seconds a refused peer (another uid) is read from before its connection closes
+REFUSE_GRACE = 1.0
+#: seconds between keep-alive lines on a quiet event stream (a gone client is noticed)
+EVENTS_HEARTBEAT = 15.0
+#: seconds an ended event stream gets to deliver its final line when the daemon stops
+STREAM_END_GRACE = 1.0
 
 
 def peer_uid(sock: socket.socket) -> int | None:
@@ -56,19 +62,25 @@ def _open_fds() -> int | None:
 
 
 class ControlServer:
-    def __init__(self, manager: Manager, path: Path, on_stop: Callable[[], None]):
+    def __init__(self, manager: Manager, path: Path, on_stop: Callable[[], None],
+                 on_reload: Callable[[str], Awaitable[Any]] | None = None):
         self.manager = manager
         self.path = path
         self.on_stop = on_stop
+        #: re-reads the config and applies it (the daemon's); None: reload is not offered
+        self.on_reload = on_reload
         self.started = time.time()
         self._server: asyncio.base_events.Server | None = None
         #: tasks serving connected clients; cancelled by close()
         self._clients: set[asyncio.Task[Any]] = set()
+        #: the subset of those that streamed events (close() lets them say goodbye first)
+        self._streams: set[asyncio.Task[Any]] = set()
         self.handlers: dict[str, Handler] = {
             "add": self._add, "remove": self._remove, "list": self._list,
             "status": self._status, "stop": self._stop, "reconnect": self._reconnect,
             "run": self._run, "sessions": self._sessions, "logs": self._logs,
-            "kill": self._kill, "open": self._open,
+            "kill": self._kill, "open": self._open, "reload": self._reload,
+            "events": self._events,
         }
         assert set(self.handlers) <= wire.COMMANDS
 
@@ -89,6 +101,9 @@ class ControlServer:
                 self.path.unlink()
             except FileNotFoundError:
                 pass
+        streams = [t for t in self._streams if t in self._clients]
+        if streams:
+            await asyncio.wait(streams, timeout=STREAM_END_GRACE)
         clients = [t for t in self._clients if t is not asyncio.current_task()]
         for t in clients:
             t.cancel()
@@ -107,6 +122,12 @@ class ControlServer:
                             "control this daemon)", uid, os.getuid())
                 await self._send(writer, wire.error(__version__, ProtocolError(
                     f"permission denied: this tunneld belongs to uid {os.getuid()}")))
+                # take (and ignore) what the client sends for a moment, so that its request
+                # write does not fail with EPIPE before it reads the refusal
+                try:
+                    await asyncio.wait_for(reader.read(wire.MAX_LINE), REFUSE_GRACE)
+                except (asyncio.TimeoutError, ValueError):
+                    pass
                 return
             while True:
                 try:
@@ -141,7 +162,9 @@ class ControlServer:
         try:
             cmd, args = wire.parse_request(wire.decode(line))
             result = await self.handlers[cmd](args, emit)
-            return wire.ok(__version__, result)
+            reply = wire.ok(__version__, result)
+            wire.encode(reply)  # one that cannot go on the wire is an error reply, not a crash
+            return reply
         except TunneldError as exc:
             return wire.error(__version__, exc)
         except Exception as exc:  # a bug: report it, keep serving
@@ -153,10 +176,13 @@ class ControlServer:
 
     async def _add(self, args: dict[str, Any], emit: Emit) -> Any:
         return await self.manager.add(args.get("host"), args.get("specs"),
-                                      public=bool(args.get("public", False)))
+                                      public=bool(args.get("public", False)),
+                                      remote=args.get("remote"), socks=args.get("socks"))
 
     async def _remove(self, args: dict[str, Any], emit: Emit) -> Any:
-        return await self.manager.remove(args.get("host"), args.get("specs") or None)
+        return await self.manager.remove(args.get("host"), args.get("specs") or None,
+                                         remote=args.get("remote") or None,
+                                         socks=args.get("socks") or None)
 
     async def _list(self, args: dict[str, Any], emit: Emit) -> Any:
         return self.manager.snapshot()
@@ -171,7 +197,9 @@ class ControlServer:
 
     async def _stop(self, args: dict[str, Any], emit: Emit) -> Any:
         asyncio.get_running_loop().call_soon(self.on_stop)
-        return {"stopping": True, "pid": os.getpid()}
+        # open connections get up to "drain" seconds to finish before the daemon exits
+        return {"stopping": True, "pid": os.getpid(),
+                "drain": self.manager.config.defaults.stop_timeout}
 
     async def _reconnect(self, args: dict[str, Any], emit: Emit) -> Any:
         host = args.get("host")
@@ -241,3 +269,34 @@ class ControlServer:
             if queue is not None:
                 sess.unfollow(queue)
         return sess.snapshot()
+
+    async def _reload(self, args: dict[str, Any], emit: Emit) -> Any:
+        if self.on_reload is None:
+            raise UsageError("this daemon cannot reload its config; restart it")
+        return await self.on_reload("tunnelctl reload")
+
+    async def _events(self, args: dict[str, Any], emit: Emit) -> Any:
+        """Stream state changes as ``{"event": {...}}`` progress lines until the client goes
+        away or the daemon stops (then the final reply says why the stream ended).  A quiet
+        stream gets ``{"heartbeat": true}`` lines every ``EVENTS_HEARTBEAT`` s."""
+        sub = self.manager.events.subscribe()
+        task = asyncio.current_task()
+        if task is not None:
+            self._streams.add(task)
+            task.add_done_callback(self._streams.discard)
+        try:
+            await emit({"subscribed": True})
+            while True:
+                try:
+                    event = await asyncio.wait_for(sub.get(), EVENTS_HEARTBEAT)
+                except asyncio.TimeoutError:
+                    await emit({"heartbeat": True})
+                    continue
+                if event is None:
+                    break
+                await emit({"event": event})
+        finally:
+            sub.close()
+        if sub.dropped:
+            raise TunneldError(sub.dropped)
+        return {"ended": "the daemon is stopping"}

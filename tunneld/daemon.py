@@ -11,13 +11,14 @@ import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from . import __version__, paths
-from .config import Config
+from .config import Config, load_config
 from .control import ControlServer
-from .errors import DaemonUnavailable
+from .errors import ConfigError, DaemonUnavailable, TunneldError
 from .manager import Manager
 
 log = logging.getLogger("tunneld")
@@ -49,6 +50,19 @@ def setup_logging(level: str = "INFO", to_file: bool = True) -> None:
     log.setLevel(level)
     logging.getLogger("asyncssh").setLevel(logging.DEBUG if level == "DEBUG" else
                                            logging.WARNING)
+
+
+def loop_exception_handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """Expected network errors nobody waited for go to DEBUG, not an ERROR with a traceback.
+
+    Under uvloop, cancelling ``asyncssh.connect`` while it resolves the host name (a host
+    removed or stopped mid-connect) leaves the resolver's future to fail alone with
+    ``gaierror``: "Future exception was never retrieved".  Anything else: the default."""
+    exc = context.get("exception")
+    if isinstance(exc, OSError) and "never retrieved" in str(context.get("message", "")):
+        log.debug("unawaited network error (a cancelled connect): %s", exc)
+        return
+    loop.default_exception_handler(context)
 
 
 def sd_notify(message: str) -> None:
@@ -107,11 +121,52 @@ class Daemon:
         self.config = config
         self.socket_path = socket_path
         self.manager = Manager(config, state_path)
-        self.control = ControlServer(self.manager, socket_path, self.request_stop)
+        self.control = ControlServer(self.manager, socket_path, self.request_stop,
+                                     self.reload)
         self._stop = asyncio.Event()
+        #: reloads started by SIGHUP and not finished yet
+        self._reloads: set[asyncio.Task[Any]] = set()
+        #: True once the saved forwards are restored; a SIGHUP before that waits for it
+        self._ready = False
+        self._hup_pending = False
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    async def reload(self, why: str) -> dict[str, Any]:
+        """Re-read config.toml and apply it (``Manager.reload``).  A config with errors is
+        rejected (the error is raised and logged) and the running one stays.  systemd hears
+        RELOADING=1 … READY=1 around it either way."""
+        path = paths.config_file()
+        log.info("reloading %s (%s)", path, why)
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            try:
+                config = load_config(path)
+            except ConfigError as exc:
+                raise ConfigError(f"{exc} (not reloaded: the running config stays)") from None
+            result = await self.manager.reload(config)
+            self.config = config
+            return result
+        except TunneldError as exc:
+            log.error("reload rejected: %s", exc)
+            raise
+        finally:
+            sd_notify("READY=1")
+
+    def _reload_on_signal(self) -> None:
+        if not self._ready:
+            self._hup_pending = True
+            return
+
+        async def run() -> None:
+            try:
+                await self.reload("SIGHUP")
+            except TunneldError:
+                pass  # logged by reload()
+        task = asyncio.get_running_loop().create_task(run())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
 
     async def run(self, on_ready: Callable[[], None] | None = None) -> int:
         paths.ensure_private_dir(self.socket_path.parent)
@@ -119,24 +174,34 @@ class Daemon:
         try:
             clear_stale_socket(self.socket_path)
             loop = asyncio.get_running_loop()
+            loop.set_exception_handler(loop_exception_handler)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
             # SIGUSR1: the network changed (a hook can send it): check every link now
             loop.add_signal_handler(signal.SIGUSR1, self.manager.check_liveness, "SIGUSR1")
+            # SIGHUP: re-read the config (what `systemctl reload` and `tunnelctl reload` do)
+            loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
             await self.control.start()
             await self.manager.restore()
             clock = asyncio.get_running_loop().create_task(self.manager.watch_clock())
             log.info("tunneld %s ready (pid %d, socket %s)", __version__, os.getpid(),
                      self.socket_path)
             sd_notify("READY=1")
+            self._ready = True
+            if self._hup_pending:
+                self._reload_on_signal()
             if on_ready:
                 on_ready()
             await self._stop.wait()
             log.info("stopping")
             sd_notify("STOPPING=1")
             clock.cancel()
+            self.manager.events.publish("daemon", event="stopping")
+            self.manager.events.close()
             await self.control.close()
-            await self.manager.close()
+            for task in list(self._reloads):
+                task.cancel()
+            await self.manager.shutdown(self.config.defaults.stop_timeout)
             log.info("stopped")
             return 0
         finally:

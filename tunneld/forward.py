@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from .errors import BindError, TunneldError
-from .spec import ForwardSpec
+from .spec import ForwardSpec, join_host_port
 from .state import ForwardState, check_forward, forward_state_for
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ class LocalForward:
         family = socket.AF_INET6 if ":" in self.spec.bind_host else socket.AF_INET
         try:
             self._server = await loop.create_server(
-                lambda: _LocalProtocol(self), self.spec.bind_host, self.spec.bind_port,
+                self._protocol, self.spec.bind_host, self.spec.bind_port,
                 family=family, reuse_address=True, backlog=LISTEN_BACKLOG)
         except OSError as exc:
             raise BindError(bind_error_message(self.spec, exc)) from None
@@ -85,6 +85,10 @@ class LocalForward:
             self.spec = dataclasses.replace(self.spec, bind_port=port)
         self.state = ForwardState.WAITING
         self.follow_host()
+
+    def _protocol(self) -> "_LocalProtocol":
+        """A protocol for one accepted client (a subclass serves another protocol)."""
+        return _LocalProtocol(self)
 
     def follow_host(self) -> None:
         """Set this forward's state from its host's (called on every host transition)."""
@@ -149,7 +153,7 @@ class _LocalProtocol(asyncio.Protocol):
             self.peer = f"{peer[0]}:{peer[1]}"
         self.fwd.conns.add(self)
         self.fwd.total += 1
-        self._opener = asyncio.get_running_loop().create_task(self._open())
+        self._begin()
 
     def data_received(self, data: bytes) -> None:
         chan = self.channel
@@ -204,36 +208,56 @@ class _LocalProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    # hooks for a subclass (socks_forward): where to connect, and what the client is told
+
+    def _begin(self) -> None:
+        """Start serving the client that just connected: open its channel now."""
+        self._opener = asyncio.get_running_loop().create_task(self._open())
+
+    def _target(self) -> tuple[str, int]:
+        """Where the server connects this client to."""
+        return self.fwd.spec.target_host, self.fwd.spec.target_port
+
+    def _refuse(self, exc: Exception) -> None:
+        """The channel could not be opened (already logged): end the client."""
+        self.abort()
+
+    def _granted(self) -> None:
+        """The channel is open and ``channel`` set; ``pending`` is sent next."""
+
     async def _open(self) -> None:
         fwd, spec = self.fwd, self.fwd.spec
+        host, port = self._target()
+        target = join_host_port(host, port)
         try:
             conn = await fwd.host.connection_for_client()
             chan, _ = await conn.create_connection(
-                lambda: _ChannelSession(self), spec.target_host, spec.target_port,
+                lambda: _ChannelSession(self), host, port,
                 *_orig(self.transport), window=CHANNEL_WINDOW,
                 max_pktsize=CHANNEL_MAX_PKTSIZE)
         except asyncio.CancelledError:
             return
         except asyncssh.ChannelOpenError as exc:
-            fwd.fail(f"{spec.listen} -> {spec.target}: the server could not open the "
+            fwd.fail(f"{spec.listen} -> {target}: the server could not open the "
                      f"connection ({exc.reason or 'refused'}); is anything listening on "
-                     f"{spec.target} on the server? The forward stays open.")
-            self.abort()
+                     f"{target} on the server? The forward stays open.")
+            self._refuse(exc)
             return
         except TunneldError as exc:
             fwd.fail(f"{spec.listen}: closed client {self.peer}: {exc}")
-            self.abort()
+            self._refuse(exc)
             return
         except (OSError, asyncssh.Error) as exc:
             fwd.fail(f"{spec.listen}: closed client {self.peer}: the connection to the server "
                      f"failed ({exc})")
-            self.abort()
+            self._refuse(exc)
             return
         if self.closed:
             chan.close()
             return
         chan.set_write_buffer_limits(CHANNEL_HIGH_WATER)
         self.channel = chan
+        self._granted()
         if self.pending:
             data = b"".join(self.pending)
             self.pending.clear()
@@ -295,13 +319,18 @@ def bind_error_message(spec: ForwardSpec, exc: OSError) -> str:
     if exc.errno == errno.EADDRINUSE:
         holder = who_listens(spec.bind_port)
         by = f" by {holder}" if holder else " by another program"
+        alt = spec.bind_port + 10000
+        other = (f"-D {alt}" if spec.kind == "socks" else
+                 f"{alt}:{spec.target_host}:{spec.target_port}")
         return (f"cannot listen on {where}: the port is already in use{by}; choose another "
-                f"local port (e.g. 1{spec.bind_port}:{spec.target_host}:{spec.target_port})"
+                f"local port (e.g. {other})"
                 if spec.bind_port < 55536 else
                 f"cannot listen on {where}: the port is already in use{by}")
     if exc.errno == errno.EACCES and spec.bind_port < 1024:
+        other = (f"-D 1{spec.bind_port:04d}" if spec.kind == "socks" else
+                 f"1{spec.bind_port:04d}:{spec.target}")
         return (f"cannot listen on {where}: ports below 1024 are privileged; use a port of "
-                f"1024 or more (e.g. 1{spec.bind_port:04d}:{spec.target})")
+                f"1024 or more (e.g. {other})")
     if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
         return (f"cannot listen on {where}: {spec.bind_host} is not an address of this "
                 "machine")

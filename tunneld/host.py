@@ -19,6 +19,7 @@ import asyncssh
 
 from .config import Defaults
 from .errors import AuthError, ConfigError, ConnectError, HostKeyError, TunneldError
+from .events import EventHub
 from .forward import LocalForward
 from .spec import ForwardSpec
 from .state import Backoff, HostState, check_host
@@ -39,11 +40,19 @@ LIVENESS_WINDOW = 15.0
 
 
 class _Client(asyncssh.SSHClient):
-    """Records why the connection ended."""
+    """Records why the connection ended, and the host key a server offered that known_hosts
+    does not trust (for the error message; it is never accepted)."""
 
     def __init__(self) -> None:
         self.lost: asyncio.Future[Exception | None] = \
             asyncio.get_running_loop().create_future()
+        #: "ssh-ed25519 SHA256:…" of an untrusted host key the server offered, if any
+        self.offered_key: str | None = None
+
+    def validate_host_public_key(self, host: str, addr: str, port: int,
+                                 key: asyncssh.SSHKey) -> bool:
+        self.offered_key = f"{key.get_algorithm()} {key.get_fingerprint()}"
+        return False   # known_hosts alone decides; there is no trust on first use
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
@@ -52,10 +61,14 @@ class _Client(asyncssh.SSHClient):
 
 class HostSupervisor:
     def __init__(self, name: str, settings: Defaults,
-                 on_change: Callable[["HostSupervisor"], None] | None = None):
+                 on_change: Callable[["HostSupervisor"], None] | None = None,
+                 events: EventHub | None = None):
         self.name = name
+        #: defaults for the next connection and the next held client (a reload replaces it)
         self.settings = settings
         self.on_change = on_change
+        #: where transitions of this host and of its forwards are published (None: nowhere)
+        self.events = events
         self.state = HostState.STOPPED
         #: wall-clock time of the last transition (shown as "since")
         self.since = time.time()
@@ -99,8 +112,17 @@ class HostSupervisor:
         level = logging.INFO if new in (HostState.CONNECTING, HostState.CONNECTED,
                                         HostState.STOPPED) else logging.WARNING
         log.log(level, "%s: %s -> %s%s", self.name, old, new, suffix)
+        before = [(fwd, fwd.state) for fwd in self.forwards.values()]
         for fwd in self.forwards.values():
             fwd.follow_host()
+        if self.events is not None:
+            self.events.publish("host", host=self.name, old=old.value, new=new.value,
+                                error=why)
+            for fwd, was in before:
+                if fwd.state is not was:
+                    self.events.publish("forward", host=self.name, spec=str(fwd.spec),
+                                        event="state", origin=fwd.origin, old=was.value,
+                                        new=fwd.state.value)
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
         if self.on_change:
@@ -306,12 +328,15 @@ class HostSupervisor:
             for h in reversed(hops):
                 h.close()
             if isinstance(exc, Exception):
-                raise self._map_error(exc, options, target) from None
+                offered = client_box[-1].offered_key if client_box else None
+                raise self._map_error(exc, options, target, offered) from None
             raise
         return conn, client_box[-1], hops
 
-    def _map_error(self, exc: Exception, options: Any, target: str) -> TunneldError:
-        """Foreign error → a TunneldError whose message a user can act on."""
+    def _map_error(self, exc: Exception, options: Any, target: str,
+                   offered: str | None = None) -> TunneldError:
+        """Foreign error → a TunneldError whose message a user can act on.  ``offered``: the
+        untrusted host key the server showed ("ssh-ed25519 SHA256:…"), if any."""
         via = "" if target == self.name else f" (via {target})"
         addr = f"{options.host}:{options.port}"
         name = f"{self.name}{via}"
@@ -322,17 +347,23 @@ class HostSupervisor:
             known = _has_known_key(files, options.host, options.port)
             entry = options.host if options.port == 22 else f"[{options.host}]:{options.port}"
             shown = ", ".join(str(f) for f in files) or "~/.ssh/known_hosts"
-            if known:
+            now = f"; the server offers {offered}" if offered else ""
+            # the fingerprint without trusting anything (not through a jump host: use ssh)
+            scan = "" if via else (
+                f" (`ssh-keyscan {'' if options.port == 22 else f'-p {options.port} '}"
+                f"{options.host} | ssh-keygen -lf -` shows it too)")
+            if known is not None:
                 return HostKeyError(
-                    f"{name}: the host key of {addr} does NOT match the one in {shown} "
-                    f"(it changed, or someone is intercepting the connection). Check the new "
-                    f"fingerprint with the server's admin, then run "
-                    f"`ssh-keygen -R '{entry}'` and `ssh {target}` to accept it; then "
-                    f"`tunnelctl reconnect {self.name}`")
+                    f"{name}: the host key of {addr} does NOT match the one in {known} "
+                    f"(it changed, or someone is intercepting the connection){now}. "
+                    f"`ssh-keygen -lF '{entry}' -f {known}` shows the key on record. Check the "
+                    f"new fingerprint with the server's admin{scan}, then run "
+                    f"`ssh-keygen -R '{entry}' -f {known}` and `ssh {target}` to accept it; "
+                    f"then `tunnelctl reconnect {self.name}`")
             return HostKeyError(
-                f"{name}: the host key of {addr} is unknown (not in {shown}). Run "
-                f"`ssh {target}` once to check its fingerprint and accept it, then "
-                f"`tunnelctl reconnect {self.name}`")
+                f"{name}: the host key of {addr} is unknown (not in {shown}){now}. Check "
+                f"that fingerprint with the server's admin{scan}, then run `ssh {target}` "
+                f"once to accept it, then `tunnelctl reconnect {self.name}`")
         if isinstance(exc, asyncssh.PermissionDenied):
             return AuthError(
                 f"{name}: authentication failed at {addr} ({exc.reason or 'permission denied'})"
@@ -404,7 +435,8 @@ def _known_hosts_files(options: Any) -> list[Path]:
     return [Path(os.path.expanduser(f)) for f in files]
 
 
-def _has_known_key(files: list[Path], host: str, port: int) -> bool:
+def _has_known_key(files: list[Path], host: str, port: int) -> Path | None:
+    """The first of ``files`` that holds a key for ``host``:``port``, or None."""
     for f in files:
         try:
             known = asyncssh.read_known_hosts(str(f))
@@ -412,5 +444,5 @@ def _has_known_key(files: list[Path], host: str, port: int) -> bool:
             continue
         keys = known.match(host, host, port)
         if keys[0] or keys[1]:
-            return True
-    return False
+            return f
+    return None

@@ -23,9 +23,12 @@ from . import spec as specmod
 from .config import Config, StateFile, load_state, save_state
 import asyncssh
 
-from .errors import BindError, ConnectError, NotFound, TunneldError, UsageError
+from .errors import BindError, ConnectError, NotFound, SpecError, TunneldError, UsageError
+from .events import EventHub
 from .forward import LocalForward
 from .host import HostSupervisor
+from .remote_forward import RemoteForward
+from .socks_forward import SocksForward
 from .markers import BrowserOpen
 from .opener import Opener
 from .session import MAX_SESSIONS, Session, check_name, default_name
@@ -34,10 +37,17 @@ from .state import HostState, slept_for
 
 log = logging.getLogger("tunneld")
 
+#: any forward a host has: a local listener (LocalForward, SocksForward) or a server's one
+Forward = LocalForward | RemoteForward
+#: seconds `add` waits for the server's answer to new remote forwards once a host connected
+REMOTE_ANSWER_WAIT = 10.0
+
 #: seconds between two clock readings of the sleep detector
 CLOCK_TICK = 2.0
 #: seconds allowed for ending every session when the daemon stops
 KILL_ALL_TIMEOUT = 15.0
+#: seconds between two looks at the open connections while a stopping daemon drains them
+DRAIN_POLL = 0.05
 #: where `run --port auto` looks for a free port, and how many it tries
 FREE_PORT_RANGE = (20000, 60000)
 FREE_PORT_TRIES = 50
@@ -53,7 +63,7 @@ def _locally_free(host: str, port: int) -> bool:
             return False
 
 #: an ssh host alias: what `ssh NAME` would accept as a destination, without options
-_HOST_RE = re.compile(r"^(?!-)[A-Za-z0-9_.@%+\[\]:-]{1,255}$")
+_HOST_RE = re.compile(r"^(?!-)[A-Za-z0-9_.@%+\[\]:-]{1,255}\Z")
 
 
 def check_host_name(name: Any) -> str:
@@ -61,6 +71,35 @@ def check_host_name(name: Any) -> str:
         raise UsageError(f"{name!r} is not a host name; use a Host alias from ~/.ssh/config "
                          "or a host name as for ssh")
     return name
+
+
+def _spec_texts(texts: Any, prefix: str) -> list[str]:
+    """A wire list of spec strings (None: none), each with ``prefix`` (``-R ``/``-D ``)."""
+    if texts is None:
+        return []
+    if not isinstance(texts, list) or not all(isinstance(x, str) for x in texts):
+        raise UsageError("forward specs must be a list of strings")
+    return [prefix + x for x in texts]
+
+
+def _shell(spec: ForwardSpec) -> str:
+    """A spec as one shell word (``-R 9000:…`` contains a space)."""
+    text = str(spec)
+    return f"'{text}'" if " " in text else text
+
+
+def _public_message(host: str, s: ForwardSpec) -> str:
+    if s.kind == "remote":
+        return (f"-R {s.listen}: the server {host} would listen on an address other machines "
+                f"reach; anyone who can reach it reaches this machine's {s.target}. Pass "
+                "--public if that is what you want, or let the server listen on 127.0.0.1")
+    if s.kind == "socks":
+        return (f"-D {s.listen} is reachable from other machines; anyone who can reach it can "
+                f"use {host} as a proxy to anywhere {host} can connect. Pass --public if that "
+                "is what you want, or bind to 127.0.0.1")
+    return (f"{s.listen} is reachable from other machines; anyone who can "
+            f"reach it reaches {host}'s {s.target}. Pass --public if that is "
+            f"what you want, or bind to 127.0.0.1")
 
 
 class Manager:
@@ -75,6 +114,10 @@ class Manager:
         #: tasks waiting for sessions to end
         self._reapers: set[asyncio.Task[None]] = set()
         self.opener = Opener(self, config.defaults.browser, config.defaults.ready_timeout)
+        #: state changes for `tunnelctl events` (host/forward transitions, sessions, opens)
+        self.events = EventHub()
+        #: held while a reload applies a new config (reloads never interleave)
+        self._reload_lock = asyncio.Lock()
 
     # -- start / stop ------------------------------------------------------------------------
 
@@ -88,9 +131,10 @@ class Manager:
         for host, texts in saved.hosts.items():
             for s in specmod.parse_all(texts, self.config.defaults.bind):
                 wanted.append((host, s, "added"))
-        seen: set[tuple[str, int]] = set()
+        seen: set[tuple[str, str, int]] = set()
         for host, s, origin in wanted:
-            key = (s.bind_host, s.bind_port)
+            # local listeners share this machine's ports; a remote one is its server's
+            key = (host if s.kind == "remote" else "", s.bind_host, s.bind_port)
             if key in seen:
                 continue
             seen.add(key)
@@ -98,6 +142,12 @@ class Manager:
                 await self._bind(host, s, origin)
             except BindError as exc:
                 log.error("%s: could not restore forward %s: %s", host, s, exc)
+                continue
+            if s.is_public:
+                where = f"{host}'s server" if s.kind == "remote" else "this machine"
+                log.warning("%s: %s is listening on a public address of %s (%s)", host,
+                            s.listen, where, "config file" if origin == "config" else
+                            "added with --public")
         for sup in self.hosts.values():
             sup.start()
         n = sum(len(h.forwards) for h in self.hosts.values())
@@ -121,23 +171,42 @@ class Manager:
             if slept is not None:
                 self.check_liveness(f"the clock jumped {slept:.0f}s (the machine slept?)")
 
-    async def close(self) -> None:
+    async def end_sessions(self) -> None:
+        """Kill every running session (bounded by ``KILL_ALL_TIMEOUT``)."""
         running = [sess for sess in self.sessions.values() if sess.running]
         if running:
             log.info("ending %d session(s)", len(running))
             await asyncio.wait([asyncio.ensure_future(sess.kill()) for sess in running],
                                timeout=KILL_ALL_TIMEOUT)
+
+    async def close(self) -> None:
+        await self.end_sessions()
         for sup in list(self.hosts.values()):
             await sup.stop()
         self.hosts.clear()
 
     # -- commands ----------------------------------------------------------------------------
 
-    def _find(self, bind_host: str, bind_port: int) -> tuple[HostSupervisor, LocalForward] | None:
+    def _find(self, bind_host: str, bind_port: int) -> tuple[HostSupervisor, Forward] | None:
+        """The forward listening on this machine's ``bind_host:bind_port`` (not a remote
+        forward: the server listens for those)."""
         for sup in self.hosts.values():
             for fwd in sup.forwards.values():
-                if (fwd.spec.bind_host, fwd.spec.bind_port) == (bind_host, bind_port):
+                if fwd.spec.kind != "remote" and \
+                        (fwd.spec.bind_host, fwd.spec.bind_port) == (bind_host, bind_port):
                     return sup, fwd
+        return None
+
+    def _find_spec(self, host: str, s: ForwardSpec) -> tuple[HostSupervisor, Forward] | None:
+        """The forward whose listener ``s`` would need: on this machine for a local or SOCKS
+        spec, on ``host``'s server for a remote one."""
+        if s.kind != "remote":
+            return self._find(s.bind_host, s.bind_port)
+        sup = self.hosts.get(host)
+        for fwd in (sup.forwards.values() if sup else ()):
+            if fwd.spec.kind == "remote" and \
+                    (fwd.spec.bind_host, fwd.spec.bind_port) == (s.bind_host, s.bind_port):
+                return sup, fwd  # type: ignore[return-value]
         return None
 
     def host_for(self, host: str) -> HostSupervisor:
@@ -145,18 +214,29 @@ class Manager:
         check_host_name(host)
         sup = self.hosts.get(host)
         if sup is None:
-            sup = self.hosts[host] = HostSupervisor(host, self.config.defaults)
+            sup = self.hosts[host] = HostSupervisor(host, self.config.defaults,
+                                                    events=self.events)
         sup.start()
         return sup
 
-    async def _bind(self, host: str, s: ForwardSpec, origin: str) -> LocalForward:
+    async def _bind(self, host: str, s: ForwardSpec, origin: str) -> Forward:
+        """Make the forward for ``s`` take effect (a local listener bound; a remote one asked
+        of the server now if ``host`` is connected) and register it.  Raises BindError."""
         sup = self.hosts.get(host)
         if sup is None:
-            sup = HostSupervisor(host, self.config.defaults)
-        fwd = LocalForward(s, sup, origin)
+            sup = HostSupervisor(host, self.config.defaults, events=self.events)
+        fwd: Forward
+        if s.kind == "remote":
+            fwd = RemoteForward(s, sup, origin)
+        elif s.kind == "socks":
+            fwd = SocksForward(s, sup, origin)
+        else:
+            fwd = LocalForward(s, sup, origin)
         await fwd.bind()
         self.hosts[host] = sup
         sup.forwards[fwd.spec] = fwd
+        self.events.publish("forward", host=host, spec=str(fwd.spec), event="added",
+                            origin=origin, old=None, new=fwd.state.value)
         return fwd
 
     async def ensure_forward(self, host: str, target_host: str,
@@ -170,7 +250,11 @@ class Manager:
             if t.kind == "local" and t.target_port == target_port and (
                     t.target_host == target_host or (loop_target and is_loopback(t.target_host))):
                 return fwd
+        # a forward made because a remote program printed a URL is never public, whatever
+        # defaults.bind says: exposing a port is a person's decision (`add --public`)
         bind = self.config.defaults.bind
+        if not is_loopback(bind):
+            bind = specmod.DEFAULT_BIND
         for port in (target_port, 0):
             if port and self._find(bind, port) is not None:
                 continue
@@ -192,35 +276,52 @@ class Manager:
         del self.hosts[host]
         await sup.stop()
 
-    async def add(self, host: str, texts: list[str], public: bool = False) -> dict[str, Any]:
-        """Add forwards to ``host``: all bound, or none (BindError names the port)."""
+    async def add(self, host: str, texts: list[str] | None, public: bool = False,
+                  remote: list[str] | None = None,
+                  socks: list[str] | None = None) -> dict[str, Any]:
+        """Add forwards to ``host``: local specs ``texts``, remote forwards ``remote`` (-R)
+        and SOCKS proxies ``socks`` (-D).  All or none: every local listener bound and, if the
+        host is connected, every remote listener granted by the server — else nothing is left
+        and BindError names the port.  Remote forwards of a host that is not connected are
+        accepted (waiting) and asked for when it connects."""
         check_host_name(host)
-        if not isinstance(texts, list) or not texts or \
-                not all(isinstance(t, str) for t in texts):
-            raise UsageError("add needs at least one forward spec, e.g. 8090 or 8090-8092")
+        texts = (_spec_texts(texts, "") + _spec_texts(remote, "-R ")
+                 + _spec_texts(socks, "-D "))
+        if not texts:
+            raise UsageError("add needs at least one forward spec, e.g. 8090, 8090-8092, "
+                             "-R 9000:localhost:8000 or -D 1080")
         specs = specmod.parse_all(texts, self.config.defaults.bind)
         if not public:
             exposed = [s for s in specs if s.is_public]
             if exposed:
-                raise UsageError(
-                    f"{exposed[0].listen} is reachable from other machines; anyone who can "
-                    f"reach it reaches {host}'s {exposed[0].target}. Pass --public if that is "
-                    f"what you want, or bind to 127.0.0.1")
+                raise UsageError(_public_message(host, exposed[0]))
         new: list[ForwardSpec] = []
         existing: list[str] = []
         for s in specs:
-            found = self._find(s.bind_host, s.bind_port)
+            found = self._find_spec(host, s)
             if found is None:
                 new.append(s)
             elif found[0].name == host and found[1].spec == s:
                 existing.append(str(s))
+            elif s.kind == "remote":
+                other = found[1]
+                raise BindError(f"{host}: the server already listens on {s.listen} for "
+                                f"tunneld's {other.spec}; remove that first "
+                                f"(`tunnelctl remove {host} -R {s.bind_port}`) or pick "
+                                "another remote port")
             else:
                 other_sup, other = found
-                raise BindError(f"cannot listen on {s.listen}: tunneld already forwards it to "
-                                f"{other_sup.name} {other.spec.target}; remove that first "
-                                f"(`tunnelctl remove {other_sup.name} {other.spec}`) or pick "
-                                "another local port")
-        bound: list[LocalForward] = []
+                what = ("as a SOCKS proxy for" if other.spec.kind == "socks" else
+                        "to")
+                target = "" if other.spec.kind == "socks" else f" {other.spec.target}"
+                raise BindError(f"cannot listen on {s.listen}: tunneld already forwards it "
+                                f"{what} {other_sup.name}{target}; remove that first "
+                                f"(`tunnelctl remove {other_sup.name} {_shell(other.spec)}`) "
+                                "or pick another local port")
+        # local listeners first: a remote refusal is the likelier failure, and a bound local
+        # listener is cheap to take back
+        new.sort(key=lambda s: s.kind == "remote")
+        bound: list[Forward] = []
         try:
             for s in new:
                 bound.append(await self._bind(host, s, "added"))
@@ -230,7 +331,9 @@ class Manager:
             raise
         for s in new:
             if s.is_public:
-                log.warning("%s: %s is listening on a public address", host, s.listen)
+                where = f"{host}'s server" if s.kind == "remote" else "this machine"
+                log.warning("%s: %s is listening on a public address of %s", host, s.listen,
+                            where)
         if new:
             log.info("%s: added %s", host, " ".join(str(s) for s in new))
             self.save()
@@ -241,34 +344,58 @@ class Manager:
         if sup.state is not HostState.CONNECTED:
             # report the first attempt's outcome; the forwards stay either way
             await sup.wait_attempt(self.config.defaults.connect_timeout + 1)
+            # ... and the server's first answer to new remote forwards
+            for fwd in bound:
+                if isinstance(fwd, RemoteForward) and sup.state is HostState.CONNECTED:
+                    await fwd.wait_answer(REMOTE_ANSWER_WAIT)
         result["state"] = sup.state.value
         result["last_error"] = sup.last_error
+        result["forwards"] = [{"spec": str(f.spec), "kind": f.spec.kind,
+                               "state": f.state.value, "last_error": f.last_error}
+                              for f in bound]
         return result
 
-    async def _unbind(self, host: str, fwd: LocalForward) -> None:
+    async def _unbind(self, host: str, fwd: Forward) -> None:
         sup = self.hosts.get(host)
         if sup is None:
             return
         sup.forwards.pop(fwd.spec, None)
         await fwd.close()
+        self.events.publish("forward", host=host, spec=str(fwd.spec), event="removed",
+                            origin=fwd.origin, old=None, new=fwd.state.value)
         await self.release_host(host)
 
-    async def remove(self, host: str, texts: list[str] | None = None) -> dict[str, Any]:
-        """Remove the named forwards of ``host`` (all of them when none are named)."""
+    async def remove(self, host: str, texts: list[str] | None = None,
+                     remote: list[str] | None = None,
+                     socks: list[str] | None = None) -> dict[str, Any]:
+        """Remove the named forwards of ``host`` (all of them when none are named): local
+        specs ``texts`` (which may also be ``-R …``/``-D …`` strings, as `list` shows them),
+        remote forwards ``remote`` and SOCKS proxies ``socks``."""
         check_host_name(host)
+        texts = (_spec_texts(texts, "") + _spec_texts(remote, "-R ")
+                 + _spec_texts(socks, "-D "))
         sup = self.hosts.get(host)
         if sup is None or not sup.forwards:
             raise NotFound(f"{host} has no forwards; `tunnelctl list` shows what there is")
         if texts:
-            if not all(isinstance(t, str) for t in texts):
-                raise UsageError("remove takes forward specs as strings")
-            chosen: list[LocalForward] = []
+            chosen: list[Forward] = []
             for text in texts:
-                for s in specmod.parse(text, self.config.defaults.bind):
-                    fwd = sup.forwards.get(s) or self._by_local_port(sup, text, s)
-                    if fwd is None:
-                        have = " ".join(str(f) for f in sorted(sup.forwards)) or "none"
-                        raise NotFound(f"{host} has no forward {s}; its forwards: {have}")
+                try:
+                    specs = specmod.parse_any(text, self.config.defaults.bind)
+                except SpecError:
+                    by_port = self._by_local_port(sup, text)  # `-R 9000`
+                    if by_port is None:
+                        raise
+                    found = [by_port]
+                else:
+                    found = []
+                    for s in specs:
+                        fwd = sup.forwards.get(s) or self._by_local_port(sup, text)
+                        if fwd is None:
+                            have = ", ".join(str(f) for f in sorted(sup.forwards)) or "none"
+                            raise NotFound(f"{host} has no forward {s}; its forwards: {have}")
+                        found.append(fwd)
+                for fwd in found:
                     if fwd not in chosen:
                         chosen.append(fwd)
         else:
@@ -277,7 +404,7 @@ class Manager:
             await self._unbind(host, fwd)
         removed = [str(f.spec) for f in chosen]
         config_ones = [str(f.spec) for f in chosen if f.origin == "config"]
-        log.info("%s: removed %s", host, " ".join(removed))
+        log.info("%s: removed %s", host, ", ".join(removed))
         self.save()
         result: dict[str, Any] = {"host": host, "removed": removed}
         if config_ones:
@@ -286,12 +413,20 @@ class Manager:
         return result
 
     @staticmethod
-    def _by_local_port(sup: HostSupervisor, text: str, s: ForwardSpec) -> LocalForward | None:
-        """A bare PORT also names the forward listening on that port (`remove barhal 18090`)."""
-        if not text.strip().isdigit():
+    def _by_local_port(sup: HostSupervisor, text: str) -> Forward | None:
+        """A bare PORT also names the forward listening on that port here (`remove barhal
+        18090`); ``-D PORT`` the SOCKS proxy on that port, ``-R PORT`` the remote forward
+        its server listens on that port for."""
+        body, kind = text.strip(), None
+        if body[:2] in ("-R", "-D"):
+            kind = "remote" if body[:2] == "-R" else "socks"
+            body = body[2:].strip()
+        if not body.isdigit():
             return None
+        port = int(body)
         for fwd in sup.forwards.values():
-            if fwd.spec.bind_port == s.bind_port:
+            k = fwd.spec.kind
+            if fwd.spec.bind_port == port and (k == kind if kind else k != "remote"):
                 return fwd
         return None
 
@@ -334,6 +469,8 @@ class Manager:
         self.sessions[name] = sess
         self._forget_old_sessions()
         sess.start()
+        self.events.publish("session", host=host, name=name, event="started",
+                            state=sess.state, exit_status=None)
         reaper = asyncio.get_running_loop().create_task(self._reap(sess))
         self._reapers.add(reaper)
         reaper.add_done_callback(self._reapers.discard)
@@ -386,6 +523,8 @@ class Manager:
     async def _reap(self, sess: Session) -> None:
         """When a session ends: drop its `--port auto` forward, release its host."""
         await sess.done.wait()
+        self.events.publish("session", host=sess.host.name, name=sess.name, event="ended",
+                            state=sess.state, exit_status=sess.exit_status)
         await sess.settle(self.config.defaults.ready_timeout + 30)
         if sess.port is not None:
             await self._drop_session_forward(sess)
@@ -417,3 +556,128 @@ class Manager:
         return {"version": __version__,
                 "sessions": [s.snapshot() for s in sorted(self.sessions.values(),
                                                            key=lambda s: s.started)]}
+
+    # -- reload and graceful stop ------------------------------------------------------------
+
+    async def reload(self, config: Config) -> dict[str, Any]:
+        """Apply a new (already validated) config.
+
+        Forwards of origin "config" that it still declares keep their listeners and open
+        connections; the ones it no longer declares are removed; new ones are bound.
+        Forwards of origin "added" and "auto" are left alone.  New defaults apply to the next
+        connection and the next client.  Nothing changes when a new forward cannot be bound
+        or collides with a forward tunneld already has: BindError names it and the running
+        config stays.  (A new forward that takes over the address of a removed one can only
+        be bound after that removal; if that fails, it is logged and reported in "failed".)
+        """
+        def where(host: str, s: ForwardSpec) -> tuple[str, ...]:
+            """The listening address ``s`` takes: here, or on ``host``'s server."""
+            if s.kind == "remote":
+                return (host, "remote", s.bind_host, str(s.bind_port))
+            return ("here", s.bind_host, str(s.bind_port))
+
+        async with self._reload_lock:
+            current = {(name, fwd.spec): fwd for name, sup in self.hosts.items()
+                       for fwd in sup.forwards.values() if fwd.origin == "config"}
+            wanted: list[tuple[str, ForwardSpec]] = []
+            seen: set[tuple[str, ...]] = set()
+            for host, specs in config.forwards().items():
+                for s in specs:
+                    key = where(host, s)
+                    if key in seen:  # declared twice: the first one wins, as at start
+                        log.warning("config: %s %s: %s is declared twice; ignored", host, s,
+                                    s.listen)
+                        continue
+                    seen.add(key)
+                    wanted.append((check_host_name(host), s))
+            keep = set(wanted)
+            gone = [(name, fwd) for (name, spec), fwd in current.items()
+                    if (name, spec) not in keep]
+            freed = {where(name, fwd.spec) for name, fwd in gone}
+            first: list[tuple[str, ForwardSpec]] = []   # bound before anything is removed
+            after: list[tuple[str, ForwardSpec]] = []   # on the address of a removed one
+            existing: list[str] = []
+            for host, s in wanted:
+                if (host, s) in current:
+                    continue
+                if where(host, s) in freed:
+                    after.append((host, s))
+                    continue
+                found = self._find_spec(host, s)
+                if found is not None:
+                    sup, fwd = found
+                    if sup.name == host and fwd.spec == s:
+                        existing.append(f"{host} {s}")  # added at run time: leave it as is
+                        continue
+                    raise BindError(
+                        f"config not applied (the running one stays): {host} {s} cannot "
+                        f"listen on {s.listen}: tunneld already forwards it to {sup.name} "
+                        f"{fwd.spec.target}; remove that first (`tunnelctl remove {sup.name} "
+                        f"{fwd.spec}`) or change the config")
+                first.append((host, s))
+            bound: list[tuple[str, Forward]] = []
+            try:
+                for host, s in first:
+                    bound.append((host, await self._bind(host, s, "config")))
+            except BindError as exc:
+                for host, fwd in bound:
+                    await self._unbind(host, fwd)
+                raise BindError(f"config not applied (the running one stays): {exc}") \
+                    from None
+            # from here on the new config is the running one
+            self.config = config
+            self.opener.configure(config.defaults.browser, config.defaults.ready_timeout)
+            for host, fwd in gone:
+                await self._unbind(host, fwd)
+            failed: list[dict[str, str]] = []
+            for host, s in after:
+                try:
+                    bound.append((host, await self._bind(host, s, "config")))
+                except BindError as exc:
+                    log.error("%s: could not add forward %s from the config: %s", host, s, exc)
+                    failed.append({"host": host, "spec": str(s), "error": str(exc)})
+            for sup in self.hosts.values():
+                sup.settings = config.defaults
+            for host, _ in bound:
+                if host in self.hosts:
+                    self.hosts[host].start()
+            added = [f"{host} {fwd.spec}" for host, fwd in bound]
+            removed = [f"{host} {fwd.spec}" for host, fwd in gone]
+            kept = len(current) - len(gone)
+            log.info("config reloaded: %s added, %s removed, %d unchanged%s",
+                     " ".join(added) or "nothing", " ".join(removed) or "nothing", kept,
+                     f", {len(failed)} failed" if failed else "")
+            self.events.publish("daemon", event="reloaded", added=added, removed=removed,
+                                failed=[f"{f['host']} {f['spec']}" for f in failed])
+            return {"added": added, "removed": removed, "unchanged": kept,
+                    "existing": existing, "failed": failed}
+
+    def open_connections(self) -> int:
+        """Client connections open through forwards, right now."""
+        return sum(len(getattr(fwd, "conns", ())) for sup in self.hosts.values()
+                   for fwd in sup.forwards.values())
+
+    async def shutdown(self, drain_timeout: float) -> None:
+        """Graceful stop: close every listener at once (no new clients), end the sessions,
+        give open connections up to ``drain_timeout`` seconds to finish, then close all."""
+        closing = [asyncio.ensure_future(fwd.close(abort_clients=False))
+                   for sup in self.hosts.values() for fwd in list(sup.forwards.values())]
+        ending = asyncio.ensure_future(self.end_sessions())
+        n = self.open_connections()
+        if n:
+            log.info("stopping: listeners closed; waiting up to %gs for %d open "
+                     "connection(s) to finish", drain_timeout, n)
+            deadline = time.monotonic() + drain_timeout
+            while self.open_connections() and time.monotonic() < deadline:
+                await asyncio.sleep(DRAIN_POLL)
+            left = self.open_connections()
+            if left:
+                log.warning("stopping: closing %d connection(s) still open after %gs", left,
+                            drain_timeout)
+            else:
+                log.info("stopping: every open connection finished")
+        # a listener's wait_closed() may wait for its clients (Python 3.12): don't wait on it
+        if closing:
+            await asyncio.wait(closing, timeout=1.0)
+        await ending
+        await self.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shlex
 import time
 import webbrowser
@@ -33,15 +34,22 @@ MAX_REDIRECT_FILE = 64 * 1024
 #: seconds between readiness probes of the remote port, and the cap of its growth
 PROBE_INTERVAL = 0.2
 PROBE_INTERVAL_MAX = 1.0
+#: what a browser needs from the graphical session, and seconds allowed to ask systemd for it
+GRAPHICAL_ENV = ("DISPLAY", "WAYLAND_DISPLAY", "XAUTHORITY")
+SHOW_ENV_TIMEOUT = 2.0
 
 
 class Opener:
     def __init__(self, manager: "Manager", browser: list[str] | str | None = None,
                  ready_timeout: float = 60.0):
         self.manager = manager
+        self.configure(browser, ready_timeout)
+        self.policy = urls.OpenPolicy()
+
+    def configure(self, browser: list[str] | str | None, ready_timeout: float) -> None:
+        """Take the browser command and readiness bound from the config (also on reload)."""
         self.browser = shlex.split(browser) if isinstance(browser, str) else browser
         self.ready_timeout = ready_timeout
-        self.policy = urls.OpenPolicy()
 
     async def open(self, host: str, url: str, node: str | None = None,
                    source: str = "") -> dict[str, Any]:
@@ -71,6 +79,8 @@ class Opener:
             return {"url": local, "opened": False, "reason": why, "forward": str(fwd.spec)}
         log.info("%s: opening %s%s", host, shown, where)
         await self._launch(local)
+        self.manager.events.publish("open", host=host, url=shown, source=source,
+                                    forward=str(fwd.spec))
         return {"url": local, "opened": True, "forward": str(fwd.spec)}
 
     async def _read_redirect(self, sup: "HostSupervisor", path: str) -> str:
@@ -110,6 +120,7 @@ class Opener:
             delay = min(PROBE_INTERVAL_MAX, delay * 1.5)
 
     async def _launch(self, url: str) -> None:
+        await import_graphical_env()
         if self.browser:
             argv = [a.replace("%s", url) for a in self.browser]
             if not any("%s" in a for a in self.browser):
@@ -129,6 +140,39 @@ class Opener:
         if not ok:
             raise UsageError("no browser could be started; set `browser` in config.toml or "
                              "BROWSER in the daemon's environment")
+
+
+async def import_graphical_env() -> None:
+    """Under systemd the daemon may start before the desktop session has exported DISPLAY /
+    WAYLAND_DISPLAY to the user manager (`systemctl --user import-environment`): take them
+    from the manager now, so the browser reaches the screen.  Best effort, bounded."""
+    if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or \
+            not os.environ.get("INVOCATION_ID"):  # set for every process systemd starts
+        return
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "systemctl", "--user", "show-environment", stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        out, _ = await asyncio.wait_for(proc.communicate(), SHOW_ENV_TIMEOUT)
+    except (OSError, asyncio.TimeoutError):
+        return
+    found = {}
+    for line in out.decode(errors="replace").splitlines():
+        key, _, value = line.partition("=")
+        if key in GRAPHICAL_ENV and value and not value.startswith("$'"):
+            found[key] = value
+    if not found:
+        log.warning("no DISPLAY or WAYLAND_DISPLAY in the daemon's environment nor in "
+                    "systemd's user manager; the browser may not start. Run `systemctl --user "
+                    "import-environment DISPLAY WAYLAND_DISPLAY XAUTHORITY` in the desktop "
+                    "session")
+        return
+    os.environ.update(found)
+    log.info("took %s from systemd's user manager for the browser", " ".join(sorted(found)))
+    # webbrowser decides which browsers exist on first use, from DISPLAY: let it look again
+    if getattr(webbrowser, "_tryorder", None) is not None:
+        webbrowser._tryorder = None  # type: ignore[attr-defined]
+        webbrowser._browsers = {}  # type: ignore[attr-defined]
 
 
 def _url_host(bind_host: str) -> str:

@@ -19,7 +19,7 @@ PID_TAG = "\x1etunneld-pid:"
 #: seconds the killer waits after SIGTERM before SIGKILL
 KILL_GRACE = 5.0
 
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 def session_command(command: str, env: dict[str, str] | None = None) -> str:

@@ -36,7 +36,7 @@ MAX_SESSIONS = 200
 #: seconds the kill command may take on the server
 KILL_TIMEOUT = remote.KILL_GRACE + 10
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
 OnOpen = Callable[["Session", BrowserOpen], Awaitable[None]]
 

@@ -11,6 +11,25 @@ The grammar follows OpenSSH's ``-L`` order, plus port ranges::
 ``BIND`` is an IP literal (``[::1]`` for IPv6), ``localhost`` or ``*`` (all interfaces).
 ``RHOST`` is resolved by the server, so it may be a name only the server knows (a compute
 node).  Ranges are allowed on both sides when their lengths match (``18090-18092:8090-8092``).
+
+Remote forwards (``kind="remote"``, OpenSSH's ``-R`` order; ``parse_remote``)::
+
+    RPORT:LHOST:LPORT         the server listens on 127.0.0.1:RPORT → LHOST:LPORT from here
+    RBIND:RPORT:LHOST:LPORT   the server listens on RBIND:RPORT
+
+``bind_host``/``bind_port`` are then on the server and ``target_host``/``target_port`` are
+resolved and reached from this machine.  ``RBIND`` defaults to ``127.0.0.1`` (not OpenSSH's
+``localhost``, which makes sshd bind every loopback family and succeed when only one of them
+is free, so "port in use" would not be all-or-nothing); ``localhost`` means 127.0.0.1 and
+``*`` all interfaces (the server's sshd must allow it: ``GatewayPorts clientspecified``).
+
+SOCKS proxies (``kind="socks"``, OpenSSH's ``-D``; ``parse_socks``): ``PORT`` or
+``BIND:PORT``; the target of each connection comes from the SOCKS request (``target_host`` is
+``*`` and ``target_port`` 0).
+
+``str(spec)`` of a remote forward starts with ``-R ``, of a SOCKS proxy with ``-D ``, so one
+list of strings (the state file, ``tunnelctl list``) holds all three kinds and ``parse_any``
+reads each back.  A local forward's string is unchanged (``8090``).
 """
 
 from __future__ import annotations
@@ -23,13 +42,19 @@ from .errors import SpecError
 
 DEFAULT_BIND = "127.0.0.1"
 DEFAULT_TARGET = "localhost"
+#: where the server listens for a remote forward written without RBIND
+DEFAULT_REMOTE_BIND = "127.0.0.1"
+#: target fields of a SOCKS proxy (each connection names its own target)
+SOCKS_TARGET = ("*", 0)
+#: the forward kinds and the option that introduces each in a spec string (local: none)
+KIND_PREFIX = {"local": "", "remote": "-R", "socks": "-D"}
 #: a security limit: one spec may not open more listeners than this
 MAX_RANGE = 1024
 #: longest host name accepted (DNS limit)
 MAX_HOST_LEN = 253
 
-_HOST_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-_PORT_RE = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?$")
+_HOST_RE = re.compile(r"^[A-Za-z0-9_.-]+\Z")
+_PORT_RE = re.compile(r"^([0-9]{1,5})(?:-([0-9]{1,5}))?\Z")
 _LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
 
 
@@ -50,7 +75,10 @@ class ForwardSpec:
 
     @property
     def target(self) -> str:
-        """``HOST:PORT`` the server connects to."""
+        """``HOST:PORT`` the server connects to (remote forward: that this machine connects
+        to; SOCKS: ``*``, each client names its own)."""
+        if self.kind == "socks":
+            return "*"
         return join_host_port(self.target_host, self.target_port)
 
     @property
@@ -59,7 +87,15 @@ class ForwardSpec:
         return not is_loopback(self.bind_host)
 
     def __str__(self) -> str:
-        """The shortest spec that parses back to this value."""
+        """The shortest spec that parses back to this value (with ``parse_any``)."""
+        if self.kind == "remote":
+            if self.bind_host != DEFAULT_REMOTE_BIND:
+                return f"-R {_fmt_host(self.bind_host)}:{self.bind_port}:{self.target}"
+            return f"-R {self.bind_port}:{self.target}"
+        if self.kind == "socks":
+            if self.bind_host != DEFAULT_BIND:
+                return f"-D {_fmt_host(self.bind_host)}:{self.bind_port}"
+            return f"-D {self.bind_port}"
         if self.bind_host != DEFAULT_BIND:
             return f"{_fmt_host(self.bind_host)}:{self.bind_port}:{self.target}"
         if self.target_host != DEFAULT_TARGET:
@@ -205,10 +241,80 @@ def parse(text: str, default_bind: str = DEFAULT_BIND) -> list[ForwardSpec]:
     return [ForwardSpec(bind, lp, target, rp) for lp, rp in zip(lports, rports)]
 
 
+def parse_remote(text: str) -> list[ForwardSpec]:
+    """Parse one remote-forward spec, ``[RBIND:]RPORT:LHOST:LPORT`` (OpenSSH's ``-R``
+    order), into the forwards it names (a range gives several).  Raises ``SpecError``."""
+    text = text.strip()
+    shown = f"-R {text}"
+    if not text:
+        raise SpecError("empty remote forward spec; expected e.g. -R 9000:localhost:8000 "
+                        "([RBIND:]RPORT:LHOST:LPORT)")
+    fields = _split(text)
+    bind = DEFAULT_REMOTE_BIND
+    if len(fields) == 3:
+        rports = _ports(fields[0], shown, "remote port")
+        target = _host(fields[1], shown, "local host")
+        lports = _ports(fields[2], shown, "local port")
+    elif len(fields) == 4:
+        bind = parse_bind(fields[0], shown)
+        rports = _ports(fields[1], shown, "remote port")
+        target = _host(fields[2], shown, "local host")
+        lports = _ports(fields[3], shown, "local port")
+    elif len(fields) in (1, 2):
+        raise SpecError(f"remote forward spec {shown!r} names no local target; write "
+                        "[RBIND:]RPORT:LHOST:LPORT, e.g. -R 9000:localhost:8000 (a SOCKS "
+                        "proxy on the server, OpenSSH's -R PORT, is not supported)")
+    else:
+        raise SpecError(f"remote forward spec {shown!r} has {len(fields)} fields; expected "
+                        "[RBIND:]RPORT:LHOST:LPORT")
+    if len(lports) != len(rports):
+        raise SpecError(f"remote forward spec {shown!r} maps {len(rports)} remote ports to "
+                        f"{len(lports)} local ports; ranges on both sides must have the same "
+                        "length")
+    return [ForwardSpec(bind, rp, target, lp, kind="remote") for rp, lp in zip(rports, lports)]
+
+
+def parse_socks(text: str, default_bind: str = DEFAULT_BIND) -> list[ForwardSpec]:
+    """Parse one SOCKS-proxy spec, ``[BIND:]PORT`` (OpenSSH's ``-D``).  Raises ``SpecError``.
+    Returns a list (of one) like the other parsers."""
+    text = text.strip()
+    shown = f"-D {text}"
+    if not text:
+        raise SpecError("empty SOCKS spec; expected e.g. -D 1080 or -D 127.0.0.1:1080")
+    fields = _split(text)
+    if len(fields) == 1:
+        bind, port_field = default_bind, fields[0]
+    elif len(fields) == 2:
+        bind, port_field = parse_bind(fields[0], shown), fields[1]
+    else:
+        raise SpecError(f"SOCKS spec {shown!r} has {len(fields)} fields; expected [BIND:]PORT")
+    ports = _ports(port_field, shown, "port")
+    if len(ports) != 1:
+        raise SpecError(f"SOCKS spec {shown!r} names a range; one SOCKS proxy listens on one "
+                        "port")
+    return [ForwardSpec(bind, ports[0], *SOCKS_TARGET, kind="socks")]
+
+
+def parse_any(text: str, default_bind: str = DEFAULT_BIND) -> list[ForwardSpec]:
+    """Parse a spec of any kind: ``-R …`` a remote forward, ``-D …`` a SOCKS proxy (the
+    option may be joined to its value, as ``-R9000:localhost:80``), anything else a local
+    forward.  ``parse_any(str(s)) == [s]`` for every ``ForwardSpec`` ``s``."""
+    stripped = text.strip()
+    if stripped.startswith("-R"):
+        return parse_remote(stripped[2:])
+    if stripped.startswith("-D"):
+        return parse_socks(stripped[2:], default_bind)
+    if stripped.startswith("-"):
+        raise SpecError(f"forward spec {stripped!r}: unknown option {stripped[:2]!r}; "
+                        "use -R for a remote forward or -D for a SOCKS proxy")
+    return parse(text, default_bind)
+
+
 def parse_all(texts: list[str], default_bind: str = DEFAULT_BIND) -> list[ForwardSpec]:
-    """Parse several specs; duplicates (same spec twice) are kept once, in order."""
+    """Parse several specs of any kind (``parse_any``); duplicates (same spec twice) are kept
+    once, in order."""
     out: dict[ForwardSpec, None] = {}
     for t in texts:
-        for s in parse(t, default_bind):
+        for s in parse_any(t, default_bind):
             out.setdefault(s, None)
     return list(out)

@@ -27,17 +27,22 @@ PROTOCOL_VERSION = 1
 MAX_LINE = 1 << 20
 #: a security limit: seconds a client may take to send a whole request line
 REQUEST_TIMEOUT = 30.0
+#: a limit: characters of an error message on the wire; a longer one (it echoes hostile
+#: input) is cut, so that an error reply always fits in ``MAX_LINE``
+MAX_ERROR_MESSAGE = 4096
 
 #: every command the daemon serves; tunnelctl's verbs are these names
 COMMANDS = frozenset({
     "add", "remove", "list", "status", "stop", "reconnect",
-    "run", "sessions", "logs", "kill", "open",
+    "run", "sessions", "logs", "kill", "open", "reload", "events",
 })
 
 
 def encode(msg: dict[str, Any]) -> bytes:
     """One message → one line of UTF-8 JSON, newline-terminated."""
-    data = json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    # a lone surrogate (a path decoded with surrogateescape) becomes its JSON escape "\udcxx"
+    data = json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode(
+        "utf-8", "backslashreplace") + b"\n"
     if len(data) > MAX_LINE:
         raise ProtocolError(f"message of {len(data)} bytes exceeds the {MAX_LINE}-byte limit")
     return data
@@ -53,6 +58,8 @@ def decode(line: bytes) -> dict[str, Any]:
         msg = json.loads(line)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("malformed JSON: nested too deeply") from None
     if not isinstance(msg, dict):
         raise ProtocolError("a message must be a JSON object")
     return msg
@@ -64,6 +71,13 @@ def request(cmd: str, **args: Any) -> dict[str, Any]:
 
 def parse_request(msg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """Validate a request envelope → (command, args)."""
+    try:  # "\ud800" escapes decode to lone surrogates, which are not text: refuse them here
+        json.dumps(msg, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise ProtocolError("malformed JSON: a string holds a lone surrogate (\\ud800-"
+                            "\\udfff), which is not valid Unicode") from None
+    except RecursionError:
+        raise ProtocolError("malformed JSON: nested too deeply") from None
     cmd = msg.get("cmd")
     if not isinstance(cmd, str):
         raise ProtocolError("request has no 'cmd' string")
@@ -85,7 +99,10 @@ def ok(version: str, result: Any = None) -> dict[str, Any]:
 
 def error(version: str, exc: BaseException) -> dict[str, Any]:
     kind = type(exc).__name__ if isinstance(exc, TunneldError) else "TunneldError"
-    return {"ok": False, "version": version, "error": {"type": kind, "message": str(exc)}}
+    message = str(exc)
+    if len(message) > MAX_ERROR_MESSAGE:
+        message = message[:MAX_ERROR_MESSAGE - 1] + "…"
+    return {"ok": False, "version": version, "error": {"type": kind, "message": message}}
 
 
 def progress(message: str) -> dict[str, Any]:

@@ -1,0 +1,439 @@
+"""asyncssh adapter: a remote forward (``-R``): the server listens, connections come back here.
+
+Per ``ForwardSpec`` of kind "remote" (``bind_host:bind_port`` on the server, ``target`` here)
+one ``RemoteForward`` asks the server for a listener (``conn.create_server``, the SSH
+``tcpip-forward`` request) each time its host becomes connected, and cancels it when the
+forward is removed.  The server's listener dies with the connection; after a reconnect it is
+requested again, and a refusal is retried for ``RETRY_WINDOW`` seconds, because the sshd
+process of the old connection may still hold the port for a moment (a half-dead link, a killed
+daemon) — the autossh failure users meet most.  After that the forward gives up, says why in
+``last_error``, and tries again on the next connection (``tunnelctl reconnect HOST``).
+
+Data path, per connection the server accepts (mirror image of ``forward.py``)::
+
+    channel ──_RemoteSession.data_received──► local transport.write    (bytes_in)
+    channel ◄──channel.write── _TargetProtocol.data_received           (bytes_out)
+
+As for local forwards, ``bytes_out`` counts what leaves this machine through the tunnel and
+``bytes_in`` what arrives.  Back-pressure both ways as in ``forward.py``.  The channel is
+confirmed only once the local target accepted the TCP connection; if it refuses, the server
+side's client sees the channel refused (its connection closes) and the forward logs why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+import asyncssh
+
+from .errors import BindError
+from .forward import CHANNEL_HIGH_WATER, CHANNEL_MAX_PKTSIZE, CHANNEL_WINDOW, PRE_OPEN_BUFFER
+from .spec import ForwardSpec, join_host_port
+from .state import ForwardState, HostState, check_forward
+
+if TYPE_CHECKING:
+    from .host import HostSupervisor
+
+log = logging.getLogger("tunneld")
+
+#: seconds during which a refused listen request is retried after a (re)connect
+RETRY_WINDOW = 30.0
+#: first and longest pause (s) between two listen requests within that window
+RETRY_INITIAL = 0.5
+RETRY_MAX = 4.0
+#: seconds allowed to connect to the local target of one forwarded connection
+TARGET_CONNECT_TIMEOUT = 10.0
+#: seconds a removed forward waits for the server to confirm the cancelled listener
+CANCEL_TIMEOUT = 5.0
+
+
+class RemoteForward:
+    """A listener on the server for one spec (while the host is connected), and the counters
+    of the connections it carried.  Same interface as ``LocalForward`` (bind, follow_host,
+    close, snapshot, conns, counters)."""
+
+    def __init__(self, spec: ForwardSpec, host: "HostSupervisor", origin: str = "added"):
+        assert spec.kind == "remote"
+        self.spec = spec
+        self.host = host
+        #: "config", "added" (persisted) or "auto"
+        self.origin = origin
+        #: CLOSED until bind(); then LISTENING iff the server holds our listener, else WAITING
+        self.state = ForwardState.CLOSED
+        #: open forwarded connections (each has a local socket; its channel may still open)
+        self.conns: set[_TargetProtocol] = set()
+        self.total = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.last_error: str | None = None
+        #: listen requests answered (granted or refused), over the forward's life
+        self.attempts = 0
+        #: the server-side listener; non-None iff the server holds it on ``_conn``
+        self._listener: asyncssh.SSHListener | None = None
+        #: the connection the listener is (being) requested on: the host's live connection
+        #: as last seen by follow_host(), None while the host is not connected
+        self._conn: asyncssh.SSHClientConnection | None = None
+        #: the task requesting the listener on ``_conn``; None iff no request is running
+        self._task: asyncio.Task[None] | None = None
+        #: True while that task waits for the server's answer (cancelling it then could leave
+        #: a granted listener on the server: close() lets it finish and cancel that instead)
+        self._asking = False
+        #: set and replaced whenever a request was answered
+        self._answered = asyncio.Event()
+
+    # -- the listener on the server ----------------------------------------------------------
+
+    @property
+    def where(self) -> str:
+        """``ADDR:PORT on HOST``, for messages."""
+        return f"{self.spec.listen} on {self.host.name}"
+
+    async def bind(self) -> None:
+        """Take effect.  If the host is connected, ask the server for the listener now, once:
+        a refusal raises ``BindError`` naming the port and the server (nothing is left
+        there).  Otherwise the listener is requested when the host connects."""
+        conn = self._live_conn()
+        if conn is not None:
+            try:
+                listener = await self._request(conn)
+            except asyncssh.ChannelListenError:
+                self._answer()
+                if not conn.is_closed():
+                    raise BindError(self._refused_message()) from None
+                listener = None  # the connection ended meanwhile: ask on the next one
+            except (OSError, asyncssh.Error):
+                listener = None
+            else:
+                self._answer()
+            if listener is not None:
+                if conn.is_closed():
+                    listener = None
+                else:
+                    self._conn, self._listener = conn, listener
+                    log.info("%s: the server listens on %s for %s", self.host.name,
+                             self.spec.listen, self.spec.target)
+        self.state = ForwardState.WAITING
+        self.follow_host()
+
+    def follow_host(self) -> None:
+        """Called on every host transition: a new connection gets a listen request, a lost
+        one takes the listener with it."""
+        if self.state is ForwardState.CLOSED:
+            return
+        conn = self._live_conn()
+        if conn is not self._conn:
+            self._stop_task()
+            self._listener = None  # it belonged to the old connection, which is gone
+            self._conn = conn
+            if conn is not None:
+                self._task = asyncio.get_running_loop().create_task(
+                    self._establish(conn), name=f"remote:{self.host.name}:{self.spec.bind_port}")
+        self._to(ForwardState.LISTENING if self._listener is not None
+                 else ForwardState.WAITING, publish=False)
+
+    async def close(self, abort_clients: bool = True) -> None:
+        """Cancel the listener on the server (and, by default, every open connection)."""
+        if self.state is not ForwardState.CLOSED:
+            self.state = check_forward(self.state, ForwardState.CLOSED)
+        if not self._asking:
+            self._stop_task()
+        else:
+            self._task = None  # it sees CLOSED when the answer comes, and cancels a grant
+        listener, self._listener = self._listener, None
+        conn, self._conn = self._conn, None
+        if abort_clients:
+            for c in list(self.conns):
+                c.abort()
+        if listener is not None and conn is not None and not conn.is_closed():
+            listener.close()
+            try:
+                await asyncio.wait_for(listener.wait_closed(), CANCEL_TIMEOUT)
+            except (asyncio.TimeoutError, OSError, asyncssh.Error):
+                pass
+            log.info("%s: the server no longer listens on %s", self.host.name,
+                     self.spec.listen)
+
+    async def wait_answer(self, timeout: float) -> None:
+        """Wait (bounded) until a listen request has been answered, if none was yet."""
+        deadline = time.monotonic() + timeout
+        while self.attempts == 0 and self.state is not ForwardState.CLOSED:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._answered.wait(), left)
+            except asyncio.TimeoutError:
+                return
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _live_conn(self) -> asyncssh.SSHClientConnection | None:
+        conn = self.host.conn
+        if self.host.state is HostState.CONNECTED and conn is not None and not conn.is_closed():
+            return conn
+        return None
+
+    async def _request(self, conn: asyncssh.SSHClientConnection) -> asyncssh.SSHListener:
+        self._asking = True
+        try:
+            return await conn.create_server(self._accept, self.spec.bind_host,
+                                            self.spec.bind_port, window=CHANNEL_WINDOW,
+                                            max_pktsize=CHANNEL_MAX_PKTSIZE)
+        finally:
+            self._asking = False
+
+    def _answer(self) -> None:
+        self.attempts += 1
+        answered, self._answered = self._answered, asyncio.Event()
+        answered.set()
+
+    def _stop_task(self) -> None:
+        task, self._task = self._task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    def _to(self, new: ForwardState, publish: bool = True) -> None:
+        old = self.state
+        if new is old or old is ForwardState.CLOSED:
+            return
+        self.state = check_forward(old, new)
+        events = self.host.events
+        if publish and events is not None:
+            events.publish("forward", host=self.host.name, spec=str(self.spec), event="state",
+                           origin=self.origin, old=old.value, new=new.value)
+
+    def _refused_message(self) -> str:
+        why = ["the port is in use there"]
+        if self.spec.bind_port < 1024:
+            why.append("it is a privileged port (below 1024)")
+        rules = "AllowTcpForwarding, PermitListen"
+        if self.spec.is_public:
+            rules += ", GatewayPorts clientspecified for a non-loopback address"
+        return (f"{self.host.name}: the server refused to listen on {self.spec.listen} "
+                f"(remote port {self.spec.bind_port}): {' or '.join(why)}, or its sshd does "
+                f"not allow it ({rules}); nothing was added — pick another remote port "
+                f"(e.g. -R {self.spec.bind_port + 10000}:{self.spec.target})"
+                if self.spec.bind_port < 55536 else
+                f"{self.host.name}: the server refused to listen on {self.spec.listen} "
+                f"(remote port {self.spec.bind_port}): {' or '.join(why)}, or its sshd does "
+                f"not allow it ({rules}); nothing was added")
+
+    async def _establish(self, conn: asyncssh.SSHClientConnection) -> None:
+        """Request the listener on ``conn``; retry refusals within ``RETRY_WINDOW``."""
+        deadline = time.monotonic() + RETRY_WINDOW
+        delay = RETRY_INITIAL
+        refused = 0
+        try:
+            while True:
+                if conn is not self._conn or self.state is ForwardState.CLOSED:
+                    return
+                try:
+                    listener = await self._request(conn)
+                except asyncssh.ChannelListenError:
+                    self._answer()
+                    if conn.is_closed() or conn is not self._conn:
+                        return
+                    refused += 1
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self.fail(f"the server refused to listen on {self.spec.listen} "
+                                  f"{refused} times in {RETRY_WINDOW:g}s (the port is in use "
+                                  "there, or its sshd does not allow it); gave up until the "
+                                  "next connection. Free the port on the server, then "
+                                  f"`tunnelctl reconnect {self.host.name}`")
+                        return
+                    if refused == 1:
+                        self.fail(f"the server refused to listen on {self.spec.listen} (in "
+                                  f"use there?); retrying for up to {RETRY_WINDOW:g}s (the "
+                                  "sshd of an old connection may still hold it)")
+                    await asyncio.sleep(min(delay, left))
+                    delay = min(delay * 2, RETRY_MAX)
+                    continue
+                except (OSError, asyncssh.Error):
+                    return  # the connection is going away; the next one asks again
+                self._answer()
+                if conn is not self._conn or self.state is ForwardState.CLOSED:
+                    listener.close()  # removed (or reconnected) while we asked: take it back
+                    return
+                self._listener = listener
+                self.last_error = None
+                log.info("%s: the server listens on %s for %s%s", self.host.name,
+                         self.spec.listen, self.spec.target,
+                         f" (after {refused} refusals)" if refused else "")
+                self._to(ForwardState.LISTENING)
+                return
+        finally:
+            if self._task is asyncio.current_task():
+                self._task = None
+
+    async def _accept(self, orig_host: str, orig_port: int) -> "_RemoteSession":
+        """asyncssh's session factory: a connection arrived on the server's listener.
+        Connect to the local target; raise ChannelOpenError (the server side's client is
+        refused) when that fails."""
+        self.total += 1
+        peer = join_host_port(orig_host, orig_port) if orig_host else "?"
+        target = _TargetProtocol(self, peer)
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.create_connection(
+                lambda: target, self.spec.target_host, self.spec.target_port),
+                TARGET_CONNECT_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as exc:
+            why = (f"no answer within {TARGET_CONNECT_TIMEOUT:g}s"
+                   if isinstance(exc, asyncio.TimeoutError) else
+                   (exc.strerror or str(exc) or type(exc).__name__))
+            self.fail(f"{self.where} -> {self.spec.target}: cannot connect to "
+                      f"{self.spec.target} here ({why}); is anything listening on it on this "
+                      f"machine? Refused client {peer} on the server. The forward stays open.")
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED,
+                                            f"tunneld could not connect to {self.spec.target}: "
+                                            f"{why}") from None
+        if self.state is ForwardState.CLOSED or self._live_conn() is None:
+            target.abort()  # removed, or the connection ended while we connected
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED,
+                                            "the forward was removed")
+        return _RemoteSession(target)
+
+    # -- counters ----------------------------------------------------------------------------
+
+    def fail(self, message: str) -> None:
+        self.last_error = message
+        log.warning("%s: %s", self.host.name, message)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "spec": str(self.spec), "kind": self.spec.kind, "listen": self.spec.listen,
+            "target": self.spec.target, "state": self.state.value, "active": len(self.conns),
+            "total": self.total, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+            "last_error": self.last_error, "origin": self.origin,
+        }
+
+
+class _TargetProtocol(asyncio.Protocol):
+    """The local end of one forwarded connection.  Invariant: ``channel`` is None until the
+    SSH channel is confirmed; until then bytes from the target wait in ``pending`` (bounded
+    by ``PRE_OPEN_BUFFER``: a target that speaks first, under uvloop too)."""
+
+    def __init__(self, fwd: RemoteForward, peer: str):
+        self.fwd = fwd
+        #: the client's address on the server side (for logs)
+        self.peer = peer
+        self.transport: asyncio.Transport | None = None
+        self.channel: asyncssh.SSHTCPChannel[bytes] | None = None
+        self.pending: list[bytes] = []
+        self.pending_len = 0
+        self.pending_eof = False
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.fwd.conns.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        chan = self.channel
+        if chan is None:
+            self.pending.append(data)
+            self.pending_len += len(data)
+            if self.pending_len >= PRE_OPEN_BUFFER and self.transport is not None:
+                self.transport.pause_reading()
+            return
+        n = len(data)
+        try:
+            if n <= CHANNEL_MAX_PKTSIZE:
+                chan.write(data)
+            else:
+                view = memoryview(data)
+                for i in range(0, n, CHANNEL_MAX_PKTSIZE):
+                    chan.write(view[i:i + CHANNEL_MAX_PKTSIZE])  # type: ignore[arg-type]
+        except OSError:  # the channel closed under us
+            self.abort()
+            return
+        self.fwd.bytes_out += n
+
+    def eof_received(self) -> bool:
+        if self.channel is not None:
+            self.channel.write_eof()
+        else:
+            self.pending_eof = True
+        return True  # half-open: the server side may still send
+
+    def pause_writing(self) -> None:
+        if self.channel is not None:
+            self.channel.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.channel is not None:
+            self.channel.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.fwd.conns.discard(self)
+        if self.channel is not None:
+            self.channel.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def attach(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
+        """The channel is confirmed: send what the target said so far, then stream."""
+        chan.set_write_buffer_limits(CHANNEL_HIGH_WATER)
+        self.channel = chan
+        if self.pending:
+            data = b"".join(self.pending)
+            self.pending.clear()
+            self.pending_len = 0
+            chan.write(data)
+            self.fwd.bytes_out += len(data)
+            if self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+        if self.pending_eof:
+            chan.write_eof()
+        if self.closed:
+            chan.close()  # the target already went away; buffered bytes are flushed first
+
+
+class _RemoteSession(asyncssh.SSHTCPSession[bytes]):
+    """The SSH side of one forwarded connection: writes straight to the local transport."""
+
+    def __init__(self, target: _TargetProtocol):
+        self.target = target
+
+    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:  # type: ignore
+        self.target.attach(chan)
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        transport = self.target.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+            self.target.fwd.bytes_in += len(data)
+
+    def eof_received(self) -> bool:
+        transport = self.target.transport
+        if transport is not None and transport.can_write_eof() and not transport.is_closing():
+            transport.write_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        if self.target.transport is not None:
+            self.target.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.target.transport is not None and not self.target.transport.is_closing():
+            self.target.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        transport = self.target.transport
+        if transport is None:
+            return
+        if exc is not None:
+            transport.abort()  # the SSH connection died under this channel
+        else:
+            transport.close()
