@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from .errors import BindError
-from .forward import CHANNEL_HIGH_WATER, CHANNEL_MAX_PKTSIZE, CHANNEL_WINDOW, PRE_OPEN_BUFFER
+from .forward import (CHANNEL_HIGH_WATER, CHANNEL_MAX_PKTSIZE, CHANNEL_WINDOW, PRE_OPEN_BUFFER,
+                      _ChannelSession)
 from .spec import ForwardSpec, join_host_port
 from .state import ForwardState, HostState, check_forward
 
@@ -400,40 +401,14 @@ class _TargetProtocol(asyncio.Protocol):
             chan.close()  # the target already went away; buffered bytes are flushed first
 
 
-class _RemoteSession(asyncssh.SSHTCPSession[bytes]):
-    """The SSH side of one forwarded connection: writes straight to the local transport."""
+class _RemoteSession(_ChannelSession):
+    """The SSH side of one forwarded connection: the same pairing as a local forward's
+    channel (writes straight to the local transport, back-pressure both ways), bound to the
+    target connection once asyncssh has made the channel."""
 
     def __init__(self, target: _TargetProtocol):
+        super().__init__(target)  # type: ignore[arg-type]  (duck-typed: transport, fwd)
         self.target = target
 
     def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:  # type: ignore
         self.target.attach(chan)
-
-    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        transport = self.target.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(data)
-            self.target.fwd.bytes_in += len(data)
-
-    def eof_received(self) -> bool:
-        transport = self.target.transport
-        if transport is not None and transport.can_write_eof() and not transport.is_closing():
-            transport.write_eof()
-        return True
-
-    def pause_writing(self) -> None:
-        if self.target.transport is not None:
-            self.target.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.target.transport is not None and not self.target.transport.is_closing():
-            self.target.transport.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        transport = self.target.transport
-        if transport is None:
-            return
-        if exc is not None:
-            transport.abort()  # the SSH connection died under this channel
-        else:
-            transport.close()
