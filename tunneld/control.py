@@ -176,7 +176,7 @@ class ControlServer:
 
     async def _add(self, args: dict[str, Any], emit: Emit) -> Any:
         return await self.manager.add(args.get("host"), args.get("specs"),
-                                      public=bool(args.get("public", False)),
+                                      public=args.get("public") is True,  # not "false"
                                       remote=args.get("remote"), socks=args.get("socks"))
 
     async def _remove(self, args: dict[str, Any], emit: Emit) -> Any:

@@ -452,17 +452,22 @@ class Manager:
             name = default_name(" ".join(command),
                                 {n for n, s in self.sessions.items() if s.running} |
                                 set(self.sessions))
+        if port is not None and port != "auto" and (
+                isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535):
+            raise UsageError(f"--port takes 'auto' or a port number, not {port!r}")
         sup = self.host_for(host)
         env: dict[str, str] = {}
         fwd = None
         if port is not None:
-            if port == "auto":
-                port = await self._free_remote_port(sup)
-            elif not isinstance(port, int) or not 1 <= port <= 65535:
-                raise UsageError(f"--port takes 'auto' or a port number, not {port!r}")
+            try:
+                if port == "auto":
+                    port = await self._free_remote_port(sup)
+                fwd = await self.ensure_forward(host, "localhost", port)
+            except Exception:
+                await self.release_host(host)   # no session: the host may have nothing left
+                raise
             command = [a.replace("{port}", str(port)) for a in command]
             env["PORT"] = str(port)
-            fwd = await self.ensure_forward(host, "localhost", port)
         text = " ".join(command)
         sess = Session(name, sup, text, self.session_dir / f"{name}.log", self._on_open,
                        env=env, port=port)

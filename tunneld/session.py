@@ -81,7 +81,9 @@ class Session:
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.log_path.parent, 0o700)
         self._log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(self._log_fd, 0o600)   # also when an older log of that name was 0644
         self._task = asyncio.get_running_loop().create_task(self._run(),
                                                             name=f"session:{self.name}")
 

@@ -26,7 +26,7 @@ import pytest
 from tunneld import wire
 
 from test_e2e_control import Lines, assert_error, assert_status_ok, connect, status_request
-from test_e2e_sessions import script, session, wait_opened, with_recorder
+from test_e2e_sessions import script, wait_opened, with_recorder
 
 REPO = Path(__file__).resolve().parents[2]
 #: the uid/gid of the "other user" (nobody on Debian and most Linux systems)
@@ -747,3 +747,94 @@ def _free(d) -> int:
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+# -- files: nothing tunneld writes is readable by other users --------------------------------
+
+
+def _exposed(root: Path) -> list[str]:
+    """Files under ``root`` that another user could read, assuming everything above ``root``
+    is open (a 0755 home): group/other-readable, below directories they can all search."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        d = Path(dirpath)
+        chain = [d, *[p for p in d.parents if root in (p, *p.parents)]]
+        searchable = all(os.stat(p).st_mode & 0o011 for p in chain)
+        for name in filenames:
+            p = d / name
+            if searchable and os.lstat(p).st_mode & 0o044:
+                out.append(f"{oct(stat.S_IMODE(os.lstat(p).st_mode))} {p}")
+    return out
+
+
+@pytest.mark.timeout(90)
+def test_files_tunneld_writes_are_private(daemon, sshd, echo_server, free_port):
+    state_dir = sshd.home / ".local" / "state" / "tunneld"
+    # a log left world-readable by an older run: reusing its session name makes it 0600
+    (state_dir / "sessions").mkdir(parents=True, exist_ok=True)
+    old = state_dir / "sessions" / "privy.log"
+    old.write_text("old output\n")
+    old.chmod(0o644)
+    _, rport = echo_server()
+    daemon.ctl("add", sshd.host, f"{free_port()}:127.0.0.2:{rport}")
+    daemon.ctl("run", sshd.host, "--name", "privy", "--follow", "--", "echo", "hi")
+    assert stat.S_IMODE(old.stat().st_mode) == 0o600
+    assert stat.S_IMODE(daemon.state_file.stat().st_mode) == 0o600
+    for p in (daemon.socket, Path(str(daemon.socket) + ".lock")):
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o600, p
+    for d in (daemon.socket.parent, state_dir / "sessions", state_dir / "log"):
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o700, d
+    assert daemon.stop() == 0
+    assert _exposed(state_dir) == [] and _exposed(daemon.socket.parent) == []
+
+
+# -- arguments of the wrong type leave nothing behind -----------------------------------------
+
+
+def _request(daemon, cmd: str, **args) -> dict:
+    with connect(daemon.socket, timeout=30) as s:
+        s.sendall(json.dumps({"cmd": cmd, "proto": 1, "args": args}).encode() + b"\n")
+        reply = Lines(s).read()
+    assert reply is not None
+    return reply
+
+
+@pytest.mark.timeout(90)
+def test_wrongly_typed_flags_and_failed_runs_leave_nothing_behind(daemon, free_port):
+    """Found by the fuzz run: ``"public": "false"`` counted as true (any non-empty value did),
+    ``"port": true`` was taken as port 1, and a `run` that failed before its session started
+    (bad port, no free port, host down) left a host supervisor reconnecting forever."""
+    daemon.config_file.parent.mkdir(parents=True, exist_ok=True)
+    daemon.config_file.write_text("[defaults]\nconnect_timeout = 2\nhold_timeout = 1\n")
+    assert daemon.stop() == 0
+    daemon.start()
+    port = free_port("0.0.0.0")
+    for flag in ("false", "no", 1, [True], {"x": 1}):
+        err = assert_error(_request(daemon, "add", host="nosuchhost.invalid",
+                                    specs=[f"0.0.0.0:{port}:x:1"], public=flag), "UsageError")
+        assert "Pass --public" in err["message"], err
+    for bad in (True, False, 0, 65536, "80", 1.5, [80]):
+        err = assert_error(_request(daemon, "run", host="nosuchhost.invalid",
+                                    command=["echo"], port=bad), "UsageError")
+        assert err["message"] == f"--port takes 'auto' or a port number, not {bad!r}", err
+    err = assert_error(_request(daemon, "run", host="nosuchhost.invalid", command=["echo"],
+                                port="auto"), "ConnectError")
+    assert "nosuchhost.invalid" in err["message"], err
+    assert daemon.list()["hosts"] == [], daemon.list()
+    assert json.loads(daemon.ctl("sessions", "--json").stdout)["sessions"] == []
+
+
+@pytest.mark.timeout(60)
+def test_jupyter_redirect_path_is_quoted_for_the_remote_shell(daemon, sshd, tmp_path):
+    """The one remote command built from printed text (reading Jupyter's redirect page) quotes
+    the path: shell syntax in it names a file that does not exist, and runs nothing (the
+    server is this machine, so a canary would show an injection)."""
+    canary = tmp_path / "jupyter-canary"
+    for path in (f"/tmp/$(touch${{IFS}}{canary})/jpserver-1-open.html",
+                 f"/tmp/`touch${{IFS}}{canary}`;touch${{IFS}}{canary}/nbserver-2-open.html"):
+        r = daemon.ctl("open", sshd.host, f"file://{path}", check=False)
+        assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+        assert r.stderr.startswith(f"tunnelctl: {sshd.host}: not opened: {path} on the server "
+                                   "holds no URL ("), r.stderr
+        assert "No such file or directory" in r.stderr, r.stderr
+    assert not canary.exists()
