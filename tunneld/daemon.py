@@ -28,6 +28,20 @@ LOG_MAX_BYTES = 2 * 1024 * 1024
 LOG_BACKUPS = 3
 
 
+class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """Log files are created 0600 (and an older one is made so): hosts, ports and errors
+    are nobody else's business."""
+
+    def _open(self):  # type: ignore[override]
+        old = os.umask(0o077)
+        try:
+            stream = super()._open()
+        finally:
+            os.umask(old)
+        os.chmod(self.baseFilename, 0o600)
+        return stream
+
+
 def setup_logging(level: str = "INFO", to_file: bool = True) -> None:
     """One line per event to stderr (journald adds its own timestamps) and to a rotating
     file.  asyncssh's per-channel chatter shows only at DEBUG."""
@@ -40,7 +54,7 @@ def setup_logging(level: str = "INFO", to_file: bool = True) -> None:
     if to_file:
         try:
             paths.log_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
-            fh = logging.handlers.RotatingFileHandler(
+            fh = _PrivateRotatingFileHandler(
                 paths.log_file(), maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS)
             fh.setFormatter(fmt)
             root.addHandler(fh)
