@@ -49,7 +49,55 @@ CHANNEL_WINDOW = 2 * 1024 * 1024
 CHANNEL_MAX_PKTSIZE = 32768
 
 
-class LocalForward:
+class ForwardReport:
+    """Counters and the report every kind of forward gives: the subclass sets ``spec``,
+    ``host``, ``origin``, ``state``, ``conns``, ``total``, ``bytes_in``, ``bytes_out`` and
+    ``last_error``."""
+
+    spec: ForwardSpec
+    host: "HostSupervisor"
+    origin: str
+    state: ForwardState
+    conns: set[Any]
+    total: int
+    bytes_in: int
+    bytes_out: int
+    last_error: str | None
+
+    def fail(self, message: str) -> None:
+        self.last_error = message
+        log.warning("%s: %s", self.host.name, message)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "spec": str(self.spec), "kind": self.spec.kind, "listen": self.spec.listen,
+            "target": self.spec.target, "state": self.state.value, "active": len(self.conns),
+            "total": self.total, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+            "last_error": self.last_error, "origin": self.origin,
+        }
+
+
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    """Small writes leave at once (interactive traffic through the tunnel)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def write_channel(chan: "asyncssh.SSHTCPChannel[bytes]", data: bytes) -> None:
+    """Write ``data`` one packet's worth at a time: asyncssh copies each write once, but cuts
+    a larger buffer into packets by deleting from its front.  Raises OSError if the channel
+    is closed for sending."""
+    n = len(data)
+    if n <= CHANNEL_MAX_PKTSIZE:
+        chan.write(data)
+        return
+    view = memoryview(data)
+    for i in range(0, n, CHANNEL_MAX_PKTSIZE):
+        chan.write(view[i:i + CHANNEL_MAX_PKTSIZE])  # type: ignore[arg-type]
+
+
+class LocalForward(ForwardReport):
     """A bound listener for one spec, and the counters of the clients it served."""
 
     def __init__(self, spec: ForwardSpec, host: "HostSupervisor", origin: str = "added"):
@@ -111,21 +159,6 @@ class LocalForward:
         if server is not None:
             await server.wait_closed()
 
-    # -- counters ----------------------------------------------------------------------------
-
-    def fail(self, message: str) -> None:
-        self.last_error = message
-        log.warning("%s: %s", self.host.name, message)
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "spec": str(self.spec), "kind": self.spec.kind, "listen": self.spec.listen,
-            "target": self.spec.target, "state": self.state.value, "active": len(self.conns),
-            "total": self.total, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
-            "last_error": self.last_error, "origin": self.origin,
-        }
-
-
 class _LocalProtocol(asyncio.Protocol):
     """One accepted local client.  Invariant: ``channel`` is None until the SSH channel is
     open; until then received bytes wait in ``pending`` (bounded by ``PRE_OPEN_BUFFER``)."""
@@ -145,9 +178,7 @@ class _LocalProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  (uvloop's is not a subclass)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_nodelay(transport)
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = f"{peer[0]}:{peer[1]}"
@@ -158,20 +189,12 @@ class _LocalProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         chan = self.channel
         if chan is not None:
-            n = len(data)
             try:
-                if n <= CHANNEL_MAX_PKTSIZE:
-                    chan.write(data)
-                else:
-                    # one packet's worth at a time: asyncssh copies each write once, but
-                    # cuts a larger buffer into packets by deleting from its front
-                    view = memoryview(data)
-                    for i in range(0, n, CHANNEL_MAX_PKTSIZE):
-                        chan.write(view[i:i + CHANNEL_MAX_PKTSIZE])  # type: ignore[arg-type]
+                write_channel(chan, data)
             except OSError:  # the channel closed under us (the remote end went away)
                 self.abort()
                 return
-            self.fwd.bytes_out += n
+            self.fwd.bytes_out += len(data)
             return
         # channel not open yet (under uvloop this can happen even after pause_reading)
         self.pending.append(data)

@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import asyncssh
 
 from .errors import BindError
 from .forward import (CHANNEL_HIGH_WATER, CHANNEL_MAX_PKTSIZE, CHANNEL_WINDOW, PRE_OPEN_BUFFER,
-                      _ChannelSession)
+                      ForwardReport, _ChannelSession, set_nodelay, write_channel)
 from .spec import ForwardSpec, join_host_port
 from .state import ForwardState, HostState, check_forward
 
@@ -52,7 +51,7 @@ TARGET_CONNECT_TIMEOUT = 10.0
 CANCEL_TIMEOUT = 5.0
 
 
-class RemoteForward:
+class RemoteForward(ForwardReport):
     """A listener on the server for one spec (while the host is connected), and the counters
     of the connections it carried.  Same interface as ``LocalForward`` (bind, follow_host,
     close, snapshot, conns, counters)."""
@@ -299,20 +298,6 @@ class RemoteForward:
                                             "the forward was removed")
         return _RemoteSession(target)
 
-    # -- counters ----------------------------------------------------------------------------
-
-    def fail(self, message: str) -> None:
-        self.last_error = message
-        log.warning("%s: %s", self.host.name, message)
-
-    def snapshot(self) -> dict[str, Any]:
-        return {
-            "spec": str(self.spec), "kind": self.spec.kind, "listen": self.spec.listen,
-            "target": self.spec.target, "state": self.state.value, "active": len(self.conns),
-            "total": self.total, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
-            "last_error": self.last_error, "origin": self.origin,
-        }
-
 
 class _TargetProtocol(asyncio.Protocol):
     """The local end of one forwarded connection.  Invariant: ``channel`` is None until the
@@ -332,9 +317,7 @@ class _TargetProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_nodelay(transport)
         self.fwd.conns.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -345,18 +328,12 @@ class _TargetProtocol(asyncio.Protocol):
             if self.pending_len >= PRE_OPEN_BUFFER and self.transport is not None:
                 self.transport.pause_reading()
             return
-        n = len(data)
         try:
-            if n <= CHANNEL_MAX_PKTSIZE:
-                chan.write(data)
-            else:
-                view = memoryview(data)
-                for i in range(0, n, CHANNEL_MAX_PKTSIZE):
-                    chan.write(view[i:i + CHANNEL_MAX_PKTSIZE])  # type: ignore[arg-type]
+            write_channel(chan, data)
         except OSError:  # the channel closed under us
             self.abort()
             return
-        self.fwd.bytes_out += n
+        self.fwd.bytes_out += len(data)
 
     def eof_received(self) -> bool:
         if self.channel is not None:
