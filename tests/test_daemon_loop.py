@@ -95,3 +95,34 @@ def test_other_exceptions_go_to_the_default_handler():
     ctx2 = {"message": "Exception in callback", "exception": OSError("x")}
     loop_exception_handler(Loop(), ctx2)  # type: ignore[arg-type]
     assert seen == [ctx, ctx2]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+def test_tcp_connections_get_nodelay_from_the_loop(loop_kind):
+    """forward.py and remote_forward.py rely on this instead of a setsockopt per connection:
+    the event loop sets TCP_NODELAY on every TCP connection it accepts or makes, so a small
+    write through a tunnel leaves at once."""
+    import socket
+
+    async def main() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        accepted: asyncio.Future[int] = loop.create_future()
+
+        class Server(asyncio.Protocol):
+            def connection_made(self, transport):
+                sock = transport.get_extra_info("socket")
+                accepted.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+        server = await loop.create_server(Server, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        transport, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+        made = transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP,
+                                                             socket.TCP_NODELAY)
+        got = await asyncio.wait_for(accepted, 10)
+        transport.close()
+        server.close()
+        return got, made
+
+    run = uvloop.run if loop_kind == "uvloop" else asyncio.run
+    assert run(main()) == (1, 1)

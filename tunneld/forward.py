@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
+from . import fastpath
 from .errors import BindError, TunneldError
 from .spec import ForwardSpec, join_host_port
 from .state import ForwardState, check_forward, forward_state_for
@@ -75,13 +76,6 @@ class ForwardReport:
             "total": self.total, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
             "last_error": self.last_error, "origin": self.origin,
         }
-
-
-def set_nodelay(transport: asyncio.BaseTransport) -> None:
-    """Small writes leave at once (interactive traffic through the tunnel)."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def write_channel(chan: "asyncssh.SSHTCPChannel[bytes]", data: bytes) -> None:
@@ -178,7 +172,6 @@ class _LocalProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  (uvloop's is not a subclass)
-        set_nodelay(transport)
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = f"{peer[0]}:{peer[1]}"
@@ -189,11 +182,14 @@ class _LocalProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         chan = self.channel
         if chan is not None:
+            fastpath.begin()   # the packets made of ``data`` leave in one write
             try:
                 write_channel(chan, data)
             except OSError:  # the channel closed under us (the remote end went away)
                 self.abort()
                 return
+            finally:
+                fastpath.end()
             self.fwd.bytes_out += len(data)
             return
         # channel not open yet (under uvloop this can happen even after pause_reading)
@@ -299,18 +295,33 @@ def _orig(transport: asyncio.BaseTransport | None) -> tuple[str, int]:
 
 
 class _ChannelSession(asyncssh.SSHTCPSession[bytes]):
-    """The SSH side of one client: writes straight to the local transport."""
+    """The SSH side of one client: writes to the local transport, once per batch of packets
+    (``fastpath``): the packets decoded from one read of the SSH socket leave together."""
 
     def __init__(self, local: _LocalProtocol):
         self.local = local
+        #: data for the local transport, written when the current batch ends
+        self.out: list[bytes] = []
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         transport = self.local.transport
         if transport is not None and not transport.is_closing():
-            transport.write(data)
+            if fastpath.batching():
+                if not self.out:
+                    fastpath.at_end(self.flush)
+                self.out.append(data)
+            else:
+                transport.write(data)
             self.local.fwd.bytes_in += len(data)
 
+    def flush(self) -> None:
+        out, self.out = self.out, []
+        transport = self.local.transport
+        if out and transport is not None and not transport.is_closing():
+            transport.writelines(out)
+
     def eof_received(self) -> bool:
+        self.flush()
         transport = self.local.transport
         if transport is not None and transport.can_write_eof() and not transport.is_closing():
             transport.write_eof()
@@ -328,6 +339,7 @@ class _ChannelSession(asyncssh.SSHTCPSession[bytes]):
         transport = self.local.transport
         if transport is None:
             return
+        self.flush()
         if exc is not None:
             # the SSH connection died under this channel: the client sees a reset
             transport.abort()

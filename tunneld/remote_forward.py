@@ -31,7 +31,7 @@ import asyncssh
 
 from .errors import BindError
 from .forward import (CHANNEL_HIGH_WATER, CHANNEL_MAX_PKTSIZE, CHANNEL_WINDOW, PRE_OPEN_BUFFER,
-                      ForwardReport, _ChannelSession, set_nodelay, write_channel)
+                      ForwardReport, _ChannelSession, write_channel)
 from .spec import ForwardSpec, join_host_port
 from .state import ForwardState, HostState, check_forward
 
@@ -317,7 +317,6 @@ class _TargetProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        set_nodelay(transport)
         self.fwd.conns.add(self)
 
     def data_received(self, data: bytes) -> None:

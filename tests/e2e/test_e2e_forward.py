@@ -175,6 +175,43 @@ def test_destination_that_speaks_first(daemon, sshd, echo_server, free_port):
             assert s.recv(100) == b"then echo"
 
 
+def test_reply_then_close_arrives_whole_before_the_eof(daemon, sshd, free_port):
+    """A destination that writes and closes at once: its data, EOF and channel close often
+    arrive in one read of the SSH socket, and the data must still reach the client, all of it
+    and before the EOF (the local writes of one read leave together)."""
+    sizes = [1, 100, 5000, 40_000, 300_000, 3_000_000]
+    payloads = {n: os.urandom(n) for n in sizes}
+    srv = socket.create_server(("127.0.0.2", 0))
+    srv.settimeout(30)
+    order: list[int] = [n for n in sizes for _ in range(4)]
+
+    def serve() -> None:
+        for n in order:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            with c:
+                c.sendall(payloads[n])
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    port = free_port()
+    daemon.ctl("add", sshd.host, f"{port}:127.0.0.2:{srv.getsockname()[1]}")
+    try:
+        for n in order:
+            with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+                got = bytearray()
+                while True:
+                    data = s.recv(1 << 20)
+                    if not data:
+                        break
+                    got += data
+            assert bytes(got) == payloads[n], (n, len(got))
+    finally:
+        srv.close()
+        t.join(5)
+
+
 def test_ipv6_bind(daemon, sshd, echo_server):
     if not socket.has_ipv6:
         pytest.fail("this machine has no IPv6 loopback; the test needs [::1]")

@@ -3,6 +3,7 @@ still works, stock behaviour elsewhere."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import asyncssh
@@ -97,3 +98,24 @@ def test_unsupported_version_is_left_alone(monkeypatch):
     before = asyncssh.connection.SSHConnection.send_packet
     assert fastpath.install() is False
     assert asyncssh.connection.SSHConnection.send_packet is before
+
+
+async def test_asyncssh_logging_unchanged_when_enabled(home, echo_server, caplog):
+    """The logging shortcuts only skip what asyncssh would not log anyway."""
+    echo = echo_server()
+    assert fastpath.install()
+    asyncssh.set_debug_level(3)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="asyncssh"):
+            await _echo_packets(home.host, echo, "aes128-gcm@openssh.com", 2)
+    finally:
+        asyncssh.set_debug_level(1)
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("asyncssh")]
+    assert any("Sent MSG_CHANNEL_DATA" in m for m in messages), messages[-20:]
+    assert any("Received MSG_CHANNEL_DATA" in m for m in messages), messages[-20:]
+    assert any("Opening direct TCP connection" in m for m in messages), messages[-20:]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="asyncssh"):
+        await _echo_packets(home.host, echo, "aes128-gcm@openssh.com", 2)
+    assert not [r for r in caplog.records
+                if r.name.startswith("asyncssh") and r.levelno < logging.WARNING]
