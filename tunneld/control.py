@@ -51,6 +51,10 @@ def peer_uid(sock: socket.socket) -> int | None:
     return None
 
 
+class ClientGone(ConnectionError):
+    """The client of a request closed its end while the request ran: nobody to answer."""
+
+
 class Peer:
     """The client of the request being served.  ``await peer(msg)`` sends a progress line;
     ``await peer.ask(question)`` relays a login prompt and reads the client's answer line (the
@@ -64,8 +68,11 @@ class Peer:
         self._asking = asyncio.Lock()
 
     async def __call__(self, msg: dict[str, Any]) -> None:
-        self.writer.write(wire.encode(msg))
-        await self.writer.drain()
+        try:
+            self.writer.write(wire.encode(msg))
+            await self.writer.drain()
+        except (ConnectionError, RuntimeError) as exc:  # uvloop: RuntimeError once closed
+            raise ClientGone(str(exc)) from None
 
     async def ask(self, question: dict[str, Any]) -> list[str]:
         """Ask the person at the client (``question``: wire.prompt's fields).  Raises
@@ -228,6 +235,8 @@ class ControlServer:
             return reply
         except TunneldError as exc:
             return wire.error(__version__, exc)
+        except ClientGone:
+            raise   # _serve closes the connection; there is nobody to reply to
         except Exception as exc:  # a bug: report it, keep serving
             log.exception("control: internal error")
             return wire.error(__version__, TunneldError(
