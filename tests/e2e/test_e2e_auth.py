@@ -12,6 +12,7 @@ import errno
 import os
 import pty
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Daemon
+from conftest import Daemon, SSHServer
 from netutil import roundtrip
 from test_e2e_errors import _closed_within, _log_lines, _transitions
 
@@ -110,13 +111,15 @@ class Pty:
         return self.out.decode(errors="replace")
 
 
-def _login(daemon: Daemon, answers: list[tuple[str, str]], *args: str) -> Pty:
-    """Run tunnelctl ARGS in a pty; answer each (prompt, answer); return it ended."""
+def _login(daemon: Daemon, answers: list[tuple[str, str | None]], *args: str) -> Pty:
+    """Run tunnelctl ARGS in a pty; for each (prompt, answer) wait for the prompt and type
+    the answer (None: only wait); return it ended."""
     p = Pty(daemon.env, *args)
     try:
         for prompt, answer in answers:
             p.expect(prompt)
-            p.send(answer + "\n")
+            if answer is not None:
+                p.send(answer + "\n")
         p.wait()
     finally:
         p.kill()
@@ -234,6 +237,18 @@ def test_right_answers_connect_and_forward(adaemon, authserver, echo_server, fre
     assert roundtrip(lport, b"through an interactive login\n") == \
         b"through an interactive login\n"
     _assert_no_secrets(adaemon, p.text)
+
+
+@pytest.mark.timeout(120)
+def test_login_to_a_host_without_forwards_checks_it(adaemon, authserver):
+    p = _login(adaemon, RIGHT, "login", ALIAS)
+    assert p.status == 0, p.text
+    assert "the login works" in p.text, p.text
+    assert authserver.attempts() == ["kbdint ok"]
+    assert adaemon.list()["hosts"] == []   # nothing uses it: released, as after `open`
+    p = _login(adaemon, WRONG * 3, "login", ALIAS)
+    assert p.status == 1 and "rejected the answers" in p.text, p.text
+    assert adaemon.list()["hosts"] == []
 
 
 @pytest.mark.timeout(180)
@@ -373,5 +388,70 @@ def test_encrypted_key_passphrase_held_for_the_daemon_run(sshd, tmp_path, echo_s
                    "needs-auth after a restart")
         assert "passphrase" in d.host("lockedhost")["last_error"]
         _assert_no_secrets(d)
+    finally:
+        d.close()
+
+
+# -- a real OpenSSH sshd with password logins for a throw-away user ------------------------------
+
+
+@pytest.fixture
+def pw_user():
+    """A throw-away local user whose password is PASSWORD (removed at teardown)."""
+    if os.geteuid() != 0 or not shutil.which("useradd") or not shutil.which("chpasswd"):
+        pytest.skip("a password login to a real sshd needs root and useradd/chpasswd to make "
+                    "a throw-away user")
+    name = f"tdpw{os.getpid() % 100000}"
+    subprocess.run(["userdel", name], capture_output=True, timeout=30)  # a leftover
+    subprocess.run(["useradd", "-M", "-d", "/nonexistent", "-s", "/bin/sh", name], check=True,
+                   capture_output=True, timeout=30)
+    try:
+        subprocess.run(["chpasswd"], input=f"{name}:{PASSWORD}\n", text=True, check=True,
+                       capture_output=True, timeout=30)
+        yield name
+    finally:
+        subprocess.run(["userdel", name], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def pw_sshd(tmp_path, pw_user):
+    """A real sshd that accepts passwords (through PAM's keyboard-interactive where PAM is
+    set up, else plain password auth), with the alias ``pwhost`` for ``pw_user``."""
+    server = SSHServer.create(tmp_path / "pw")
+    pam = os.path.exists("/etc/pam.d/sshd")
+    text = server.sshd_config.read_text()
+    for old, new in (("UsePAM no", f"UsePAM {'yes' if pam else 'no'}"),
+                     ("PasswordAuthentication no", "PasswordAuthentication yes"),
+                     ("KbdInteractiveAuthentication no", "KbdInteractiveAuthentication yes")):
+        assert old in text
+        text = text.replace(old, new)
+    server.sshd_config.write_text(text)
+    server.add_host_alias("pwhost", User=pw_user, PubkeyAuthentication="no")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.mark.timeout(180)
+def test_real_sshd_password_login(pw_sshd, echo_server, free_port):
+    _, rport = echo_server()
+    lport = free_port()
+    d = Daemon(pw_sshd)
+    d.start()
+    try:
+        r = _no_tty_ctl(d, "add", "pwhost", f"{lport}:127.0.0.2:{rport}")
+        assert "pwhost is needs-auth" in r.stderr and "tunnelctl login pwhost" in r.stderr, \
+            r.stderr
+        p = _login(d, [("(pwhost) ", None), ("assword: ", WRONG_PASSWORD),
+                       ("Permission denied, please try again.", None),
+                       ("assword: ", PASSWORD)], "login", "pwhost")
+        assert p.status == 0, p.text + d.log()
+        assert "pwhost: connected" in p.text, p.text
+        assert WRONG_PASSWORD not in p.text and PASSWORD not in p.text, "a secret was echoed"
+        assert roundtrip(lport, b"through sshd's password login\n") == \
+            b"through sshd's password login\n"
+        _assert_no_secrets(d, p.text, r.stderr)
     finally:
         d.close()
