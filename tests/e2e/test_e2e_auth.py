@@ -348,6 +348,22 @@ def test_ctrl_c_at_the_prompt_leaves_needs_auth(adaemon, authserver, free_port):
     assert _transitions(adaemon, ALIAS, "connecting") == tries
     assert authserver.attempts() == []
 
+    # the terminal goes away at the prompt (tunnelctl dies with it): abandoned too
+    p = Pty(adaemon.env, "login", ALIAS)
+    try:
+        p.expect("(authhost) Password: ")
+    finally:
+        p.kill()
+    adaemon.wait_for(lambda: "went away" in (adaemon.host(ALIAS)["last_error"] or ""), 20,
+                     "the login abandoned by a closed terminal")
+    assert adaemon.host(ALIAS)["state"] == "needs-auth"
+    assert authserver.attempts() == []
+
+    # `tunnelctl reconnect HOST` in a terminal asks too
+    p = _login(adaemon, RIGHT, "reconnect", ALIAS)
+    assert p.status == 0 and f"{ALIAS}: connected" in p.text, p.text
+    assert authserver.attempts() == ["kbdint ok"]
+
 
 @pytest.mark.timeout(180)
 def test_encrypted_key_passphrase_held_for_the_daemon_run(sshd, tmp_path, echo_server,
