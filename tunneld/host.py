@@ -153,7 +153,8 @@ class _Client(asyncssh.SSHClient):
         self.answered = True
         return answers[0]
 
-    async def public_key_auth_requested(self) -> list[asyncssh.SSHKey] | None:  # type: ignore[override]
+    async def public_key_auth_requested(  # type: ignore[override]
+            self) -> list[asyncssh.SSHKey] | None:
         """After the agent's keys and the unencrypted IdentityFile keys: the encrypted ones,
         unlocked this daemon run, or unlocked now with a passphrase from the prompter."""
         while self._key_files:
