@@ -113,7 +113,8 @@ class Pty:
 
 def _login(daemon: Daemon, answers: list[tuple[str, str | None]], *args: str) -> Pty:
     """Run tunnelctl ARGS in a pty; for each (prompt, answer) wait for the prompt and type
-    the answer (None: only wait); return it ended."""
+    the answer (None: only wait); return it ended.  Type only after the prompt itself: text
+    typed before getpass turned echo off would be echoed (as in any terminal)."""
     p = Pty(daemon.env, *args)
     try:
         for prompt, answer in answers:
@@ -387,7 +388,8 @@ def test_encrypted_key_passphrase_held_for_the_daemon_run(sshd, tmp_path, echo_s
         assert "passphrase" in r.stderr and f"ssh-add {key}" in r.stderr, r.stderr
 
         p = _login(d, [("Enter passphrase for key", "not the passphrase"),
-                       ("Bad passphrase, try again.", PASSPHRASE)], "login", "lockedhost")
+                       ("Bad passphrase, try again.", None),
+                       ("Enter passphrase for key", PASSPHRASE)], "login", "lockedhost")
         assert p.status == 0, p.text
         assert f"Enter passphrase for key '{key}'" in p.text, p.text
         assert roundtrip(lport, b"key unlocked\n") == b"key unlocked\n"
