@@ -193,7 +193,9 @@ def notes(tmp_path) -> Path:
 
 @pytest.fixture
 def adaemon(sshd, authserver, notes):
-    d = Daemon(sshd, {"PATH": f"{notes.parent / 'bin'}:{os.environ['PATH']}"})
+    # DEBUG: asyncssh's own debug lines are checked for answers too
+    d = Daemon(sshd, {"PATH": f"{notes.parent / 'bin'}:{os.environ['PATH']}",
+                      "TUNNELD_LOG_LEVEL": "DEBUG"})
     d.start()
     try:
         yield d
