@@ -139,6 +139,9 @@ def call(cmd: str, autostart: bool = True,
             except wire.ProtocolError as exc:
                 raise Unreachable(f"tunneld sent a reply tunnelctl cannot read ({exc})") \
                     from None
+            if wire.is_prompt(msg):
+                _answer(s, msg)
+                continue
             if not wire.is_final(msg):
                 if on_progress is not None:
                     on_progress(msg)
@@ -156,6 +159,71 @@ def call(cmd: str, autostart: bool = True,
                 return msg.get("result")
             err = msg.get("error") or {}
             raise Failed(err.get("message") or "the daemon reported an error")
+
+
+# -- login prompts -----------------------------------------------------------------------------
+
+def can_prompt(a: argparse.Namespace) -> bool:
+    """True if a person can answer login prompts here: a controlling terminal, no --no-prompt."""
+    if getattr(a, "no_prompt", False):
+        return False
+    try:
+        os.close(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY))
+    except OSError:
+        return False
+    return True
+
+
+def _answer(s: socket.socket, msg: dict[str, Any]) -> None:
+    """Ask the terminal's person the daemon's login questions and send the answer back (a
+    cancel on ^C or a closed terminal).  The answers are not kept."""
+    try:
+        p = wire.parse_prompt(msg)
+    except wire.ProtocolError as exc:
+        raise Unreachable(f"tunneld sent a prompt tunnelctl cannot read ({exc})") from None
+    try:
+        reply = wire.answer(p["id"], _ask_tty(p))
+    except KeyboardInterrupt:
+        _send_quietly(s, wire.cancel(p["id"]))
+        raise
+    except (OSError, EOFError):
+        reply = wire.cancel(p["id"])  # the terminal is gone
+    _send_quietly(s, reply)
+
+
+def _send_quietly(s: socket.socket, msg: dict[str, Any]) -> None:
+    try:
+        s.sendall(wire.encode(msg))
+    except OSError:
+        pass  # the daemon went away: the final read reports it
+
+
+def _ask_tty(p: dict[str, Any]) -> list[str]:
+    """Ask ``p``'s prompts on /dev/tty (no echo unless the server allows it)."""
+    import getpass
+    import io
+    # as getpass does: a tty is not seekable, so no open(..., "r+")
+    with io.TextIOWrapper(io.FileIO(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY), "w+")) as tty:
+        if p["attempt"] > 1:
+            tty.write("Bad passphrase, try again.\n" if p["kind"] == "passphrase" else
+                      "Permission denied, please try again.\n")
+        for text in (p["name"], p["instructions"]):
+            if text:
+                tty.write(text.rstrip("\n") + "\n")
+        tty.flush()
+        answers: list[str] = []
+        for text, echo in p["prompts"]:
+            shown = text if p["kind"] == "passphrase" else f"({p['host']}) {text}"
+            if echo:
+                tty.write(shown)
+                tty.flush()
+                line = tty.readline()
+                if not line:
+                    raise EOFError
+                answers.append(line.rstrip("\n"))
+            else:
+                answers.append(getpass.getpass(shown, stream=tty))
+        return answers
 
 
 # -- presentation ------------------------------------------------------------------------------
@@ -228,6 +296,8 @@ def cmd_add(a: argparse.Namespace) -> int:
         args["remote"] = a.remote
     if a.socks:
         args["socks"] = a.socks
+    if can_prompt(a):
+        args["interactive"] = True
     r = call("add", host=a.host, public=a.public, **args)
     if r["added"]:
         print(f"{a.host}: added {', '.join(r['added'])}")
@@ -319,7 +389,7 @@ def cmd_stop(a: argparse.Namespace) -> int:
 
 
 def cmd_reconnect(a: argparse.Namespace) -> int:
-    r = call("reconnect", host=a.host)
+    r = call("reconnect", host=a.host, **({"interactive": True} if can_prompt(a) else {}))
     failed = False
     for h in r["hosts"]:
         line = f"{h['name']}: {h['state']}"
@@ -328,6 +398,23 @@ def cmd_reconnect(a: argparse.Namespace) -> int:
             failed = True
         print(line)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_login(a: argparse.Namespace) -> int:
+    r = call("login", host=a.host, **({"interactive": True} if can_prompt(a) else {}))
+    h = r["hosts"][0]
+    if h["state"] != "connected":
+        print(f"tunnelctl: {a.host}: {h['state']}"
+              + (f": {h['last_error']}" if h.get("last_error") else ""), file=sys.stderr)
+        return EXIT_FAILED
+    if r.get("already"):
+        print(f"{a.host}: connected (already logged in)")
+    elif r.get("kept"):
+        print(f"{a.host}: connected")
+    else:
+        print(f"{a.host}: connected; the login works (it has no forwards or sessions, so the "
+              "connection is closed again)")
+    return EXIT_OK
 
 
 def _session_line(r: dict[str, Any]) -> str:
@@ -553,6 +640,12 @@ def open_url(host: str, url: str, node: str | None) -> None:
         print(f"\r\ntunnelctl: {exc}\r", file=sys.stderr)
 
 
+def _no_prompt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-prompt", action="store_true",
+                   help="never ask for a password, code or passphrase (a login that needs one "
+                        "leaves the host in needs-auth)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="tunnelctl", description="control the tunneld daemon")
     ap.add_argument("--version", action="version", version=f"tunnelctl {__version__}")
@@ -573,6 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "server")
     p.add_argument("--public", action="store_true",
                    help="allow a non-loopback listen address (reachable from other machines)")
+    _no_prompt(p)
     p.set_defaults(func=cmd_add)
 
     p = sub.add_parser("remove", help="remove forwards (all of HOST's with no SPEC)",
@@ -599,7 +693,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reconnect", help="drop and re-establish connections now")
     p.add_argument("host", nargs="?")
+    _no_prompt(p)
     p.set_defaults(func=cmd_reconnect)
+
+    p = sub.add_parser("login", help="log in to a host now, answering its password / code "
+                                     "prompts here")
+    p.add_argument("host")
+    _no_prompt(p)
+    p.set_defaults(func=cmd_login)
 
     p = sub.add_parser("run", help="run a remote command as a session, output watched",
                        usage="tunnelctl run HOST [--name N] [--port auto|N] [--follow] "

@@ -25,7 +25,7 @@ NAMES_TIMEOUT = 1.0
 #: a limit: ssh config files read through Include (a loop cannot hang the shell)
 MAX_CONFIG_FILES = 64
 #: commands whose first argument is a host / a session
-HOST_COMMANDS = ("add", "remove", "reconnect", "run", "open", "watch", "ssh")
+HOST_COMMANDS = ("add", "remove", "reconnect", "login", "run", "open", "watch", "ssh")
 SESSION_COMMANDS = ("logs", "kill")
 #: fixed first arguments
 WORDS = {"service": ("install", "uninstall", "status"), "completion": ("bash", "zsh")}

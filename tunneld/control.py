@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import io
 import logging
 import os
@@ -18,8 +19,10 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from . import __version__, wire
-from .errors import ProtocolError, TunneldError, UsageError
+from .errors import LoginAbandoned, ProtocolError, TunneldError, UsageError
+from .host import HostSupervisor, Prompter
 from .manager import Manager, check_host_name
+from .state import HostState
 
 log = logging.getLogger("tunneld")
 
@@ -46,6 +49,73 @@ def peer_uid(sock: socket.socket) -> int | None:
         creds = sock.getsockopt(0, socket.LOCAL_PEERCRED, struct.calcsize("2I"))
         return struct.unpack("2I", creds)[1]
     return None
+
+
+class ClientGone(ConnectionError):
+    """The client of a request closed its end while the request ran: nobody to answer."""
+
+
+class Peer:
+    """The client of the request being served.  ``await peer(msg)`` sends a progress line;
+    ``await peer.ask(question)`` relays a login prompt and reads the client's answer line (the
+    socket is otherwise not read while a request runs).  Answers are returned, never kept."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        #: id of the last prompt sent on this connection
+        self._last_id = 0
+        #: one question at a time (two hosts of one `reconnect` may need answers together)
+        self._asking = asyncio.Lock()
+
+    async def __call__(self, msg: dict[str, Any]) -> None:
+        try:
+            self.writer.write(wire.encode(msg))
+            await self.writer.drain()
+        except (ConnectionError, RuntimeError) as exc:  # uvloop: RuntimeError once closed
+            raise ClientGone(str(exc)) from None
+
+    async def ask(self, question: dict[str, Any]) -> list[str]:
+        """Ask the person at the client (``question``: wire.prompt's fields).  Raises
+        LoginAbandoned on cancel, EOF, a closed socket, a bad answer or ANSWER_TIMEOUT."""
+        async with self._asking:
+            self._last_id += 1
+            pid = self._last_id
+            try:
+                await self(wire.prompt(pid, **question))
+            except (ConnectionError, OSError):
+                raise LoginAbandoned("tunnelctl went away") from None
+            deadline = time.monotonic() + wire.ANSWER_TIMEOUT
+            while True:
+                left = deadline - time.monotonic()
+                try:
+                    line = await asyncio.wait_for(self.reader.readline(), max(left, 0))
+                except asyncio.TimeoutError:
+                    raise LoginAbandoned(f"no answer within {wire.ANSWER_TIMEOUT:g}s") from None
+                except (ValueError, asyncio.LimitOverrunError, ConnectionError, OSError):
+                    raise LoginAbandoned("the answer could not be read") from None
+                if not line:
+                    raise LoginAbandoned("tunnelctl went away (^C or its terminal closed)")
+                try:
+                    msg = wire.decode(line)
+                    late = msg.get("answer")
+                    if isinstance(late, dict) and isinstance(late.get("id"), int) and \
+                            not isinstance(late.get("id"), bool) and late["id"] < pid:
+                        continue   # the answer to an earlier prompt that timed out
+                    responses = wire.parse_answer(msg, pid, len(question["prompts"]))
+                except ProtocolError as exc:   # its message never contains a response
+                    raise LoginAbandoned(f"unreadable answer: {exc}") from None
+                if responses is None:
+                    raise LoginAbandoned("cancelled by the user")
+                return responses
+
+
+def _prompter(args: dict[str, Any], peer: Emit) -> Prompter | None:
+    """The ask of a client that can answer login prompts (it said "interactive": true)."""
+    return peer.ask if args.get("interactive") is True and isinstance(peer, Peer) else None
+
+
+def _host_result(sup: HostSupervisor) -> dict[str, Any]:
+    return {"name": sup.name, "state": sup.state.value, "last_error": sup.last_error}
 
 
 def _empty() -> io.BytesIO:
@@ -80,7 +150,7 @@ class ControlServer:
             "status": self._status, "stop": self._stop, "reconnect": self._reconnect,
             "run": self._run, "sessions": self._sessions, "logs": self._logs,
             "kill": self._kill, "open": self._open, "reload": self._reload,
-            "events": self._events,
+            "events": self._events, "login": self._login,
         }
         assert set(self.handlers) <= wire.COMMANDS
 
@@ -142,9 +212,7 @@ class ControlServer:
                     return
                 if not line:
                     return
-                async def emit(msg: dict[str, Any]) -> None:
-                    await self._send(writer, msg)
-                reply = await self._handle(line, emit)
+                reply = await self._handle(line, Peer(reader, writer))
                 await self._send(writer, reply)
         except (ConnectionError, OSError):
             pass
@@ -167,6 +235,8 @@ class ControlServer:
             return reply
         except TunneldError as exc:
             return wire.error(__version__, exc)
+        except ClientGone:
+            raise   # _serve closes the connection; there is nobody to reply to
         except Exception as exc:  # a bug: report it, keep serving
             log.exception("control: internal error")
             return wire.error(__version__, TunneldError(
@@ -177,7 +247,8 @@ class ControlServer:
     async def _add(self, args: dict[str, Any], emit: Emit) -> Any:
         return await self.manager.add(args.get("host"), args.get("specs"),
                                       public=args.get("public") is True,  # not "false"
-                                      remote=args.get("remote"), socks=args.get("socks"))
+                                      remote=args.get("remote"), socks=args.get("socks"),
+                                      prompter=_prompter(args, emit))
 
     async def _remove(self, args: dict[str, Any], emit: Emit) -> Any:
         return await self.manager.remove(args.get("host"), args.get("specs") or None,
@@ -210,12 +281,32 @@ class ControlServer:
             if sup is None:
                 raise UsageError(f"{host!r} has no forwards; nothing to reconnect")
             sups = [sup]
-        for sup in sups:
-            sup.reconnect()
-        for sup in sups:
-            await sup.wait_attempt(self.manager.config.defaults.connect_timeout + 1)
-        return {"hosts": [{"name": s.name, "state": s.state.value, "last_error": s.last_error}
-                          for s in sups]}
+        with contextlib.ExitStack() as prompting:
+            for sup in sups:
+                prompting.enter_context(sup.prompting(_prompter(args, emit)))
+                sup.reconnect()
+            for sup in sups:
+                await sup.wait_attempt(self.manager.config.defaults.connect_timeout + 1)
+        return {"hosts": [_host_result(s) for s in sups]}
+
+    async def _login(self, args: dict[str, Any], emit: Emit) -> Any:
+        """Log in to a host now, answering its prompts through the client.  A host with
+        forwards or sessions reconnects (unless it is connected: that login stands); a host
+        with none connects once to check the login, and is released again."""
+        host = check_host_name(args.get("host"))
+        known = host in self.manager.hosts
+        sup = self.manager.host_for(host)   # started: its attempt begins at the next await
+        try:
+            with sup.prompting(_prompter(args, emit)):
+                if sup.state is HostState.CONNECTED:
+                    return {"hosts": [_host_result(sup)], "already": True}
+                if known:
+                    sup.reconnect()
+                await sup.wait_attempt(self.manager.config.defaults.connect_timeout + 1)
+            return {"hosts": [_host_result(sup)], "kept": bool(known)}
+        finally:
+            if not known:
+                await self.manager.release_host(host)
 
     async def _run(self, args: dict[str, Any], emit: Emit) -> Any:
         return await self.manager.run(args.get("host"), args.get("command"),

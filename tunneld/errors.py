@@ -14,6 +14,8 @@ on (what failed, for which host/port, what to do).  Foreign errors (``OSError``,
     ├── NotFound            a host, forward or session that does not exist
     └── ConnectError        the SSH connection to a host failed
         ├── AuthError       the server refused our credentials, or needs a person (needs-auth)
+        │   ├── LoginNeeded     it wants answers (password, code, passphrase) and no terminal waits
+        │   └── LoginAbandoned  the person did not answer (^C, terminal closed, timed out)
         └── HostKeyError    the host key is unknown or changed (never accepted silently)
 
 ``DaemonUnavailable`` is the client's own: the daemon could not be reached or started.
@@ -58,6 +60,14 @@ class AuthError(ConnectError):
     """Authentication failed or needs a person."""
 
 
+class LoginNeeded(AuthError):
+    """The login needs a person's answers and no tunnelctl with a terminal is waiting."""
+
+
+class LoginAbandoned(AuthError):
+    """A person was asked and did not answer (cancelled, terminal closed, timed out)."""
+
+
 class HostKeyError(ConnectError):
     """The server's host key is unknown or does not match known_hosts."""
 
@@ -69,4 +79,4 @@ class DaemonUnavailable(TunneldError):
 #: name → class, so a client can rebuild an error from its wire form
 BY_NAME = {cls.__name__: cls for cls in (
     TunneldError, UsageError, SpecError, ConfigError, ProtocolError, BindError, NotFound,
-    ConnectError, AuthError, HostKeyError, DaemonUnavailable)}
+    ConnectError, AuthError, LoginNeeded, LoginAbandoned, HostKeyError, DaemonUnavailable)}

@@ -4,21 +4,31 @@ The supervisor task runs while the host has forwards.  It connects, waits for th
 to end, and reconnects with backoff; states and transitions come from ``state.py``.  Clients
 of a forward ask ``connection_for_client()`` for the live connection; while the host is down
 they are held for ``hold_timeout`` seconds and their arrival cuts the backoff wait short.
+
+Logins that need a person (a password, the server's keyboard-interactive prompts such as a
+verification code, a key passphrase) are answered by a *prompter*: the ``ask`` coroutine of a
+tunnelctl client with a terminal that waits for this host's connection attempt.  With none
+attached nothing is asked (asyncssh does not even send those methods, so the server counts no
+failed try), the attempt fails with ``LoginNeeded``, the host goes to needs-auth without a retry,
+and a desktop notification says `tunnelctl login HOST`.  Answers live only in the attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, Iterator
 
 import asyncssh
 
 from .config import Defaults
-from .errors import AuthError, ConfigError, ConnectError, HostKeyError, TunneldError
+from .errors import (AuthError, ConfigError, ConnectError, HostKeyError, LoginAbandoned,
+                     LoginNeeded, TunneldError)
 from .events import EventHub
 from .forward import LocalForward
 from .spec import ForwardSpec
@@ -37,17 +47,151 @@ LIVENESS_INTERVAL = 2.0
 LIVENESS_COUNT_MAX = 2
 #: ... for this long (s), then the configured keepalive settings return
 LIVENESS_WINDOW = 15.0
+#: a limit: a person's tries (password and keyboard-interactive together) in one connection
+#: attempt, as OpenSSH's NumberOfPasswordPrompts; the server may allow fewer.  Wrong answers
+#: lock accounts at many sites: tunneld never retries them on its own
+MAX_ANSWER_TRIES = 3
+#: a limit: passphrase tries per encrypted key in one connection attempt
+MAX_PASSPHRASE_TRIES = 3
+#: key files OpenSSH (and asyncssh) use when ~/.ssh/config names no IdentityFile
+DEFAULT_KEY_FILES = ("id_ed25519_sk", "id_ecdsa_sk", "id_ed448", "id_ed25519", "id_ecdsa",
+                     "id_rsa", "id_dsa")
+#: seconds a desktop notification command may run before it is killed
+NOTIFY_TIMEOUT = 10.0
+
+#: asks the person at a waiting tunnelctl: a prompt (wire.prompt's fields without the id) →
+#: one response per prompt; raises LoginAbandoned when nobody answers
+Prompter = Callable[[dict[str, Any]], Awaitable[list[str]]]
 
 
 class _Client(asyncssh.SSHClient):
     """Records why the connection ended, and the host key a server offered that known_hosts
-    does not trust (for the error message; it is never accepted)."""
+    does not trust (for the error message; it is never accepted).  Answers the server's
+    password / keyboard-interactive questions and unlocks encrypted keys through the
+    supervisor's prompter, if one is attached; records what was needed when none is."""
 
-    def __init__(self) -> None:
+    def __init__(self, sup: "HostSupervisor | None" = None, target: str = "",
+                 who: str = "", key_files: list[str] | None = None) -> None:
         self.lost: asyncio.Future[Exception | None] = \
             asyncio.get_running_loop().create_future()
         #: "ssh-ed25519 SHA256:…" of an untrusted host key the server offered, if any
         self.offered_key: str | None = None
+        self._sup = sup
+        #: the alias or hop this login is for (shown with the prompts), and "user@host"
+        self._target, self._who = target, who
+        #: what the server wanted that nobody could answer: "password", "kbdint", "passphrase"
+        self.needed: list[str] = []
+        #: encrypted keys that stayed locked because nobody could give their passphrase
+        self.locked_keys: list[str] = []
+        #: the key whose passphrase was wrong every time, if any
+        self.wrong_passphrase: str | None = None
+        #: encrypted keys in OpenSSH's format while the bcrypt module is missing (no unlocking)
+        self.unusable_keys: list[str] = []
+        #: True once a person's password / kbdint answers were sent to the server
+        self.answered = False
+        #: why the person's login was abandoned, if it was; nothing is asked after that
+        self.abandoned: str | None = None
+        #: password / kbdint tries in this attempt (bounded by MAX_ANSWER_TRIES)
+        self._tries = 0
+        #: IdentityFile paths; the encrypted ones are offered by public_key_auth_requested
+        self._key_files = list(key_files or [])
+
+    # -- answers from a person (asyncssh calls these during authentication) -------------------
+
+    def _prompter(self, kind: str) -> Prompter | None:
+        """The prompter to ask for ``kind``, or None (noting that ``kind`` was needed)."""
+        if self.abandoned is not None:
+            return None
+        ask = self._sup.prompter if self._sup is not None else None
+        if ask is None and kind not in self.needed:
+            self.needed.append(kind)
+        return ask
+
+    async def _ask(self, ask: Prompter, kind: str, prompts: list[tuple[str, bool]],
+                   attempt: int, name: str = "", instructions: str = "") -> list[str] | None:
+        assert self._sup is not None
+        try:
+            with self._sup.asking():
+                responses = await ask({"host": self._target, "kind": kind, "name": name,
+                                       "instructions": instructions, "attempt": attempt,
+                                       "prompts": prompts})
+        except LoginAbandoned as exc:
+            self.abandoned = str(exc)
+            return None
+        return responses if len(responses) == len(prompts) else None
+
+    def _next_try(self) -> int | None:
+        self._tries += 1
+        return self._tries if self._tries <= MAX_ANSWER_TRIES else None
+
+    def kbdint_auth_requested(self) -> str | None:
+        if self._prompter("kbdint") is None or self._next_try() is None:
+            return None   # asyncssh moves on without sending the method
+        return ""         # let the server choose its submethods
+
+    async def kbdint_challenge_received(self, name: str, instructions: str, lang: str,
+                                        prompts: list[tuple[str, bool]]) -> list[str] | None:
+        ask = self._prompter("kbdint")
+        if ask is None:
+            return None
+        if not prompts and not name and not instructions:
+            return []
+        answers = await self._ask(ask, "kbdint", list(prompts), max(self._tries, 1), name,
+                                  instructions)
+        if answers is not None and prompts:
+            self.answered = True
+        return answers
+
+    async def password_auth_requested(self) -> str | None:  # type: ignore[override]
+        ask = self._prompter("password")
+        n = self._next_try() if ask is not None else None
+        if ask is None or n is None:
+            return None
+        answers = await self._ask(ask, "password", [(f"{self._who}'s password: ", False)], n)
+        if not answers:
+            return None
+        self.answered = True
+        return answers[0]
+
+    async def public_key_auth_requested(  # type: ignore[override]
+            self) -> list[asyncssh.SSHKey] | None:
+        """After the agent's keys and the unencrypted IdentityFile keys: the encrypted ones,
+        unlocked this daemon run, or unlocked now with a passphrase from the prompter."""
+        while self._key_files:
+            path = self._key_files.pop(0)
+            found = _encrypted_key(path)
+            if found is None:
+                continue
+            ident, data = found
+            key = HostSupervisor.unlocked_keys.get(ident)
+            if key is not None:
+                return [key]
+            if data.lstrip().startswith(b"-----BEGIN OPENSSH PRIVATE KEY") and not _bcrypt():
+                self.unusable_keys.append(path)
+                continue
+            ask = self._prompter("passphrase")
+            if ask is None:
+                self.locked_keys.append(path)
+                continue
+            shown = _home_path(path)
+            for n in range(1, MAX_PASSPHRASE_TRIES + 1):
+                answers = await self._ask(
+                    ask, "passphrase", [(f"Enter passphrase for key '{shown}': ", False)], n)
+                if answers is None:
+                    return None
+                try:   # the KDF takes a moment of CPU: not on the event loop
+                    key = await asyncio.get_running_loop().run_in_executor(
+                        None, asyncssh.import_private_key, data, answers[0])
+                except (asyncssh.KeyEncryptionError, asyncssh.KeyImportError):
+                    continue
+                finally:
+                    answers = None
+                HostSupervisor.unlocked_keys[ident] = key
+                log.info("%s: unlocked key %s (held in memory until the daemon stops)",
+                         self._sup.name if self._sup else self._target, shown)
+                return [key]
+            self.wrong_passphrase = shown
+        return None
 
     def validate_host_public_key(self, host: str, addr: str, port: int,
                                  key: asyncssh.SSHKey) -> bool:
@@ -60,6 +204,10 @@ class _Client(asyncssh.SSHClient):
 
 
 class HostSupervisor:
+    #: private keys unlocked with a passphrase, by (path, mtime, size): shared by every host of
+    #: this daemon run, held in memory only (never written anywhere), gone when it stops
+    unlocked_keys: dict[tuple[str, int, int], asyncssh.SSHKey] = {}
+
     def __init__(self, name: str, settings: Defaults,
                  on_change: Callable[["HostSupervisor"], None] | None = None,
                  events: EventHub | None = None):
@@ -95,6 +243,13 @@ class HostSupervisor:
         self._stopping = False
         #: the supervisor loop; None iff not running
         self._task: asyncio.Task[None] | None = None
+        #: who can answer login prompts now: the ask coroutines of tunnelctl clients waiting
+        #: for this host with a terminal, the last attached asked (empty: nobody is asked)
+        self._prompters: list[Prompter] = []
+        #: monotonic seconds spent waiting for people's answers (connect timeouts skip them)
+        self._person_secs = 0.0
+        #: monotonic time the pending question was asked; None while nobody is asked
+        self._asking_since: float | None = None
 
     # -- state -------------------------------------------------------------------------------
 
@@ -182,14 +337,50 @@ class HostSupervisor:
             conn.set_keepalive(*self._keepalive)
 
     async def wait_attempt(self, timeout: float) -> None:
-        """Wait until the next connection attempt has finished (bounded)."""
+        """Wait until the next connection attempt has finished (bounded; time spent waiting
+        for a person's answer does not count)."""
         start = self.attempts
-        deadline = time.monotonic() + timeout
+        deadline = self._machine_clock() + timeout
         while self.attempts == start:
-            left = deadline - time.monotonic()
+            left = deadline - self._machine_clock()
             if left <= 0:
                 return
             await self.wait_change(left)
+
+    # -- login prompts -----------------------------------------------------------------------
+
+    @property
+    def prompter(self) -> Prompter | None:
+        return self._prompters[-1] if self._prompters else None
+
+    @contextlib.contextmanager
+    def prompting(self, ask: Prompter | None) -> Iterator[None]:
+        """Let ``ask`` answer this host's login prompts while the block runs (attach it
+        before the attempt it should answer starts).  ``None``: a no-op."""
+        if ask is None:
+            yield
+            return
+        self._prompters.append(ask)
+        try:
+            yield
+        finally:
+            self._prompters.remove(ask)
+
+    @contextlib.contextmanager
+    def asking(self) -> Iterator[None]:
+        """A person is being asked while the block runs: the connect timeout's clock stops."""
+        self._asking_since = start = time.monotonic()
+        try:
+            yield
+        finally:
+            self._person_secs += time.monotonic() - start
+            self._asking_since = None
+
+    def _machine_clock(self) -> float:
+        """Monotonic seconds, less the time spent waiting for people's answers."""
+        now = time.monotonic()
+        asking = now - self._asking_since if self._asking_since is not None else 0.0
+        return now - self._person_secs - asking
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -202,6 +393,8 @@ class HostSupervisor:
                 self.attempts += 1
                 self._set(HostState.FAILED if not isinstance(exc, AuthError)
                           else HostState.NEEDS_AUTH, str(exc))
+                if isinstance(exc, LoginNeeded):
+                    notify("tunneld", str(exc))
                 await self._retry.wait()
                 continue
             except ConnectError as exc:
@@ -271,12 +464,22 @@ class HostSupervisor:
     # -- connecting --------------------------------------------------------------------------
 
     async def _connect(self) -> _Client:
+        """One connection attempt, bounded by ``connect_timeout`` of the machine's time (the
+        time a person takes to answer a prompt is bounded by the prompter)."""
+        task = asyncio.ensure_future(self._open(self.name, None, 0))
+        deadline = self._machine_clock() + self.settings.connect_timeout
         try:
-            conn, client, hops = await asyncio.wait_for(
-                self._open(self.name, None, 0), self.settings.connect_timeout)
-        except asyncio.TimeoutError:
-            raise ConnectError(f"{self.name}: no answer within "
-                               f"{self.settings.connect_timeout:g}s (timed out)") from None
+            while not task.done():
+                left = deadline - self._machine_clock()
+                if left <= 0:
+                    raise ConnectError(f"{self.name}: no answer within "
+                                       f"{self.settings.connect_timeout:g}s (timed out)")
+                await asyncio.wait({task}, timeout=left)
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=5)
+        conn, client, hops = task.result()
         self.conn, self._hops = conn, hops
         return client
 
@@ -314,29 +517,35 @@ class HostSupervisor:
         if depth == 0:
             self._keepalive = (kwargs["keepalive_interval"], kwargs["keepalive_count_max"])
         client_box: list[_Client] = []
+        who = f"{options.username}@{options.host}"
+        keys = _identity_files(cfg)
 
         def factory() -> _Client:
-            client_box.append(_Client())
+            client_box.append(_Client(self, target, who, keys))
             return client_box[-1]
 
         try:
             conn = await asyncssh.connect(
                 host, port=port if port else (), username=user or (),
                 tunnel=tunnel if tunnel is not None else (), client_factory=factory,
-                request_pty=False, x11_forwarding=False, agent_forwarding=False, **kwargs)
+                request_pty=False, x11_forwarding=False, agent_forwarding=False,
+                # our own deadline bounds the attempt, less the time a person takes to answer
+                login_timeout=0, **kwargs)
         except BaseException as exc:
             for h in reversed(hops):
                 h.close()
             if isinstance(exc, Exception):
-                offered = client_box[-1].offered_key if client_box else None
-                raise self._map_error(exc, options, target, offered) from None
+                client = client_box[-1] if client_box else None
+                raise self._map_error(exc, options, target,
+                                      client.offered_key if client else None, client) from None
             raise
         return conn, client_box[-1], hops
 
     def _map_error(self, exc: Exception, options: Any, target: str,
-                   offered: str | None = None) -> TunneldError:
+                   offered: str | None = None, client: _Client | None = None) -> TunneldError:
         """Foreign error → a TunneldError whose message a user can act on.  ``offered``: the
-        untrusted host key the server showed ("ssh-ed25519 SHA256:…"), if any."""
+        untrusted host key the server showed ("ssh-ed25519 SHA256:…"), if any; ``client``:
+        what the login needed and got."""
         via = "" if target == self.name else f" (via {target})"
         addr = f"{options.host}:{options.port}"
         name = f"{self.name}{via}"
@@ -364,6 +573,10 @@ class HostSupervisor:
                 f"{name}: the host key of {addr} is unknown (not in {shown}){now}. Check "
                 f"that fingerprint with the server's admin{scan}, then run `ssh {target}` "
                 f"once to accept it, then `tunnelctl reconnect {self.name}`")
+        if isinstance(exc, asyncssh.PermissionDenied) and client is not None:
+            login = self._login_error(client, name, addr, exc.reason or "permission denied")
+            if login is not None:
+                return login
         if isinstance(exc, asyncssh.PermissionDenied):
             return AuthError(
                 f"{name}: authentication failed at {addr} ({exc.reason or 'permission denied'})"
@@ -389,6 +602,39 @@ class HostSupervisor:
             return ConfigError(f"{name}: bad ssh configuration: {exc}")
         return ConnectError(f"{name}: {type(exc).__name__}: {exc}")
 
+    def _login_error(self, client: _Client, name: str, addr: str,
+                     reason: str) -> AuthError | None:
+        """The error for a refused login that involved (or needed) a person; None if it did
+        not.  Never contains an answer."""
+        again = f"run `tunnelctl login {self.name}` to try again"
+        if client.abandoned is not None:
+            return LoginAbandoned(f"{name}: login abandoned ({client.abandoned}); {again}")
+        if client.answered:
+            return AuthError(f"{name}: the server at {addr} rejected the answers ({reason}); "
+                             f"{again}")
+        if client.wrong_passphrase:
+            return AuthError(f"{name}: wrong passphrase for key '{client.wrong_passphrase}' "
+                             f"({MAX_PASSPHRASE_TRIES} tries); {again}")
+        unusable = ", ".join(f"'{_home_path(p)}'" for p in client.unusable_keys)
+        if unusable and not client.needed:
+            return AuthError(
+                f"{name}: authentication failed at {addr} ({reason}); key {unusable} is "
+                "encrypted in OpenSSH's format, which tunneld unlocks only with the Python "
+                "module bcrypt installed (`pip install bcrypt` where tunneld runs); or load it "
+                f"into your agent: `ssh-add {_home_path(client.unusable_keys[0])}`")
+        if not client.needed:
+            return None
+        what = {"password": "a password",
+                "kbdint": "answers to the server's prompts (password, verification code)",
+                "passphrase": "the passphrase of key " + ", ".join(
+                    f"'{_home_path(p)}'" for p in client.locked_keys)}
+        needs = " or ".join(what[k] for k in client.needed
+                            if not (k == "password" and "kbdint" in client.needed))
+        hint = "".join(f", or load the key into your agent: `ssh-add {_home_path(p)}`"
+                       for p in client.locked_keys[:1])
+        return LoginNeeded(f"{name}: login needs {needs} and no terminal is waiting; run "
+                           f"`tunnelctl login {self.name}`{hint}")
+
     # -- reporting ---------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
@@ -406,6 +652,85 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, asyncssh.DisconnectError):
         return exc.reason or str(exc) or type(exc).__name__
     return str(exc) or type(exc).__name__
+
+
+def _identity_files(cfg: Any) -> list[str]:
+    """The private key files a login may use: IdentityFile, else OpenSSH's defaults."""
+    files = cfg.get("IdentityFile") or [os.path.join("~", ".ssh", f) for f in DEFAULT_KEY_FILES]
+    return [os.path.expanduser(str(f)) for f in files]
+
+
+def _encrypted_key(path: str) -> tuple[tuple[str, int, int], bytes] | None:
+    """(identity, contents) of ``path`` if it is a private key that needs a passphrase."""
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            data = f.read(1 << 20)
+    except OSError:
+        return None
+    try:
+        asyncssh.import_private_key(data)
+    except asyncssh.KeyImportError as exc:
+        if "passphrase" in str(exc).lower():
+            return (path, st.st_mtime_ns, st.st_size), data
+        return None
+    except (ValueError, asyncssh.Error):
+        return None
+    return None   # not encrypted: asyncssh loaded it already
+
+
+def _bcrypt() -> bool:
+    """True if asyncssh can decrypt keys in OpenSSH's format (it needs bcrypt's KDF)."""
+    try:
+        import bcrypt
+    except ImportError:
+        return False
+    return hasattr(bcrypt, "kdf")
+
+
+def _home_path(path: str) -> str:
+    home = os.path.expanduser("~")
+    return "~" + path[len(home):] if home and path.startswith(home + os.sep) else path
+
+
+#: desktop notifications still running (a reference keeps their task alive)
+_notifying: set[asyncio.Task[None]] = set()
+
+
+def notify_argv(title: str, text: str) -> list[str] | None:
+    """The command that shows a desktop notification here, or None if there is none."""
+    if shutil.which("notify-send"):
+        return ["notify-send", "--app-name=tunneld", title, text]
+    if shutil.which("osascript"):
+        def q(x: str) -> str:
+            return '"' + x.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return ["osascript", "-e", f"display notification {q(text)} with title {q(title)}"]
+    return None
+
+
+def notify(title: str, text: str) -> None:
+    """Show a desktop notification if this machine can; fire and forget, never blocks."""
+    argv = notify_argv(title, text)
+    if argv is None:
+        return
+
+    async def run() -> None:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+        except OSError as exc:
+            log.debug("notification failed: %s", exc)
+            return
+        try:
+            await asyncio.wait_for(proc.wait(), NOTIFY_TIMEOUT)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+    task = asyncio.get_running_loop().create_task(run())
+    _notifying.add(task)
+    task.add_done_callback(_notifying.discard)
 
 
 def _split_target(target: str) -> tuple[str | None, str, int | None]:

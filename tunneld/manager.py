@@ -26,7 +26,7 @@ import asyncssh
 from .errors import BindError, ConnectError, NotFound, SpecError, TunneldError, UsageError
 from .events import EventHub
 from .forward import LocalForward
-from .host import HostSupervisor
+from .host import HostSupervisor, Prompter
 from .remote_forward import RemoteForward
 from .socks_forward import SocksForward
 from .markers import BrowserOpen
@@ -277,13 +277,14 @@ class Manager:
         await sup.stop()
 
     async def add(self, host: str, texts: list[str] | None, public: bool = False,
-                  remote: list[str] | None = None,
-                  socks: list[str] | None = None) -> dict[str, Any]:
+                  remote: list[str] | None = None, socks: list[str] | None = None,
+                  prompter: Prompter | None = None) -> dict[str, Any]:
         """Add forwards to ``host``: local specs ``texts``, remote forwards ``remote`` (-R)
         and SOCKS proxies ``socks`` (-D).  All or none: every local listener bound and, if the
         host is connected, every remote listener granted by the server — else nothing is left
         and BindError names the port.  Remote forwards of a host that is not connected are
-        accepted (waiting) and asked for when it connects."""
+        accepted (waiting) and asked for when it connects.  ``prompter`` answers the login
+        prompts of the first attempt (a host in needs-auth is retried with it)."""
         check_host_name(host)
         texts = (_spec_texts(texts, "") + _spec_texts(remote, "-R ")
                  + _spec_texts(socks, "-D "))
@@ -340,14 +341,17 @@ class Manager:
         result: dict[str, Any] = {"host": host, "added": [str(s) for s in new],
                                   "existing": existing}
         sup = self.hosts[host]
-        sup.start()
-        if sup.state is not HostState.CONNECTED:
-            # report the first attempt's outcome; the forwards stay either way
-            await sup.wait_attempt(self.config.defaults.connect_timeout + 1)
-            # ... and the server's first answer to new remote forwards
-            for fwd in bound:
-                if isinstance(fwd, RemoteForward) and sup.state is HostState.CONNECTED:
-                    await fwd.wait_answer(REMOTE_ANSWER_WAIT)
+        with sup.prompting(prompter):
+            sup.start()
+            if prompter is not None and sup.state is HostState.NEEDS_AUTH:
+                sup.reconnect()   # someone can answer the login now
+            if sup.state is not HostState.CONNECTED:
+                # report the first attempt's outcome; the forwards stay either way
+                await sup.wait_attempt(self.config.defaults.connect_timeout + 1)
+                # ... and the server's first answer to new remote forwards
+                for fwd in bound:
+                    if isinstance(fwd, RemoteForward) and sup.state is HostState.CONNECTED:
+                        await fwd.wait_answer(REMOTE_ANSWER_WAIT)
         result["state"] = sup.state.value
         result["last_error"] = sup.last_error
         result["forwards"] = [{"spec": str(f.spec), "kind": f.spec.kind,

@@ -12,6 +12,19 @@ and the daemon answers with zero or more *progress* lines, then exactly one *fin
 
 Every final line carries the daemon's version so the client can say when it talks to a daemon
 of another version.  A connection may carry several requests, one after the other.
+
+Login prompts.  A client that can ask a person (it has a terminal) says so with
+``"interactive": true`` in the args of ``add``, ``reconnect`` and ``login``.  While such a request
+runs, the daemon may send a *prompt* progress line and then reads exactly one *answer* line::
+
+    {"prompt": {"id": 1, "host": "barhal", "kind": "kbdint", "name": "", "instructions": "",
+                "attempt": 1, "prompts": [{"text": "Verification code: ", "echo": false}]}}
+    {"answer": {"id": 1, "responses": ["123456"]}}          the client: one response a prompt
+    {"answer": {"id": 1, "cancel": true}}                    the client: the person gave up
+
+``kind`` is ``password``, ``kbdint`` (keyboard-interactive: the server's own prompts) or
+``passphrase`` (of a private key); ``attempt`` counts the tries of that question in this login.
+Answers are secrets: they are never logged, stored, or echoed in an error message.
 """
 
 from __future__ import annotations
@@ -31,9 +44,18 @@ REQUEST_TIMEOUT = 30.0
 #: input) is cut, so that an error reply always fits in ``MAX_LINE``
 MAX_ERROR_MESSAGE = 4096
 
+#: a limit: seconds the daemon waits for a person's answer to one prompt
+ANSWER_TIMEOUT = 180.0
+#: a security limit: prompts in one question, and characters of one prompt text / response
+MAX_PROMPTS = 16
+MAX_PROMPT_TEXT = 1024
+MAX_RESPONSE = 4096
+#: what a login prompt may ask for
+PROMPT_KINDS = frozenset({"password", "kbdint", "passphrase"})
+
 #: every command the daemon serves; tunnelctl's verbs are these names
 COMMANDS = frozenset({
-    "add", "remove", "list", "status", "stop", "reconnect",
+    "add", "remove", "list", "status", "stop", "reconnect", "login",
     "run", "sessions", "logs", "kill", "open", "reload", "events",
 })
 
@@ -111,3 +133,89 @@ def progress(message: str) -> dict[str, Any]:
 
 def is_final(msg: dict[str, Any]) -> bool:
     return "ok" in msg
+
+
+# -- login prompts ---------------------------------------------------------------------------
+
+def _text(value: Any, what: str, limit: int) -> str:
+    if not isinstance(value, str):
+        raise ProtocolError(f"{what} must be a string")
+    if len(value) > limit:
+        raise ProtocolError(f"{what} is longer than {limit} characters")
+    return value
+
+
+def prompt(pid: int, host: str, kind: str, prompts: list[tuple[str, bool]], name: str = "",
+           instructions: str = "", attempt: int = 1) -> dict[str, Any]:
+    """A prompt progress line: ask the client's person ``prompts`` ((text, echo) pairs)."""
+    return {"prompt": {"id": pid, "host": host, "kind": kind, "name": name,
+                       "instructions": instructions, "attempt": attempt,
+                       "prompts": [{"text": t, "echo": bool(e)} for t, e in prompts]}}
+
+
+def is_prompt(msg: dict[str, Any]) -> bool:
+    return "prompt" in msg
+
+
+def parse_prompt(msg: dict[str, Any]) -> dict[str, Any]:
+    """Validate a prompt line (the client's side) → its ``prompt`` object, with ``prompts``
+    as a list of (text, echo).  Raises ``ProtocolError``."""
+    p = msg.get("prompt")
+    if not isinstance(p, dict):
+        raise ProtocolError("a prompt must be a JSON object")
+    pid = p.get("id")
+    if isinstance(pid, bool) or not isinstance(pid, int):
+        raise ProtocolError("a prompt needs an integer 'id'")
+    if p.get("kind") not in PROMPT_KINDS:
+        raise ProtocolError(f"unknown prompt kind {p.get('kind')!r}")
+    items = p.get("prompts")
+    if not isinstance(items, list) or len(items) > MAX_PROMPTS:
+        raise ProtocolError(f"a prompt has a list of at most {MAX_PROMPTS} prompts")
+    prompts = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("echo"), bool):
+            raise ProtocolError("each prompt is {\"text\": str, \"echo\": bool}")
+        prompts.append((_text(item.get("text"), "a prompt text", MAX_PROMPT_TEXT), item["echo"]))
+    attempt = p.get("attempt", 1)
+    return {"id": pid, "kind": p["kind"], "prompts": prompts,
+            "host": _text(p.get("host", ""), "a prompt's host", MAX_PROMPT_TEXT),
+            "name": _text(p.get("name", ""), "a prompt's name", MAX_PROMPT_TEXT),
+            "instructions": _text(p.get("instructions", ""), "a prompt's instructions",
+                                  MAX_PROMPT_TEXT * 4),
+            "attempt": attempt if isinstance(attempt, int) and not isinstance(attempt, bool)
+            else 1}
+
+
+def answer(pid: int, responses: list[str]) -> dict[str, Any]:
+    return {"answer": {"id": pid, "responses": responses}}
+
+
+def cancel(pid: int) -> dict[str, Any]:
+    return {"answer": {"id": pid, "cancel": True}}
+
+
+def parse_answer(msg: dict[str, Any], pid: int, count: int) -> list[str] | None:
+    """Validate the client's answer to prompt ``pid`` with ``count`` prompts → the responses,
+    or None if the person cancelled.  Raises ``ProtocolError`` (whose message never contains
+    a response: they are secrets)."""
+    a = msg.get("answer")
+    if not isinstance(a, dict):
+        raise ProtocolError("expected an answer line {\"answer\": {...}}")
+    if a.get("id") != pid or isinstance(a.get("id"), bool):
+        raise ProtocolError(f"the answer is not for prompt {pid}")
+    if a.get("cancel") is True:
+        return None
+    responses = a.get("responses")
+    if not isinstance(responses, list) or len(responses) != count:
+        raise ProtocolError(f"the answer needs a list of {count} response(s)")
+    for r in responses:
+        if not isinstance(r, str):
+            raise ProtocolError("each response must be a string")
+        if len(r) > MAX_RESPONSE:
+            raise ProtocolError(f"a response is longer than {MAX_RESPONSE} characters")
+        try:
+            r.encode()
+        except UnicodeEncodeError:
+            raise ProtocolError("a response holds a lone surrogate, which is not text") \
+                from None
+    return list(responses)
