@@ -369,13 +369,17 @@ def test_ctrl_c_at_the_prompt_leaves_needs_auth(adaemon, authserver, free_port):
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("key_format", ["openssh", "pem"])
 def test_encrypted_key_passphrase_held_for_the_daemon_run(sshd, tmp_path, echo_server,
-                                                         free_port):
+                                                         free_port, key_format):
     key = tmp_path / "locked_key"
-    # PEM: asyncssh decrypts it with `cryptography` alone (OpenSSH's format needs bcrypt)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-m", "PEM", "-N", PASSPHRASE, "-C",
+    # OpenSSH's own format (ssh-keygen's default; asyncssh decrypts it with bcrypt, a
+    # dependency) and PEM (decrypted by `cryptography`)
+    fmt = ["-m", "PEM"] if key_format == "pem" else []
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", *fmt, "-N", PASSPHRASE, "-C",
                     "locked", "-f", str(key)], check=True, capture_output=True, timeout=30,
                    stdin=subprocess.DEVNULL)
+    assert (b"BEGIN OPENSSH PRIVATE KEY" in key.read_bytes()) == (key_format == "openssh")
     with sshd.authorized_keys.open("a") as f:
         f.write(key.with_suffix(".pub").read_text())
     sshd.add_host_alias("lockedhost", IdentityFile=str(key))
