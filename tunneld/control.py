@@ -212,8 +212,8 @@ class ControlServer:
                     return
                 if not line:
                     return
-                reply = await self._handle(line, Peer(reader, writer))
-                await self._send(writer, reply)
+                writer.write(await self._handle(line, Peer(reader, writer)))
+                await writer.drain()
         except (ConnectionError, OSError):
             pass
         except asyncio.CancelledError:
@@ -226,21 +226,21 @@ class ControlServer:
         writer.write(wire.encode(msg))
         await writer.drain()
 
-    async def _handle(self, line: bytes, emit: Emit) -> dict[str, Any]:
+    async def _handle(self, line: bytes, emit: Emit) -> bytes:
+        """The final reply line to the request ``line``."""
         try:
             cmd, args = wire.parse_request(wire.decode(line))
             result = await self.handlers[cmd](args, emit)
-            reply = wire.ok(__version__, result)
-            wire.encode(reply)  # one that cannot go on the wire is an error reply, not a crash
-            return reply
+            # one that cannot go on the wire (too long) is an error reply, not a crash
+            return wire.encode(wire.ok(__version__, result))
         except TunneldError as exc:
-            return wire.error(__version__, exc)
+            return wire.encode(wire.error(__version__, exc))
         except ClientGone:
             raise   # _serve closes the connection; there is nobody to reply to
         except Exception as exc:  # a bug: report it, keep serving
             log.exception("control: internal error")
-            return wire.error(__version__, TunneldError(
-                f"internal error ({type(exc).__name__}: {exc}); see the daemon log"))
+            return wire.encode(wire.error(__version__, TunneldError(
+                f"internal error ({type(exc).__name__}: {exc}); see the daemon log")))
 
     # -- commands ----------------------------------------------------------------------------
 
