@@ -91,7 +91,10 @@ def end() -> None:
         calls = _at_end[:]
         _at_end.clear()
         for fn, args in calls:
-            fn(*args)
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 - one socket's failure must not keep the others'
+                log.exception("fastpath: a batched write failed")
 
 
 def batching() -> bool:

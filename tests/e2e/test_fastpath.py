@@ -119,3 +119,22 @@ async def test_asyncssh_logging_unchanged_when_enabled(home, echo_server, caplog
         await _echo_packets(home.host, echo, "aes128-gcm@openssh.com", 2)
     assert not [r for r in caplog.records
                 if r.name.startswith("asyncssh") and r.levelno < logging.WARNING]
+
+
+def test_batches_flush_at_the_outermost_end_and_survive_a_failing_flush(caplog):
+    done: list[str] = []
+
+    def boom() -> None:
+        raise RuntimeError("transport gone")
+
+    fastpath.begin()
+    fastpath.begin()
+    fastpath.at_end(done.append, "a")
+    fastpath.end()
+    assert done == [] and fastpath.batching()   # an inner end flushes nothing
+    fastpath.at_end(boom)
+    fastpath.at_end(lambda: (done.append("b"), fastpath.at_end(done.append, "late")))
+    with caplog.at_level(logging.ERROR, logger="tunneld"):
+        fastpath.end()
+    assert done == ["a", "b", "late"] and not fastpath.batching()
+    assert "a batched write failed" in caplog.text
