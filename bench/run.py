@@ -170,6 +170,22 @@ def proc_usage(pid: int) -> dict[str, int] | None:
         return None
 
 
+def cpu_seconds(pids: list[int]) -> float | None:
+    """CPU seconds (user + system) used so far by the threads of ``pids``, from the
+    scheduler's nanosecond counters (Linux /proc/PID/task/TID/schedstat), or None."""
+    if not pids:
+        return None
+    total = 0
+    try:
+        for pid in pids:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+    return total / 1e9
+
+
 def listening(port: int) -> bool:
     """True when something listens on 127.0.0.1:port (Linux /proc; no connection made, so
     no channel is opened through a tunnel)."""
@@ -879,8 +895,13 @@ class Bench:
                         if path.key == "direct" and variant == "default":
                             # same physical path: reuse the gcm round's numbers
                             return
+                        c0 = cpu_seconds(path.pids())
                         v = fn(path.host, path.ports[port], nbytes)
+                        c1 = cpu_seconds(path.pids())
                         self.res.add(metric, path.key, v)
+                        if c0 is not None and c1 is not None:   # ms per 100 MB
+                            self.res.add(f"cpu.{metric}", path.key,
+                                         (c1 - c0) * 1e3 * 100 * MB / nbytes)
                         if path.key == "direct":
                             self.res.add(f"bulk.{direction}.default", path.key, v)
                         log(f"  rep {rep + 1} {direction:4} {path.key:18} {v:8.1f} MB/s")
@@ -892,13 +913,21 @@ class Bench:
                 def measure(path: Path_) -> None:
                     if path.key == "direct" and variant == "default":
                         return
+                    c0 = cpu_seconds(path.pids())
                     r = new_conn_latency(path.host, path.ports["echo"], self.p.conn_n)
+                    c1 = cpu_seconds(path.pids())
                     keys = [variant] + (["default"] if path.key == "direct" else [])
                     for k in keys:
                         self.res.add(f"conn.median.{k}", path.key, r["median_ms"])
                         self.res.add(f"conn.p99.{k}", path.key, r["p99_ms"],
                                      kinds=r["errors"], n=r["n"])
                     q = ping_pong(path.host, path.ports["echo"], self.p.ping_n)
+                    c2 = cpu_seconds(path.pids())
+                    if c0 is not None and c1 is not None and c2 is not None:  # µs each
+                        self.res.add(f"cpu.conn.{variant}", path.key,
+                                     (c1 - c0) * 1e6 / max(1, r["n"]))
+                        self.res.add(f"cpu.ping.{variant}", path.key,
+                                     (c2 - c1) * 1e6 / max(1, q["n"]))
                     for k in keys:
                         self.res.add(f"ping.p50.{k}", path.key, q["p50_ms"])
                         self.res.add(f"ping.p99.{k}", path.key, q["p99_ms"], n=q["n"],
@@ -1308,6 +1337,17 @@ def write_report(b: Bench, wall: float, argv: list[str]) -> None:
         ("new connection, p99 (default)", "conn.p99.default", "default", ""),
         ("ping-pong p50 (default)", "ping.p50.default", "default", ""),
         ("ping-pong p99 (default)", "ping.p99.default", "default", ""),
+    ])
+    table("CPU time of the tunnel process per operation (user + system; lower is better; "
+          "less sensitive to a busy machine than the times above)", [
+        ("upload, ms per 100 MB (aes128-gcm)", "cpu.bulk.up.gcm", "gcm", ""),
+        ("download, ms per 100 MB (aes128-gcm)", "cpu.bulk.down.gcm", "gcm", ""),
+        ("new connection, µs each (aes128-gcm)", "cpu.conn.gcm", "gcm", ""),
+        ("ping-pong, µs per round trip (aes128-gcm)", "cpu.ping.gcm", "gcm", ""),
+        ("upload, ms per 100 MB (default)", "cpu.bulk.up.default", "default", ""),
+        ("download, ms per 100 MB (default)", "cpu.bulk.down.default", "default", ""),
+        ("new connection, µs each (default)", "cpu.conn.default", "default", ""),
+        ("ping-pong, µs per round trip (default)", "cpu.ping.default", "default", ""),
     ])
     table("Concurrency: N simultaneous connections, each a 100-byte echo (total seconds, "
           "errors; aes128-gcm)",
