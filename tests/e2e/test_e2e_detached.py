@@ -215,11 +215,17 @@ def test_daemon_restart_reattaches_and_kill_leaves_no_survivor(sdaemon, sshd, op
     assert len(opened.read_text().splitlines()) == 2
 
 
+BIG = 64 * 1024 * 1024
+
+
 def test_an_end_while_disconnected_is_shown_with_its_status(sdaemon, sshd, tmp_path, reaped):
     d = sdaemon
     release = tmp_path / "release"
+    # after the release it writes 64 MiB at once: more than the follower started after the
+    # reconnect passes on before it sees the end, so the rest is fetched afterwards
     s = start(d, sshd, reaped, "short", "sh", "-c", shlex.quote(
-        f"echo started; while [ ! -e {release} ]; do sleep 0.05; done; echo bye; exit 5"))
+        f"echo started; while [ ! -e {release} ]; do sleep 0.05; done; "
+        f"head -c {BIG} /dev/zero | tr '\\0' x; echo; echo bye; exit 5"))
     d.wait_for(lambda: b"started" in Path(s["log"]).read_bytes(), what="output")
     cut_connection(sshd)
     wait_state(d, "short", "disconnected")
@@ -228,7 +234,9 @@ def test_an_end_while_disconnected_is_shown_with_its_status(sdaemon, sshd, tmp_p
     restore_connection(d, sshd)
     s = wait_state(d, "short", "exited")
     assert s["exit_status"] == 5
-    assert Path(s["log"]).read_bytes() == b"started\nbye\n"
+    local = Path(s["log"]).read_bytes()
+    assert local == b"started\n" + b"x" * BIG + b"\nbye\n"
+    assert local == (Path(s["remote_dir"]) / "log").read_bytes()
     assert "exit status 5" in d.ctl("sessions").stdout
 
 
@@ -313,4 +321,16 @@ def test_a_loopback_url_printed_on_a_compute_node_goes_to_that_node(netns_daemon
             fwd = d.forward(int(m.group(1)), netns_sshd.host)
             assert fwd["target"].startswith(f"{node_ip}:") and fwd["origin"] == "auto"
         assert f"was printed on {node_ip}: forwarding to that node" in d.log(tail=None)
+        port = int(urls[0].split(":")[2].split("/")[0])
+        remote_port = int(d.forward(port, netns_sshd.host)["target"].rsplit(":", 1)[1])
+        # the same marker in what `tunnelctl watch` sees (the server's name is asked for)
+        marker = f"OPEN_ON_LOCAL({node_ip})[http://localhost:{remote_port}/watched]\n"
+        r = d.ctl("watch", netns_sshd.host, input=marker)
+        assert r.stdout == marker
+        # and a URL that names the node keeps working as it is
+        d.ctl("open", netns_sshd.host, f"http://{node_ip}:{remote_port}/named")
+        for path in ("watched", "named"):
+            (url,) = [u for u in wait_opened(opened, 4) if u.endswith("/" + path)]
+            body = urllib.request.urlopen(url, timeout=10).read().decode()
+            assert body == f"served on {node_ip} path /{path}"
         d.ctl("kill", "srun")
