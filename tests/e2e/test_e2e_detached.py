@@ -4,8 +4,8 @@ that, report an end that happened while disconnected; and a program on a compute
 the server is forwarded to that node.
 
 Remote programs run on this machine through the real sshd (the server's HOME is the real one
-of the user, so session directories go to ``~/.tunneld/sessions``; the ``reaped`` fixture
-kills and removes the ones a test made).
+of the user, so session directories go to ``~/.tunneld/sessions``; ``reap_detached`` kills
+and removes the ones a test made).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from test_e2e_sessions import _alive, _descendants, script, wait_opened, with_recorder
+from test_e2e_sessions import (_alive, _descendants, reap_detached, script, wait_opened,
+                               with_recorder)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -108,41 +108,32 @@ def restore_connection(d, sshd) -> None:
 
 
 @pytest.fixture
-def reaped(sshd):
-    """At the end: kill what detached sessions left running and remove their directories."""
-    made: list[Path] = []
-    yield made
-    for d in made:
-        with contextlib.suppress(ValueError, OSError):
-            if not (d / "status").exists():
-                os.killpg(int((d / "pid").read_text()), signal.SIGKILL)
-        shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
 def opened(tmp_path):
     return tmp_path / "opened.txt"
 
 
 @pytest.fixture
 def sdaemon(daemon, opened, tmp_path):
-    return with_recorder(daemon, opened, tmp_path)
+    """The daemon with a recording browser; at the end what its detached sessions left
+    running is killed and their directories on the server removed."""
+    yield with_recorder(daemon, opened, tmp_path)
+    daemon.close()
+    reap_detached(daemon)
 
 
-def start(d, sshd, reaped, name: str, *argv: str, extra: tuple[str, ...] = ()) -> dict:
-    r = d.ctl("run", sshd.host, "--name", name, *extra, "--", *argv)
+def start(d, sshd, name: str, *argv: str) -> dict:
+    r = d.ctl("run", sshd.host, "--name", name, "--", *argv)
     assert r.stdout.strip() == name
     s = wait_state(d, name, "running")
     assert s["detached"] is True and s["pid"] and s["remote_dir"]
-    reaped.append(Path(s["remote_dir"]))
     return s
 
 
 def test_a_dropped_connection_is_reattached_with_complete_output(sdaemon, sshd, opened,
-                                                                tmp_path, reaped):
+                                                                tmp_path):
     d = sdaemon
     release = tmp_path / "release"
-    s = start(d, sshd, reaped, "drop", sys.executable, str(script(tmp_path, PROG)),
+    s = start(d, sshd, "drop", sys.executable, str(script(tmp_path, PROG)),
               str(release))
     (url,) = wait_opened(opened)
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+/page", url), url
@@ -171,10 +162,10 @@ def test_a_dropped_connection_is_reattached_with_complete_output(sdaemon, sshd, 
 
 
 def test_daemon_restart_reattaches_and_kill_leaves_no_survivor(sdaemon, sshd, opened,
-                                                                tmp_path, reaped):
+                                                                tmp_path):
     d = sdaemon
     release, second_half = tmp_path / "release", tmp_path / "second-half"
-    s = start(d, sshd, reaped, "lab", sys.executable, str(script(tmp_path, PROG)),
+    s = start(d, sshd, "lab", sys.executable, str(script(tmp_path, PROG)),
               str(release), str(second_half))
     (url,) = wait_opened(opened)
     d.wait_for(lambda: Path(s["log"]).read_bytes().endswith(b"/spl"),
@@ -218,12 +209,12 @@ def test_daemon_restart_reattaches_and_kill_leaves_no_survivor(sdaemon, sshd, op
 BIG = 64 * 1024 * 1024
 
 
-def test_an_end_while_disconnected_is_shown_with_its_status(sdaemon, sshd, tmp_path, reaped):
+def test_an_end_while_disconnected_is_shown_with_its_status(sdaemon, sshd, tmp_path):
     d = sdaemon
     release = tmp_path / "release"
     # after the release it writes 64 MiB at once: more than the follower started after the
     # reconnect passes on before it sees the end, so the rest is fetched afterwards
-    s = start(d, sshd, reaped, "short", "sh", "-c", shlex.quote(
+    s = start(d, sshd, "short", "sh", "-c", shlex.quote(
         f"echo started; while [ ! -e {release} ]; do sleep 0.05; done; "
         f"head -c {BIG} /dev/zero | tr '\\0' x; echo; echo bye; exit 5"))
     d.wait_for(lambda: b"started" in Path(s["log"]).read_bytes(), what="output")
@@ -304,6 +295,14 @@ def test_a_loopback_url_printed_on_a_compute_node_goes_to_that_node(netns_daemon
     reports is one the login node can connect to, as a cluster node's name is); it listens
     on all addresses and prints http://127.0.0.1:PORT/."""
     d = with_recorder(netns_daemon, opened, tmp_path)
+    try:
+        compute_test(d, netns_sshd, opened, tmp_path)
+    finally:
+        d.close()
+        reap_detached(d)
+
+
+def compute_test(d, netns_sshd, opened, tmp_path) -> None:
     prog = script(tmp_path, COMPUTE_PROG)
     page = tmp_path / "jpserver-77-open.html"
     with compute_node(netns_sshd.netns) as (node, node_ip):
