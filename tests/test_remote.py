@@ -198,3 +198,32 @@ def group(pgid: int) -> set[int]:
 def shlex_join(argv: list[str]) -> str:
     import shlex
     return shlex.join(argv)
+
+
+@pytest.mark.parametrize("without", [("setsid",), ("setsid", "perl"),
+                                     ("setsid", "perl", "python3")],
+                         ids=["perl", "python3", "job-control"])
+def test_detached_without_setsid(sh, tmp_path, without):
+    """macOS has no setsid(1): perl's or python3's setsid, else a job-control process group
+    (bash; dash has none: the killer still finds the tree through parent pids)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for d in os.environ["PATH"].split(os.pathsep):
+        if os.path.isdir(d):
+            for name in os.listdir(d):
+                if name not in without and not (bin_dir / name).exists():
+                    (bin_dir / name).symlink_to(os.path.join(d, name))
+    sh.env["PATH"] = str(bin_dir)
+    s = start(sh, "port-1", "echo $$; sleep 30")
+    log = Path(s.dir) / "log"
+    deadline = time.monotonic() + 10
+    while not log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if "python3" not in without:
+        assert os.getsid(s.pid) == s.pid == os.getpgid(s.pid)   # a session of its own
+        assert os.getsid(s.pid) != os.getsid(0)
+    elif os.path.basename(sh.env["SHELL"]) == "bash":
+        assert os.getpgid(s.pid) == s.pid             # a process group of its own
+    r = sh(remote.detached_kill_command("port-1", s.pid, grace=2))
+    assert "signalled" in r.stdout
+    assert int(wait_file(Path(s.dir) / "status")) > 128

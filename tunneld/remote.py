@@ -90,8 +90,8 @@ def parse_pid_line(line: bytes) -> int | None:
 #   status  the command's exit status, written atomically (temp file, rename) when it ends;
 #           absent while it runs and when the runner itself was killed
 #
-# The runner is ``sh -c RUNNER`` started in a session of its own (setsid(1), else perl's
-# POSIX::setsid, else a job-control process group), stdin </dev/null, so neither a dropped
+# The runner is ``sh -c RUNNER`` started in a session of its own (setsid(1), else perl's or
+# python3's setsid, else a job-control process group), stdin </dev/null, so neither a dropped
 # connection nor a stopped daemon reaches it.  It traps TERM/INT/HUP with a no-op handler (not
 # an ignore, which the command would inherit), so ``kill_tree_command`` ends the command and
 # the runner still records its status.
@@ -177,7 +177,10 @@ def detached_start_command(session_id: str, command: str,
         'elif command -v perl >/dev/null 2>&1; then',
         "  perl -MPOSIX -e 'POSIX::setsid(); exec @ARGV or die' sh -c \"$runner\" sh "
         '"$dir" "$cmd" </dev/null >/dev/null 2>&1 &',
-        'else',
+        'elif command -v python3 >/dev/null 2>&1; then',
+        "  python3 -c 'import os, sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])' "
+        'sh -c "$runner" sh "$dir" "$cmd" </dev/null >/dev/null 2>&1 &',
+        'else',   # a process group of its own where the shell does job control (bash, zsh)
         '  set -m; nohup sh -c "$runner" sh "$dir" "$cmd" </dev/null >/dev/null 2>&1 &',
         'fi',
         'i=0',
