@@ -140,15 +140,25 @@ def test_a_dropped_connection_is_reattached_with_complete_output(sdaemon, sshd, 
     before = urllib.request.urlopen(url, timeout=10).read().decode()
     d.wait_for(lambda: b"line 5\n" in Path(s["log"]).read_bytes(), what="some lines")
 
-    cut_connection(sshd)
-    wait_state(d, "drop", "disconnected")
-    assert "disconnected" in d.ctl("sessions").stdout
-    assert _alive(s["pid"])                         # the command did not notice
-    remote_log = Path(s["remote_dir"]) / "log"
-    size = remote_log.stat().st_size
-    d.wait_for(lambda: remote_log.stat().st_size > size + 100, what="output while cut off")
-    restore_connection(d, sshd)
-    wait_state(d, "drop", "running")
+    events = subprocess.Popen([sys.executable, "-m", "tunnelctl", "events"], env=d.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "watching" in events.stderr.readline()
+        cut_connection(sshd)
+        wait_state(d, "drop", "disconnected")
+        assert "disconnected" in d.ctl("sessions").stdout
+        assert _alive(s["pid"])                     # the command did not notice
+        remote_log = Path(s["remote_dir"]) / "log"
+        size = remote_log.stat().st_size
+        d.wait_for(lambda: remote_log.stat().st_size > size + 100,
+                   what="output while cut off")
+        restore_connection(d, sshd)
+        wait_state(d, "drop", "running")
+    finally:
+        events.terminate()
+        seen = events.communicate(timeout=10)[0]
+    assert 0 <= seen.find(": session drop disconnected\n") < \
+        seen.find(": session drop re-attached\n"), seen
     assert "re-attached at byte" in d.log(tail=None)
     # the page keeps working against the same process, through the same forward
     assert urllib.request.urlopen(url, timeout=10).read().decode() == before
@@ -204,6 +214,26 @@ def test_daemon_restart_reattaches_and_kill_leaves_no_survivor(sdaemon, sshd, op
     assert Path(s["log"]).read_bytes() == (Path(s["remote_dir"]) / "log").read_bytes()
     time.sleep(0.5)
     assert len(opened.read_text().splitlines()) == 2
+
+
+def test_a_crashed_daemon_reattaches_too(sdaemon, sshd, opened, tmp_path):
+    """kill -9: no goodbye, the sessions file as last written; the next daemon takes up."""
+    d = sdaemon
+    release = tmp_path / "release"
+    s = start(d, sshd, "crash", sys.executable, str(script(tmp_path, PROG)), str(release))
+    (url,) = wait_opened(opened)
+    d.wait_for(lambda: b"line 3\n" in Path(s["log"]).read_bytes(), what="some lines")
+    d.kill9()
+    assert _alive(s["pid"])
+    time.sleep(0.5)
+    d.start()
+    wait_state(d, "crash", "running")
+    release.touch()
+    s = wait_state(d, "crash", "exited")
+    assert s["exit_status"] == 0
+    check_log_complete(s)
+    time.sleep(0.5)
+    assert opened.read_text().splitlines() == [url]
 
 
 BIG = 64 * 1024 * 1024
