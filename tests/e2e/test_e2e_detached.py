@@ -363,3 +363,37 @@ def compute_test(d, netns_sshd, opened, tmp_path) -> None:
             body = urllib.request.urlopen(url, timeout=10).read().decode()
             assert body == f"served on {node_ip} path /{path}"
         d.ctl("kill", "srun")
+
+
+def test_the_sessions_file_is_checked_when_taken_up(daemon, sshd):
+    """Ended sessions are listed with their status; records that are malformed or name a
+    directory outside ~/.tunneld/sessions are skipped; an unreadable file is set aside."""
+    d = daemon
+    saved = d.state_file.with_name("sessions.json")
+    base = {"host": sshd.host, "command": "true", "detached": True, "remote_dir": None,
+            "server": "x", "pid": 4242, "port": None, "log": "/etc/passwd",
+            "started": time.time() - 60, "ended": None, "state": "running",
+            "exit_status": None, "error": None, "opens": 0, "forwards": []}
+    records = [
+        dict(base, name="old", remote_id="old-1", ended=time.time() - 30, state="exited",
+             exit_status=3),
+        dict(base, name="evil", remote_id="../../etc"),            # not a session id
+        dict(base, name="bad name", remote_id="x-1"),              # not a session name
+        dict(base, name="extra", remote_id="x-2", unknown=1),      # a key it does not know
+    ]
+    assert d.stop() == 0
+    saved.write_text(json.dumps({"version": 1, "sessions": records}))
+    d.start()
+    r = json.loads(d.ctl("sessions", "--json").stdout)["sessions"]
+    assert [(s["name"], s["state"], s["exit_status"]) for s in r] == [("old", "exited", 3)]
+    assert r[0]["log"] != "/etc/passwd"       # the daemon's own place for the log
+    assert "exit status 3" in d.ctl("sessions").stdout
+    assert "session evil cannot be taken up" in d.log()
+    assert "skipped a malformed record" in d.log()
+
+    assert d.stop() == 0
+    saved.write_text("{not json")
+    d.start()
+    assert json.loads(d.ctl("sessions", "--json").stdout)["sessions"] == []
+    assert "is unreadable" in d.log()
+    assert list(saved.parent.glob("sessions.json.corrupt-*"))
