@@ -397,3 +397,18 @@ def test_the_sessions_file_is_checked_when_taken_up(daemon, sshd):
     assert json.loads(d.ctl("sessions", "--json").stdout)["sessions"] == []
     assert "is unreadable" in d.log()
     assert list(saved.parent.glob("sessions.json.corrupt-*"))
+
+
+def test_a_forgotten_session_directory_is_removed_on_the_server(sdaemon, sshd):
+    """Reusing an ended session's name forgets it: its directory on the server goes (and
+    nothing else there)."""
+    d = sdaemon
+    d.ctl("run", sshd.host, "--name", "again", "--follow", "--", "echo", "first")
+    first = Path(sessions(d)["again"]["remote_dir"])
+    assert (first / "log").read_text() == "first\n"
+    d.ctl("run", sshd.host, "--name", "again", "--follow", "--", "echo", "second")
+    s = sessions(d)["again"]
+    second = Path(s["remote_dir"])
+    assert second != first and (second / "log").read_text() == "second\n"
+    d.wait_for(lambda: not first.exists(), what="the old directory to go")
+    assert second.exists() and first.parent.is_dir()
