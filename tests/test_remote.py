@@ -85,6 +85,18 @@ def test_detached_start_runs_in_its_own_session_with_private_files(sh):
     assert r.returncode == 125 and "cannot create" in r.stderr
 
 
+def test_the_command_keeps_the_users_umask_while_tunnelds_files_are_private(sh):
+    text = remote.detached_start_command("um-1", "umask; echo x > made")
+    r = sh('umask 022; cd "$HOME"\n' + text)
+    s = remote.parse_start_line(r.stdout)
+    assert s is not None, r.stderr
+    assert wait_file(Path(s.dir) / "status") == "0\n"
+    assert (Path(s.dir) / "log").read_text() == "0022\n"
+    assert (sh.home / "made").stat().st_mode & 0o777 == 0o644
+    for name in ("log", "pid", "status"):
+        assert (Path(s.dir) / name).stat().st_mode & 0o777 == 0o600, name
+
+
 def test_the_runner_is_a_session_leader_outside_the_callers_session(sh):
     s = start(sh, "lead-1", "sleep 30")
     assert os.getsid(s.pid) == s.pid and os.getpgid(s.pid) == s.pid

@@ -118,6 +118,8 @@ class Manager:
         self.session_dir = session_dir or state_path.parent / "sessions"
         #: detached sessions (running and ended), rewritten atomically on every change
         self.sessions_path = state_path.with_name("sessions.json")
+        #: detached session name → its state when last saved (for disconnect/re-attach events)
+        self._session_states: dict[str, str] = {}
         #: False while the daemon stops: sessions that end then are not written any more
         self._saving_sessions = True
         #: host name → supervisor (see the module docstring for when a host is here)
@@ -472,14 +474,14 @@ class Manager:
         if not isinstance(command, list) or not command or \
                 not all(isinstance(a, str) for a in command) or not "".join(command).strip():
             raise UsageError("run needs a command, e.g. `tunnelctl run HOST -- jupyter lab`")
+        replaced: Session | None = None
         if name is not None:
             check_name(name)
             old = self.sessions.get(name)
             if old is not None and old.running:
                 raise UsageError(f"a session named {name} is running on {old.host.name}; "
                                  f"pick another --name or `tunnelctl kill {name}`")
-            if old is not None:
-                self._forget_remote(old)   # the new session takes its name
+            replaced = old
         else:
             name = default_name(" ".join(command),
                                 {n for n, s in self.sessions.items() if s.running} |
@@ -504,6 +506,8 @@ class Manager:
         sess = Session(name, sup, text, self.session_dir / f"{name}.log", self._on_open,
                        env=env, port=port, detached=detach, on_change=self._session_changed)
         self.sessions[name] = sess
+        if replaced is not None:
+            self._forget_remote(replaced)   # the new session took its name
         self._forget_old_sessions()
         sess.start()
         self.events.publish("session", host=host, name=name, event="started",
@@ -535,8 +539,17 @@ class Manager:
         self._session_changed(sess)   # opens and forwards are kept in the sessions file
 
     def _session_changed(self, sess: Session) -> None:
-        if sess.detached:
-            self.save_sessions()
+        if not sess.detached:
+            return
+        was = self._session_states.get(sess.name)
+        self._session_states[sess.name] = sess.state
+        if sess.state == "disconnected" and was != "disconnected":
+            self.events.publish("session", host=sess.host.name, name=sess.name,
+                                event="disconnected", state=sess.state, exit_status=None)
+        elif sess.state == "running" and was == "disconnected":
+            self.events.publish("session", host=sess.host.name, name=sess.name,
+                                event="re-attached", state=sess.state, exit_status=None)
+        self.save_sessions()
 
     def save_sessions(self) -> None:
         """Write the sessions file: every detached session (running and ended)."""
@@ -667,18 +680,19 @@ class Manager:
 
     def _forget_remote(self, sess: Session) -> None:
         """Remove an ended, forgotten detached session's directory on its server, in the
-        background and only if its host is connected now (else it stays there)."""
+        background, if tunneld has that host now (it does not connect just for this; else the
+        directory stays there)."""
         sup = self.hosts.get(sess.host.name)
-        if not sess.detached or sess.remote_id is None or sup is None or sup.conn is None \
-                or sup.state is not HostState.CONNECTED:
+        if not sess.detached or sess.remote_id is None or sup is None:
             return
-        conn, text = sup.conn, remote.forget_command([sess.remote_id])
+        text = remote.forget_command([sess.remote_id])
 
         async def forget() -> None:
             try:
+                conn = await sup.connection_for_client()
                 await asyncio.wait_for(conn.run(text, check=False, request_pty=False,
                                                 term_type=None), FORGET_TIMEOUT)
-            except (asyncio.TimeoutError, asyncssh.Error, OSError) as exc:
+            except (ConnectError, asyncio.TimeoutError, asyncssh.Error, OSError) as exc:
                 log.info("%s: could not remove %s on the server: %s", sup.name,
                          sess.remote_dir, exc)
         task = asyncio.get_running_loop().create_task(forget())

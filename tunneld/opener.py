@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shlex
 import time
 import webbrowser
@@ -105,7 +106,8 @@ class Opener:
             result = await asyncio.wait_for(conn.run(
                 "(hostname || uname -n) 2>/dev/null", check=False, request_pty=False,
                 term_type=None), 15)
-            name = str(result.stdout or "").strip() or None
+            # as the BROWSER helper reduces it (remote.HELPER_SCRIPT)
+            name = re.sub(r"[^A-Za-z0-9_.-]", "", str(result.stdout or ""))[:253] or None
         except (asyncio.TimeoutError, asyncssh.Error, OSError):
             name = None
         self._server_names[sup.name] = (conn, name)

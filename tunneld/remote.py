@@ -128,8 +128,10 @@ else printf 'OPEN_ON_LOCAL[%s]\\n' "$1"; fi
 _RUNNER = """dir=$1
 trap : TERM INT HUP
 echo $$ > "$dir/pid.tmp" && mv -f "$dir/pid.tmp" "$dir/pid"
+umask "$3"
 "${SHELL:-/bin/sh}" -c "$2" </dev/null >>"$dir/log" 2>&1
 st=$?
+umask 077
 printf '%s\\n' "$st" > "$dir/status.tmp" && mv -f "$dir/status.tmp" "$dir/status"
 """
 
@@ -156,6 +158,7 @@ def detached_start_command(session_id: str, command: str,
     ``parse_start_line``).  Exits 125 with a message on stderr when it cannot."""
     wait_steps = max(1, int(START_WAIT * 10))
     return "\n".join([
+        "um=$(umask)",   # the command gets the user's umask; tunneld's files are private
         "umask 077",
         'base="$HOME"/.tunneld',
         _dir(session_id),
@@ -173,15 +176,15 @@ def detached_start_command(session_id: str, command: str,
         f"cmd={shlex.quote(command)}",
         f"runner={shlex.quote(_RUNNER)}",
         'if command -v setsid >/dev/null 2>&1; then',
-        '  setsid sh -c "$runner" sh "$dir" "$cmd" </dev/null >/dev/null 2>&1 &',
+        '  setsid sh -c "$runner" sh "$dir" "$cmd" "$um" </dev/null >/dev/null 2>&1 &',
         'elif command -v perl >/dev/null 2>&1; then',
         "  perl -MPOSIX -e 'POSIX::setsid(); exec @ARGV or die' sh -c \"$runner\" sh "
-        '"$dir" "$cmd" </dev/null >/dev/null 2>&1 &',
+        '"$dir" "$cmd" "$um" </dev/null >/dev/null 2>&1 &',
         'elif command -v python3 >/dev/null 2>&1; then',
         "  python3 -c 'import os, sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])' "
-        'sh -c "$runner" sh "$dir" "$cmd" </dev/null >/dev/null 2>&1 &',
+        'sh -c "$runner" sh "$dir" "$cmd" "$um" </dev/null >/dev/null 2>&1 &',
         'else',   # a process group of its own where the shell does job control (bash, zsh)
-        '  set -m; nohup sh -c "$runner" sh "$dir" "$cmd" </dev/null >/dev/null 2>&1 &',
+        '  set -m; nohup sh -c "$runner" sh "$dir" "$cmd" "$um" </dev/null >/dev/null 2>&1 &',
         'fi',
         'i=0',
         f'while [ ! -s "$dir/pid" ] && [ $i -lt {wait_steps} ]; do',

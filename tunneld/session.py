@@ -329,6 +329,8 @@ class Session:
         """Fetch the log's bytes from ``received`` to ``size``; False if the connection
         dropped first."""
         assert self.remote_id is not None
+        log.info("%s: session %s: fetching the last %d byte(s) of its log", self.host.name,
+                 self.name, size - self.received)
         try:
             proc = await conn.create_process(
                 remote.tail_command(self.remote_id, self.received), encoding=None,
