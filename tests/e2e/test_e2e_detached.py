@@ -250,6 +250,10 @@ def test_an_end_while_disconnected_is_shown_with_its_status(sdaemon, sshd, tmp_p
     d.wait_for(lambda: b"started" in Path(s["log"]).read_bytes(), what="output")
     cut_connection(sshd)
     wait_state(d, "short", "disconnected")
+    # no kill without a connection: said in one line, and the session is left as it is
+    r = d.ctl("kill", "short", check=False)
+    assert r.returncode == 1 and "keeps running on the server" in r.stderr, r
+    assert len(r.stderr.strip().splitlines()) == 1
     release.touch()
     d.wait_for(lambda: (Path(s["remote_dir"]) / "status").exists(), what="the end")
     restore_connection(d, sshd)
