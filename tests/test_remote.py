@@ -97,6 +97,15 @@ def test_the_command_keeps_the_users_umask_while_tunnelds_files_are_private(sh):
         assert (Path(s.dir) / name).stat().st_mode & 0o777 == 0o600, name
 
 
+def test_a_lost_start_answer_is_asked_again(sh):
+    s = start(sh, "probe-1", "sleep 30")
+    r = sh(remote.probe_start_command("probe-1"))
+    assert remote.parse_start_line(r.stdout) == s
+    r = sh(remote.probe_start_command("never-1"))
+    assert r.returncode == 125 and "did not start" in r.stderr
+    assert remote.parse_start_line(r.stdout) is None
+
+
 def test_the_runner_is_a_session_leader_outside_the_callers_session(sh):
     s = start(sh, "lead-1", "sleep 30")
     assert os.getsid(s.pid) == s.pid and os.getpgid(s.pid) == s.pid

@@ -189,10 +189,23 @@ def detached_start_command(session_id: str, command: str,
         'i=0',
         f'while [ ! -s "$dir/pid" ] && [ $i -lt {wait_steps} ]; do',
         '  sleep 0.1 2>/dev/null || sleep 1; i=$((i + 1)); done',
-        'pid=$(cat "$dir/pid" 2>/dev/null)',
-        '[ -n "$pid" ] || { echo "the command did not start in $dir" >&2; exit 125; }',
-        f"printf '%s%s\\t%s\\t%s\\n' {shlex.quote(START_TAG)} \"$pid\" \"{_HOSTNAME}\" \"$dir\"",
+        *_REPORT_START,
     ])
+
+
+# prints the START_TAG line of the session in $dir, or says on stderr that it did not start
+_REPORT_START = [
+    'pid=$(cat "$dir/pid" 2>/dev/null)',
+    '[ -n "$pid" ] || { echo "the command did not start in $dir" >&2; exit 125; }',
+    f"printf '%s%s\\t%s\\t%s\\n' {shlex.quote(START_TAG)} \"$pid\" \"{_HOSTNAME}\" \"$dir\"",
+]
+
+
+def probe_start_command(session_id: str) -> str:
+    """Text that prints the ``START_TAG`` line of a session whose start command's answer was
+    lost (the connection dropped while it ran), as that command would have; exits 125 if
+    the session never started."""
+    return "\n".join([_dir(session_id), *_REPORT_START])
 
 
 @dataclass(frozen=True)

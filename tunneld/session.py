@@ -60,6 +60,8 @@ START_TIMEOUT = remote.START_WAIT + 20
 #: to the max)
 REATTACH_DELAY = 1.0
 REATTACH_DELAY_MAX = 10.0
+#: a limit: attempts to learn whether a start whose answer was lost happened
+PROBE_TRIES = 5
 #: a limit: bytes of a follower's stderr kept (it holds one status line)
 MAX_FOLLOW_STDERR = 64 * 1024
 
@@ -231,9 +233,12 @@ class Session:
             result = await asyncio.wait_for(
                 conn.run(text, check=False, request_pty=False, term_type=None),
                 START_TIMEOUT)
-        except asyncio.TimeoutError:
-            raise ConnectError(f"{self.host.name}: session {self.name}: the server did not "
-                               f"start it within {START_TIMEOUT:g}s") from None
+        except (asyncio.TimeoutError, asyncssh.Error, OSError) as exc:
+            # the answer is lost; the command may run all the same: ask once connected
+            log.info("%s: session %s: no answer from the start command (%s); asking the "
+                     "server once connected", self.host.name, self.name,
+                     _describe(exc, "timed out"))
+            result = await self._probe_start()
         started = remote.parse_start_line(str(result.stdout or ""))
         if started is None:
             said = str(result.stderr or "").strip().splitlines()
@@ -244,6 +249,20 @@ class Session:
         log.info("%s: session %s started (detached, pid %d, %s): %s", self.host.name,
                  self.name, self.pid, self.remote_dir, self.command)
         self._changed()
+
+    async def _probe_start(self) -> asyncssh.SSHCompletedProcess:
+        assert self.remote_id is not None
+        text = remote.probe_start_command(self.remote_id)
+        for _ in range(PROBE_TRIES):
+            conn = await self._connected()
+            try:
+                return await asyncio.wait_for(
+                    conn.run(text, check=False, request_pty=False, term_type=None),
+                    START_TIMEOUT)
+            except (asyncio.TimeoutError, asyncssh.Error, OSError):
+                await asyncio.sleep(REATTACH_DELAY)
+        raise ConnectError(f"{self.host.name}: session {self.name}: the server did not say "
+                           f"whether it started ({self.remote_dir or self.remote_id})")
 
     async def _connected(self) -> asyncssh.SSHClientConnection:
         """The host's live connection; ``disconnected`` while there is none."""
@@ -597,6 +616,12 @@ def _last_partial_line(path: Path, size: int) -> bytes:
         tail = f.read(size - start)
     cut = max(tail.rfind(b"\n"), tail.rfind(b"\r"))
     return tail[cut + 1:] if cut >= 0 else tail[-MAX_LINE:]
+
+
+def _describe(exc: BaseException, default: str) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return default
+    return str(exc) or type(exc).__name__
 
 
 def _text(value: Any) -> str | None:
