@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import asyncssh
 import pytest
 
+from tunneld import remote
 from tunneld.session import Session
 from tunneld.state import HostState
 
@@ -144,3 +145,22 @@ def test_a_start_that_never_reached_the_server_fails_with_the_reason(tmp_path):
     assert sess.state == "failed" and sess.exit_status is None
     assert sess.error is not None and "could not be started on the server: the command " \
         "did not start in" in sess.error, sess.error
+
+
+def test_taken_up_while_it_was_starting(tmp_path):
+    """A daemon stopped (or killed) while the start command ran leaves a record with the
+    session's id and no pid: the next one asks the server and follows it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    conn = LocalConn(home)
+
+    async def main() -> Session:
+        await conn.run(remote.detached_start_command("s1-0001", "echo hi; exit 6"))
+        sess = Session("s1", LocalHost(conn), "echo hi; exit 6",  # type: ignore[arg-type]
+                       tmp_path / "local" / "s1.log", no_open)
+        sess.resume({"remote_id": "s1-0001", "pid": None, "started": 1.0})
+        await asyncio.wait_for(sess.done.wait(), 30)
+        return sess
+    sess = asyncio.run(main())
+    assert (sess.state, sess.exit_status) == ("exited", 6), sess.error
+    assert sess.pid and sess.log_path.read_bytes() == b"hi\n"

@@ -206,6 +206,9 @@ class Session:
     async def _run_detached(self) -> None:
         if self.remote_id is None:
             await self._start_remote()
+        elif self.pid is None:
+            # taken up from a daemon that stopped while starting it: did it start?
+            self._started(await self._probe_start())
         await self._attach_until_end()
 
     async def _guarded(self, body: Awaitable[None]) -> None:
@@ -228,6 +231,7 @@ class Session:
     async def _start_remote(self) -> None:
         conn = await self.host.connection_for_client()
         self.remote_id = f"{self.name}-{secrets.token_hex(4)}"
+        self._changed()   # recorded before it may start: a daemon killed now can look later
         text = remote.detached_start_command(self.remote_id, self.command, self.env)
         try:
             result = await asyncio.wait_for(
@@ -239,6 +243,10 @@ class Session:
                      "server once connected", self.host.name, self.name,
                      _describe(exc, "timed out"))
             result = await self._probe_start()
+        self._started(result)
+
+    def _started(self, result: Any) -> None:
+        """Take the start command's (or the probe's) answer; raise if it did not start."""
         started = remote.parse_start_line(str(result.stdout or ""))
         if started is None:
             said = str(result.stderr or "").strip().splitlines()
