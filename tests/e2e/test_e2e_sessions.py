@@ -411,6 +411,7 @@ def test_headless_chromium_loads_the_opened_page(daemon, sshd, tmp_path):
     assert dom.exists(), f"chromium wrote no DOM\n{daemon.log()}"
     assert "rendered by javascript" in dom.read_text()
     daemon.ctl("kill", "page")
+    reap_detached(daemon)
 
 
 def test_loopback_url_on_a_server_with_its_own_loopback(ndaemon, netns_sshd, opened, tmp_path):
