@@ -4,7 +4,9 @@ Invariants: a host is in ``hosts`` iff it has at least one forward or running se
 an open request is using it; every forward in a host's ``forwards`` has a bound listener; the
 state file holds exactly the forwards of origin "added", written after every change.
 Forwards of origin "auto" (made for a browser-open marker or ``run --port auto``) are not
-persisted.
+persisted, except with the detached session they were made for: the sessions file
+(``sessions.json`` beside the state file) holds every detached session, running and ended,
+written after every change, so the next daemon takes them up (``restore_sessions``).
 """
 
 from __future__ import annotations
