@@ -18,8 +18,10 @@ from tunneld.urls import (
     is_loopback_host,
     jupyter_redirect_path,
     jupyter_redirect_target,
+    on_node,
     plan,
     redact,
+    same_host,
 )
 
 
@@ -489,3 +491,46 @@ def test_policy_memory_is_bounded():
     assert len(pol._last) <= 7 * OpenPolicy.RATE_MAX
     assert sum(len(q) for q in pol._opens.values()) <= 7 * OpenPolicy.RATE_MAX
     assert len(pol._burst) <= 7
+
+
+# -- compute nodes: a loopback URL printed on another machine than the server ----------------
+
+@pytest.mark.parametrize("url,node,server,expected", [
+    # printed on a compute node: its own loopback, reached through the server
+    ("http://127.0.0.1:8888/lab?token=t#f", "node42", "login1",
+     ("node42", 8888, "/lab?token=t#f", False)),
+    ("http://localhost:8888/", "Node42.cluster.org", "login1", ("node42.cluster.org", 8888,
+                                                              "/", False)),
+    ("http://0.0.0.0:8080", "10.252.0.2", "login1", ("10.252.0.2", 8080, "/", False)),
+    ("http://[::1]:8080/x", "node42", "login1", ("node42", 8080, "/x", False)),
+    # printed on the server itself (any spelling of its name): its loopback, as always
+    ("http://127.0.0.1:8888/", "login1", "login1", ("127.0.0.1", 8888, "/", True)),
+    ("http://127.0.0.1:8888/", "LOGIN1", "login1.cluster.org", ("127.0.0.1", 8888, "/", True)),
+    ("http://localhost:8888/", "login1.cluster.org", "login1", ("localhost", 8888, "/", True)),
+    # no node, or the server's name unknown: conservatively the server's loopback
+    ("http://127.0.0.1:8888/", None, "login1", ("127.0.0.1", 8888, "/", True)),
+    ("http://127.0.0.1:8888/", "node42", None, ("127.0.0.1", 8888, "/", True)),
+    ("http://127.0.0.1:8888/", "node42", "", ("127.0.0.1", 8888, "/", True)),
+    # a URL that names its host keeps it, wherever it was printed
+    ("http://node42:8888/lab", "node42", "login1", ("node42", 8888, "/lab", False)),
+    ("http://node7:8888/lab", "node42", "login1", ("node7", 8888, "/lab", False)),
+])
+def test_on_node(url, node, server, expected):
+    p = on_node(plan(url), node, server)
+    assert (p.remote_host, p.remote_port, p.path, p.is_loopback) == expected
+    assert p.scheme == "http"
+
+
+def test_on_node_refuses_a_node_that_is_not_a_host_name():
+    with pytest.raises(Refused, match="not a host name"):
+        on_node(plan("http://127.0.0.1:1/"), "-oProxyCommand", "login1")
+
+
+@pytest.mark.parametrize("a,b,same", [
+    ("login1", "login1", True), ("login1", "LOGIN1.", True), ("login1", "login1.x.org", True),
+    ("login1.x.org", "login1", True), ("login1.a.org", "login1.b.org", False),
+    ("node1", "node10", False), ("10.0.0.1", "10.0.0.1", True), ("10.0.0.1", "10", False),
+])
+def test_same_host(a, b, same):
+    assert same_host(a, b) is same
+    assert same_host(b, a) is same

@@ -448,7 +448,8 @@ def cmd_run(a: argparse.Namespace) -> int:
             print(f"tunnelctl run: --port takes 'auto' or a port number, not {a.port!r}",
                   file=sys.stderr)
             return EXIT_USAGE
-    r = call("run", host=a.host, command=command, name=a.name, port=port)
+    extra: dict[str, Any] = {} if a.detach else {"detach": False}
+    r = call("run", host=a.host, command=command, name=a.name, port=port, **extra)
     if a.follow:
         print(f"tunnelctl: session {r['name']} started on {a.host}", file=sys.stderr)
         if r.get("url"):
@@ -470,10 +471,11 @@ def cmd_sessions(a: argparse.Namespace) -> int:
     if not r["sessions"]:
         print("no sessions; start one with `tunnelctl run HOST -- COMMAND`")
         return EXIT_OK
-    rows = [("NAME", "HOST", "STATE", "EXIT", "PORT", "STARTED", "COMMAND")]
+    rows = [("NAME", "HOST", "STATE", "EXIT", "MODE", "PORT", "STARTED", "COMMAND")]
     for x in r["sessions"]:
-        ex = "" if x["state"] in ("starting", "running") else _session_line(x)
-        rows.append((x["name"], x["host"], x["state"], ex, str(x["port"] or ""),
+        ex = "" if x["state"] in ("starting", "running", "disconnected") else _session_line(x)
+        mode = "detached" if x.get("detached", False) else "attached"
+        rows.append((x["name"], x["host"], x["state"], ex, mode, str(x["port"] or ""),
                      _ago(x["started"]) + " ago", x["command"]))
     _table(rows)
     return EXIT_OK
@@ -704,7 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a remote command as a session, output watched",
                        usage="tunnelctl run HOST [--name N] [--port auto|N] [--follow] "
-                             "-- COMMAND...")
+                             "[--no-detach] -- COMMAND...")
     p.add_argument("host")
     p.add_argument("--name", help="session name (default: the command's name and a number)")
     p.add_argument("--port", metavar="auto|N",
@@ -712,6 +714,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "replaces {port} in COMMAND, exported as PORT, and forwarded")
     p.add_argument("--follow", "-f", action="store_true",
                    help="stream the output until the session ends")
+    p.add_argument("--no-detach", dest="detach", action="store_false",
+                   help="run the command in the SSH connection itself: it ends when the "
+                        "connection drops or the daemon stops (default: it runs detached on "
+                        "the server and survives both)")
     p.set_defaults(func=cmd_run, command=[])
 
     p = sub.add_parser("sessions", help="sessions with state and exit status")

@@ -310,7 +310,8 @@ class ControlServer:
 
     async def _run(self, args: dict[str, Any], emit: Emit) -> Any:
         return await self.manager.run(args.get("host"), args.get("command"),
-                                      name=args.get("name"), port=args.get("port"))
+                                      name=args.get("name"), port=args.get("port"),
+                                      detach=args.get("detach", True))
 
     async def _sessions(self, args: dict[str, Any], emit: Emit) -> Any:
         return self.manager.sessions_snapshot()

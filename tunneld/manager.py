@@ -4,13 +4,17 @@ Invariants: a host is in ``hosts`` iff it has at least one forward or running se
 an open request is using it; every forward in a host's ``forwards`` has a bound listener; the
 state file holds exactly the forwards of origin "added", written after every change.
 Forwards of origin "auto" (made for a browser-open marker or ``run --port auto``) are not
-persisted.
+persisted, except with the detached session they were made for: the sessions file
+(``sessions.json`` beside the state file) holds every detached session, running and ended,
+written after every change, so the next daemon takes them up (``restore_sessions``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import random
 import re
 import socket
@@ -19,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from . import remote
 from . import spec as specmod
-from .config import Config, StateFile, load_state, save_state
+from .config import Config, StateFile, atomic_write, load_state, save_state
 import asyncssh
 
 from .errors import BindError, ConnectError, NotFound, SpecError, TunneldError, UsageError
@@ -31,7 +36,7 @@ from .remote_forward import RemoteForward
 from .socks_forward import SocksForward
 from .markers import BrowserOpen
 from .opener import Opener
-from .session import MAX_SESSIONS, Session, check_name, default_name
+from .session import MAX_SESSIONS, RECORD_KEYS, Session, check_name, default_name
 from .spec import ForwardSpec, is_loopback
 from .state import HostState, slept_for
 
@@ -48,6 +53,12 @@ CLOCK_TICK = 2.0
 KILL_ALL_TIMEOUT = 15.0
 #: seconds between two looks at the open connections while a stopping daemon drains them
 DRAIN_POLL = 0.05
+#: format of the sessions file (detached sessions, kept across daemon restarts)
+SESSIONS_VERSION = 1
+#: seconds allowed for removing a forgotten session's directory on its server
+FORGET_TIMEOUT = 15.0
+#: a limit: forwards remembered per session (made for its markers; restored with it)
+MAX_SESSION_FORWARDS = 16
 #: where `run --port auto` looks for a free port, and how many it tries
 FREE_PORT_RANGE = (20000, 60000)
 FREE_PORT_TRIES = 50
@@ -107,6 +118,12 @@ class Manager:
         self.config = config
         self.state_path = state_path
         self.session_dir = session_dir or state_path.parent / "sessions"
+        #: detached sessions (running and ended), rewritten atomically on every change
+        self.sessions_path = state_path.with_name("sessions.json")
+        #: detached session name → its state when last saved (for disconnect/re-attach events)
+        self._session_states: dict[str, str] = {}
+        #: False while the daemon stops: sessions that end then are not written any more
+        self._saving_sessions = True
         #: host name → supervisor (see the module docstring for when a host is here)
         self.hosts: dict[str, HostSupervisor] = {}
         #: session name → session (running ones, and ended ones until MAX_SESSIONS)
@@ -152,6 +169,7 @@ class Manager:
             sup.start()
         n = sum(len(h.forwards) for h in self.hosts.values())
         log.info("restored %d forward(s) on %d host(s)", n, len(self.hosts))
+        await self.restore_sessions()
 
     def check_liveness(self, why: str) -> None:
         """After a sleep or a network change: every host checks its link now."""
@@ -172,8 +190,20 @@ class Manager:
                 self.check_liveness(f"the clock jumped {slept:.0f}s (the machine slept?)")
 
     async def end_sessions(self) -> None:
-        """Kill every running session (bounded by ``KILL_ALL_TIMEOUT``)."""
-        running = [sess for sess in self.sessions.values() if sess.running]
+        """Kill every running attached session (bounded by ``KILL_ALL_TIMEOUT``); leave the
+        detached ones running on their servers (the sessions file has them for the next
+        start)."""
+        detached = [sess for sess in self.sessions.values()
+                    if sess.running and sess.detached and not sess.detaching]
+        if detached:
+            self.save_sessions()
+            self._saving_sessions = False
+            log.info("leaving %d detached session(s) running: %s", len(detached),
+                     " ".join(sess.name for sess in detached))
+            for sess in detached:
+                sess.detach()
+        running = [sess for sess in self.sessions.values() if sess.running and
+                   not sess.detached]
         if running:
             log.info("ending %d session(s)", len(running))
             await asyncio.wait([asyncio.ensure_future(sess.kill()) for sess in running],
@@ -437,21 +467,27 @@ class Manager:
     # -- sessions ----------------------------------------------------------------------------
 
     async def run(self, host: str, command: Any, name: Any = None,
-                  port: Any = None) -> dict[str, Any]:
+                  port: Any = None, detach: Any = True) -> dict[str, Any]:
         """Start ``command`` on ``host`` as a session.  ``port``: None, "auto" or a number;
-        it replaces ``{port}`` in the command, is exported as ``PORT`` and is forwarded."""
+        it replaces ``{port}`` in the command, is exported as ``PORT`` and is forwarded.
+        ``detach``: the command outlives the connection and the daemon (else it runs in the
+        SSH channel and ends with it)."""
         check_host_name(host)
+        if not isinstance(detach, bool):
+            raise UsageError(f"'detach' must be true or false, not {detach!r}")
         if isinstance(command, str):
             command = [command]
         if not isinstance(command, list) or not command or \
                 not all(isinstance(a, str) for a in command) or not "".join(command).strip():
             raise UsageError("run needs a command, e.g. `tunnelctl run HOST -- jupyter lab`")
+        replaced: Session | None = None
         if name is not None:
             check_name(name)
             old = self.sessions.get(name)
             if old is not None and old.running:
                 raise UsageError(f"a session named {name} is running on {old.host.name}; "
                                  f"pick another --name or `tunnelctl kill {name}`")
+            replaced = old
         else:
             name = default_name(" ".join(command),
                                 {n for n, s in self.sessions.items() if s.running} |
@@ -474,26 +510,154 @@ class Manager:
             env["PORT"] = str(port)
         text = " ".join(command)
         sess = Session(name, sup, text, self.session_dir / f"{name}.log", self._on_open,
-                       env=env, port=port)
+                       env=env, port=port, detached=detach, on_change=self._session_changed)
         self.sessions[name] = sess
+        if replaced is not None:
+            self._forget_remote(replaced)   # the new session took its name
         self._forget_old_sessions()
         sess.start()
         self.events.publish("session", host=host, name=name, event="started",
                             state=sess.state, exit_status=None)
-        reaper = asyncio.get_running_loop().create_task(self._reap(sess))
-        self._reapers.add(reaper)
-        reaper.add_done_callback(self._reapers.discard)
-        result: dict[str, Any] = {"name": name, "host": host, "command": text}
+        self._start_reaper(sess)
+        result: dict[str, Any] = {"name": name, "host": host, "command": text,
+                                  "detached": detach}
         if fwd is not None:
             result.update(port=port, forward=str(fwd.spec),
                           url=f"http://127.0.0.1:{fwd.spec.bind_port}/")
         return result
 
+    def _start_reaper(self, sess: Session) -> None:
+        reaper = asyncio.get_running_loop().create_task(self._reap(sess))
+        self._reapers.add(reaper)
+        reaper.add_done_callback(self._reapers.discard)
+
     async def _on_open(self, sess: Session, ev: BrowserOpen) -> None:
         try:
-            await self.opener.open(sess.host.name, ev.url, ev.node, f"session {sess.name}")
+            r = await self.opener.open(sess.host.name, ev.url, ev.node, f"session {sess.name}",
+                                       server=sess.server)
         except TunneldError as exc:
             log.warning("%s", exc)
+            return
+        fwd = r.get("forward")
+        if sess.detached and fwd and fwd not in sess.forwards and \
+                len(sess.forwards) < MAX_SESSION_FORWARDS:
+            sess.forwards.append(fwd)
+        self._session_changed(sess)   # opens and forwards are kept in the sessions file
+
+    def _session_changed(self, sess: Session) -> None:
+        if not sess.detached:
+            return
+        was = self._session_states.get(sess.name)
+        self._session_states[sess.name] = sess.state
+        if sess.state == "disconnected" and was != "disconnected":
+            self.events.publish("session", host=sess.host.name, name=sess.name,
+                                event="disconnected", state=sess.state, exit_status=None)
+        elif sess.state == "running" and was == "disconnected":
+            self.events.publish("session", host=sess.host.name, name=sess.name,
+                                event="re-attached", state=sess.state, exit_status=None)
+        self.save_sessions()
+
+    def save_sessions(self) -> None:
+        """Write the sessions file: every detached session (running and ended)."""
+        if not self._saving_sessions:
+            return
+        records = [s.record() for s in sorted(self.sessions.values(), key=lambda s: s.started)
+                   if s.detached]
+        data = {"version": SESSIONS_VERSION, "sessions": records}
+        try:
+            atomic_write(self.sessions_path, (json.dumps(data, indent=1) + "\n").encode())
+        except OSError as exc:
+            log.error("could not write the sessions file %s: %s; detached sessions started "
+                      "now will not be re-attached after a restart", self.sessions_path,
+                      exc.strerror or exc)
+
+    def _load_sessions(self) -> list[dict[str, Any]]:
+        """The sessions file's records; a corrupt file is set aside (logged)."""
+        try:
+            data = json.loads(self.sessions_path.read_bytes() or b"{}")
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, RecursionError) as exc:
+            aside = self.sessions_path.with_name(
+                f"{self.sessions_path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+            try:
+                os.replace(self.sessions_path, aside)
+            except OSError:
+                pass
+            log.error("sessions file %s is unreadable (%s); kept it as %s; detached sessions "
+                      "are not re-attached (they still run on their servers)",
+                      self.sessions_path, str(exc).splitlines()[0], aside)
+            return []
+        if not isinstance(data, dict) or data.get("version", SESSIONS_VERSION) \
+                > SESSIONS_VERSION:
+            log.error("sessions file %s has a format this tunneld does not read; detached "
+                      "sessions are not re-attached", self.sessions_path)
+            return []
+        out = []
+        for rec in data.get("sessions") or []:
+            if not isinstance(rec, dict) or set(rec) - set(RECORD_KEYS):
+                continue
+            try:
+                check_name(rec.get("name"))
+                check_host_name(rec.get("host"))
+                if not isinstance(rec.get("command"), str):
+                    raise UsageError("bad record")
+            except UsageError:
+                log.warning("sessions file %s: skipped a malformed record",
+                            self.sessions_path)
+                continue
+            out.append(rec)
+        return out[-MAX_SESSIONS:]
+
+    async def restore_sessions(self) -> None:
+        """Take up the detached sessions of the sessions file: ended ones are listed, running
+        ones re-attach (with their ``--port`` forward and the forwards made for their
+        markers)."""
+        records = self._load_sessions()
+        running = 0
+        for rec in records:
+            name, host = rec["name"], rec["host"]
+            if name in self.sessions:
+                continue
+            port = rec.get("port")
+            if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+                port = None
+            sup = self.hosts.get(host) or HostSupervisor(host, self.config.defaults,
+                                                         events=self.events)
+            # the log is where this daemon puts a session's log, whatever the file says
+            sess = Session(name, sup, rec["command"], self.session_dir / f"{name}.log",
+                           self._on_open,
+                           port=port, detached=True, on_change=self._session_changed)
+            try:
+                sess.resume(rec)
+            except (OSError, ValueError, TypeError) as exc:
+                log.error("%s: session %s cannot be taken up: %s", host, name, exc)
+                continue
+            self.sessions[name] = sess
+            if not sess.running:
+                continue
+            running += 1
+            self.hosts[host] = sup
+            sup.start()
+            for text in [*sess.forwards, *([str(port)] if port else [])]:
+                await self._restore_session_forward(host, text, port if text == str(port)
+                                                    else None)
+            self._start_reaper(sess)
+        if records:
+            log.info("took up %d detached session(s), %d of them running", len(records),
+                     running)
+            self.save_sessions()
+
+    async def _restore_session_forward(self, host: str, text: str, port: int | None) -> None:
+        try:
+            if port is not None:
+                await self.ensure_forward(host, "localhost", port)
+                return
+            (s,) = specmod.parse(text)
+            if self._find_spec(host, s) is None:
+                await self._bind(host, s, "auto")
+        except (TunneldError, ValueError) as exc:
+            log.warning("%s: forward %s of a session was not restored: %s", host, text, exc)
 
     async def _free_remote_port(self, sup: HostSupervisor) -> int:
         """A port nothing listens on, on the server's loopback, and free here too."""
@@ -516,7 +680,30 @@ class Manager:
         ended = sorted((s for s in self.sessions.values() if not s.running),
                        key=lambda s: s.ended or 0)
         while len(self.sessions) > MAX_SESSIONS and ended:
-            del self.sessions[ended.pop(0).name]
+            old = ended.pop(0)
+            del self.sessions[old.name]
+            self._forget_remote(old)
+
+    def _forget_remote(self, sess: Session) -> None:
+        """Remove an ended, forgotten detached session's directory on its server, in the
+        background, if tunneld has that host now (it does not connect just for this; else the
+        directory stays there)."""
+        sup = self.hosts.get(sess.host.name)
+        if not sess.detached or sess.remote_id is None or sup is None:
+            return
+        text = remote.forget_command([sess.remote_id])
+
+        async def forget() -> None:
+            try:
+                conn = await sup.connection_for_client()
+                await asyncio.wait_for(conn.run(text, check=False, request_pty=False,
+                                                term_type=None), FORGET_TIMEOUT)
+            except (ConnectError, asyncio.TimeoutError, asyncssh.Error, OSError) as exc:
+                log.info("%s: could not remove %s on the server: %s", sup.name,
+                         sess.remote_dir, exc)
+        task = asyncio.get_running_loop().create_task(forget())
+        self._reapers.add(task)
+        task.add_done_callback(self._reapers.discard)
 
     def session(self, name: Any) -> Session:
         if not isinstance(name, str) or name not in self.sessions:

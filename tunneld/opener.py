@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shlex
 import time
 import webbrowser
@@ -45,6 +46,8 @@ class Opener:
         self.manager = manager
         self.configure(browser, ready_timeout)
         self.policy = urls.OpenPolicy()
+        #: host → (connection, its server's host name) for markers that name a node
+        self._server_names: dict[str, tuple[Any, str | None]] = {}
 
     def configure(self, browser: list[str] | str | None, ready_timeout: float) -> None:
         """Take the browser command and readiness bound from the config (also on reload)."""
@@ -52,16 +55,25 @@ class Opener:
         self.ready_timeout = ready_timeout
 
     async def open(self, host: str, url: str, node: str | None = None,
-                   source: str = "") -> dict[str, Any]:
-        """Open ``url`` (as printed on ``host``) in the local browser.  Raises UsageError
-        (refused URL) or ConnectError (host down, port never ready)."""
+                   source: str = "", server: str | None = None) -> dict[str, Any]:
+        """Open ``url`` (as printed on ``host``, or on compute node ``node`` behind it) in the
+        local browser.  ``server``: ``host``'s own host name if known (else it is asked for
+        when ``node`` is given).  Raises UsageError (refused URL) or ConnectError (host down,
+        port never ready)."""
         sup = self.manager.host_for(host)
         where = f" ({source})" if source else ""
         path = urls.jupyter_redirect_path(url)
         if path is not None:
+            # read on the server: homes are shared with compute nodes
             url = await self._read_redirect(sup, path)
         try:
             plan = urls.plan(url)
+            if node is not None and plan.is_loopback:
+                server = server or await self._server_name(sup)
+                plan = urls.on_node(plan, node, server)
+                if not plan.is_loopback:
+                    log.info("%s: %s was printed on %s: forwarding to that node%s", host,
+                             urls.redact(url), plan.remote_host, where)
         except urls.Refused as exc:
             log.warning("%s: refused to open a URL%s: %s", host, where, exc)
             raise UsageError(f"{host}: not opened: {exc}") from None
@@ -82,6 +94,24 @@ class Opener:
         self.manager.events.publish("open", host=host, url=shown, source=source,
                                     forward=str(fwd.spec))
         return {"url": local, "opened": True, "forward": str(fwd.spec)}
+
+    async def _server_name(self, sup: "HostSupervisor") -> str | None:
+        """``sup``'s server's host name (as the BROWSER helper reports it), asked once per
+        connection; None if it cannot be learnt (the URL is then taken as the server's)."""
+        conn = await sup.connection_for_client()
+        cached = self._server_names.get(sup.name)
+        if cached is not None and cached[0] is conn:
+            return cached[1]
+        try:
+            result = await asyncio.wait_for(conn.run(
+                "(hostname || uname -n) 2>/dev/null", check=False, request_pty=False,
+                term_type=None), 15)
+            # as the BROWSER helper reduces it (remote.HELPER_SCRIPT)
+            name = re.sub(r"[^A-Za-z0-9_.-]", "", str(result.stdout or ""))[:253] or None
+        except (asyncio.TimeoutError, asyncssh.Error, OSError):
+            name = None
+        self._server_names[sup.name] = (conn, name)
+        return name
 
     async def _read_redirect(self, sup: "HostSupervisor", path: str) -> str:
         conn = await sup.connection_for_client()

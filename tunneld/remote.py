@@ -1,4 +1,11 @@
-"""Shell text run on the server: the session wrapper and the process-tree killer.  Pure.
+"""Shell text run on the server: session wrappers, the follower and the process-tree killer.
+Pure.
+
+Two kinds of session.  An attached one (``run --no-detach``) is ``session_command``: the
+command runs in the SSH channel's shell and dies with the connection.  A detached one (the
+default) is started by ``detached_start_command`` in a directory of its own on the server and
+outlives the connection and the daemon; ``follow_command`` streams its log from a byte offset,
+``tail_command`` fetches what a follower missed, ``detached_kill_command`` stops it.
 
 sshd runs a command as ``$SHELL -c TEXT`` in a new session (it calls setsid()), so the shell's
 pid is also the process-group id of everything the command starts, unless a child makes its
@@ -11,6 +18,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from dataclasses import dataclass
 
 from .markers import BROWSER_ENV
 
@@ -27,13 +35,8 @@ def session_command(command: str, env: dict[str, str] | None = None) -> str:
     Python's webbrowser, xdg-open and Jupyter print a marker) and ``env``, run ``command``.
 
     ``command`` is used as ssh uses its arguments: the remote shell interprets it."""
-    exports = {"BROWSER": BROWSER_ENV, **(env or {})}
-    parts = [f"printf '%s%s\\n' {shlex.quote(PID_TAG)} \"$$\""]
-    for name, value in exports.items():
-        if not _ENV_NAME.match(name):
-            raise ValueError(f"bad environment variable name {name!r}")
-        parts.append(f"{name}={shlex.quote(value)}; export {name}")
-    parts.append(command)
+    parts = [f"printf '%s%s\\n' {shlex.quote(PID_TAG)} \"$$\"",
+             *_exports({"BROWSER": BROWSER_ENV, **(env or {})}), command]
     return "; ".join(parts)
 
 
@@ -76,3 +79,216 @@ def parse_pid_line(line: bytes) -> int | None:
         return None
     rest = line[len(tag):].strip()
     return int(rest) if rest.isdigit() else None
+
+# -- detached sessions ---------------------------------------------------------------------------
+#
+# A detached session lives in a private directory on the server, ``$HOME/SESSIONS_DIR/<id>``
+# (0700, files 0600):
+#
+#   pid     the runner's pid (= its session and process-group id), written once it runs
+#   log     the command's stdout and stderr, appended
+#   status  the command's exit status, written atomically (temp file, rename) when it ends;
+#           absent while it runs and when the runner itself was killed
+#
+# The runner is ``sh -c RUNNER`` started in a session of its own (setsid(1), else perl's or
+# python3's setsid, else a job-control process group), stdin </dev/null, so neither a dropped
+# connection nor a stopped daemon reaches it.  It traps TERM/INT/HUP with a no-op handler (not
+# an ignore, which the command would inherit), so ``kill_tree_command`` ends the command and
+# the runner still records its status.
+
+#: where session directories live on the server, relative to ``$HOME``
+SESSIONS_DIR = ".tunneld/sessions"
+#: the BROWSER helper on the server, relative to ``$HOME`` (homes are shared with compute
+#: nodes on clusters, so jobs started with srun/sbatch find it too)
+HELPER_PATH = ".tunneld/bin/open-on-local"
+#: the line the start command prints: this tag, pid TAB server hostname TAB session dir
+START_TAG = "\x1etunneld-detached:"
+#: the line (on stderr) a follower ends with: this tag, log size SPACE exit status or ``-``;
+#: or this tag and ``gone`` when the session directory does not exist
+END_TAG = "\x1etunneld-end:"
+#: seconds the start command waits for the runner to record its pid
+START_WAIT = 10.0
+#: seconds between a follower's looks at whether the runner still runs
+FOLLOW_POLL = 0.5
+
+#: a session id as used in a directory name (checked before it reaches a shell)
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
+
+# the host name, reduced to what a marker's NODE may hold
+_HOSTNAME = "$( (hostname || uname -n) 2>/dev/null | tr -cd 'A-Za-z0-9_.-' | cut -c1-253)"
+
+HELPER_SCRIPT = f"""#!/bin/sh
+# tunneld's BROWSER helper: asks the local browser (through tunneld) to open "$1", naming
+# the host this runs on, so a URL printed on a compute node is forwarded to that node.
+h={_HOSTNAME}
+if [ -n "$h" ]; then printf 'OPEN_ON_LOCAL(%s)[%s]\\n' "$h" "$1"
+else printf 'OPEN_ON_LOCAL[%s]\\n' "$1"; fi
+"""
+
+_RUNNER = """dir=$1
+trap : TERM INT HUP
+echo $$ > "$dir/pid.tmp" && mv -f "$dir/pid.tmp" "$dir/pid"
+umask "$3"
+"${SHELL:-/bin/sh}" -c "$2" </dev/null >>"$dir/log" 2>&1
+st=$?
+umask 077
+printf '%s\\n' "$st" > "$dir/status.tmp" && mv -f "$dir/status.tmp" "$dir/status"
+"""
+
+
+def _dir(session_id: str) -> str:
+    if not isinstance(session_id, str) or not ID_RE.match(session_id):
+        raise ValueError(f"bad session id {session_id!r}")
+    return f'dir="$HOME"/{SESSIONS_DIR}/{session_id}'
+
+
+def _exports(env: dict[str, str] | None) -> list[str]:
+    parts = []
+    for name, value in (env or {}).items():
+        if not _ENV_NAME.match(name):
+            raise ValueError(f"bad environment variable name {name!r}")
+        parts.append(f"{name}={shlex.quote(value)}; export {name}")
+    return parts
+
+
+def detached_start_command(session_id: str, command: str,
+                           env: dict[str, str] | None = None) -> str:
+    """Text that starts ``command`` detached in session directory ``session_id`` (which must
+    not exist yet), installs the BROWSER helper and prints one ``START_TAG`` line (see
+    ``parse_start_line``).  Exits 125 with a message on stderr when it cannot."""
+    wait_steps = max(1, int(START_WAIT * 10))
+    return "\n".join([
+        "um=$(umask)",   # the command gets the user's umask; tunneld's files are private
+        "umask 077",
+        'base="$HOME"/.tunneld',
+        _dir(session_id),
+        'mkdir -p "$base/bin" "$base/sessions" && chmod 700 "$base" "$base/bin" '
+        '"$base/sessions" && mkdir "$dir" || { echo "cannot create $dir" >&2; exit 125; }',
+        f'helper="$HOME"/{HELPER_PATH}',
+        f'printf %s {shlex.quote(HELPER_SCRIPT)} > "$helper.$$" && chmod 700 "$helper.$$" '
+        '&& mv -f "$helper.$$" "$helper"',
+        # webbrowser splits BROWSER at ':' and shlex-splits each part: a plain path only
+        'case $helper in *[!A-Za-z0-9_./-]*) BROWSER=' + shlex.quote(BROWSER_ENV) + ';; '
+        '*) BROWSER=$helper;; esac',
+        'export BROWSER',
+        *_exports(env),
+        ': > "$dir/log"',
+        f"cmd={shlex.quote(command)}",
+        f"runner={shlex.quote(_RUNNER)}",
+        'if command -v setsid >/dev/null 2>&1; then',
+        '  setsid sh -c "$runner" sh "$dir" "$cmd" "$um" </dev/null >/dev/null 2>&1 &',
+        'elif command -v perl >/dev/null 2>&1; then',
+        "  perl -MPOSIX -e 'POSIX::setsid(); exec @ARGV or die' sh -c \"$runner\" sh "
+        '"$dir" "$cmd" "$um" </dev/null >/dev/null 2>&1 &',
+        'elif command -v python3 >/dev/null 2>&1; then',
+        "  python3 -c 'import os, sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])' "
+        'sh -c "$runner" sh "$dir" "$cmd" "$um" </dev/null >/dev/null 2>&1 &',
+        'else',   # a process group of its own where the shell does job control (bash, zsh)
+        '  set -m; nohup sh -c "$runner" sh "$dir" "$cmd" "$um" </dev/null >/dev/null 2>&1 &',
+        'fi',
+        'i=0',
+        f'while [ ! -s "$dir/pid" ] && [ $i -lt {wait_steps} ]; do',
+        '  sleep 0.1 2>/dev/null || sleep 1; i=$((i + 1)); done',
+        *_REPORT_START,
+    ])
+
+
+# prints the START_TAG line of the session in $dir, or says on stderr that it did not start
+_REPORT_START = [
+    'pid=$(cat "$dir/pid" 2>/dev/null)',
+    '[ -n "$pid" ] || { echo "the command did not start in $dir" >&2; exit 125; }',
+    f"printf '%s%s\\t%s\\t%s\\n' {shlex.quote(START_TAG)} \"$pid\" \"{_HOSTNAME}\" \"$dir\"",
+]
+
+
+def probe_start_command(session_id: str) -> str:
+    """Text that prints the ``START_TAG`` line of a session whose start command's answer was
+    lost (the connection dropped while it ran), as that command would have; exits 125 if
+    the session never started."""
+    return "\n".join([_dir(session_id), *_REPORT_START])
+
+
+@dataclass(frozen=True)
+class Started:
+    """What the start command reported."""
+
+    pid: int
+    #: the server's host name (the login node), as a marker's NODE would name it; may be ""
+    server: str
+    #: the session directory on the server
+    dir: str
+
+
+def parse_start_line(text: str) -> Started | None:
+    """The ``START_TAG`` line's values in the start command's output, or None."""
+    for line in text.split("\n"):   # not splitlines(): it splits at the tag's \x1e
+        if line.startswith(START_TAG):
+            fields = line[len(START_TAG):].split("\t", 2)
+            if len(fields) == 3 and fields[0].isdigit() and int(fields[0]) > 1:
+                return Started(int(fields[0]), fields[1], fields[2])
+    return None
+
+
+def follow_command(session_id: str, offset: int) -> str:
+    """Text that writes the session's log from byte ``offset`` to stdout while its runner
+    runs, then ends with an ``END_TAG`` line on stderr (see ``parse_end_line``).  It may stop
+    short of the log's end: the caller fetches the rest with ``tail_command``.  It exits at
+    once, without that line, when the connection that started it is gone."""
+    if offset < 0:
+        raise ValueError("negative offset")
+    return "\n".join([
+        _dir(session_id),
+        f'[ -d "$dir" ] || {{ printf \'%sgone\\n\' {shlex.quote(END_TAG)} >&2; exit 0; }}',
+        'pid=$(cat "$dir/pid" 2>/dev/null)',
+        f'tail -c +{offset + 1} -f "$dir/log" &',
+        't=$!',
+        'while [ ! -e "$dir/status" ] && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; do',
+        # our sshd is gone (connection dropped): stop, or this loop outlives it
+        '  kill -0 $PPID 2>/dev/null || { kill $t 2>/dev/null; exit 0; }',
+        f'  sleep {FOLLOW_POLL} 2>/dev/null || sleep 1',
+        'done',
+        'sleep 0.2 2>/dev/null || sleep 1',
+        'kill $t 2>/dev/null; wait $t 2>/dev/null',
+        "size=$(wc -c < \"$dir/log\" | tr -d ' ')",
+        'st=$(cat "$dir/status" 2>/dev/null)',
+        f"printf '%s%s %s\\n' {shlex.quote(END_TAG)} \"$size\" \"${{st:--}}\" >&2",
+    ])
+
+
+def parse_end_line(text: str) -> tuple[int, int | None] | str | None:
+    """From a follower's stderr: (log size, exit status or None), ``"gone"``, or None when
+    the follower did not finish (connection lost)."""
+    for line in text.split("\n"):   # not splitlines(): it splits at the tag's \x1e
+        if line.startswith(END_TAG):
+            rest = line[len(END_TAG):].strip()
+            if rest == "gone":
+                return "gone"
+            size, _, status = rest.partition(" ")
+            if size.isdigit():
+                status = status.strip()
+                return int(size), int(status) if status.isdigit() else None
+    return None
+
+
+def tail_command(session_id: str, offset: int) -> str:
+    """Text that writes the session's log from byte ``offset`` to its end, once."""
+    return f'{_dir(session_id)}\ntail -c +{offset + 1} "$dir/log"'
+
+
+def detached_kill_command(session_id: str, pid: int, grace: float = KILL_GRACE) -> str:
+    """``kill_tree_command`` for a detached session, unless it has already ended (its pid
+    may have been reused since)."""
+    kill = kill_tree_command(pid, grace)
+    return (f'{_dir(session_id)}\n'
+            f'if [ -e "$dir/status" ]; then echo "already ended"; exit 0; fi\n{kill}')
+
+
+def forget_command(session_ids: list[str]) -> str:
+    """Text that removes the given session directories (and nothing else)."""
+    dirs = " ".join(f'"$HOME"/{SESSIONS_DIR}/{_check_id(i)}' for i in session_ids)
+    return f"rm -rf -- {dirs}" if dirs else "true"
+
+
+def _check_id(session_id: str) -> str:
+    _dir(session_id)
+    return session_id

@@ -20,6 +20,7 @@ query, where tokens live):
   addresses in brackets;
 - the port is explicit (1–65535) or the scheme's default (80, 443).
 
+``on_node(plan, node, server)`` routes a loopback URL printed on a compute node to that node.
 ``redact(url)`` makes a URL fit for logs; ``jupyter_redirect_path`` / ``jupyter_redirect_target``
 handle Jupyter's ``jpserver-*-open.html`` redirect page; ``OpenPolicy`` drops duplicate opens
 and rate-limits floods, with the clock passed in by the caller.
@@ -170,6 +171,43 @@ def plan(url: str) -> Plan:
     if path_end == 0:
         tail = "/" + tail
     return Plan(scheme, remote_host, port, tail, loopback)
+
+
+def same_host(a: str, b: str) -> bool:
+    """``a`` and ``b`` name the same machine as far as names tell: equal (case and a final
+    ``.`` aside), or one is the other's first label (``login1`` / ``login1.cluster.org``)."""
+    a, b = a.lower().rstrip("."), b.lower().rstrip(".")
+    if a == b:
+        return True
+    if _is_ip(a) or _is_ip(b):
+        return False
+    return a.split(".", 1)[0] == b.split(".", 1)[0] and ("." not in a or "." not in b)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def on_node(p: Plan, node: str | None, server: str | None) -> Plan:
+    """``p`` for a URL printed on ``node`` (a marker's NODE) while the session runs on
+    ``server`` (the host tunneld connects to, by its own name).
+
+    A loopback URL printed on another machine than the server — a compute node the program
+    was started on with srun or a batch job — means that node's loopback: the plan then
+    targets ``node`` itself, reached through the server.  Everything else is unchanged: no
+    node, an unknown server name (conservatively: the server's loopback), the server itself,
+    or a URL that already names its host (``http://node42:8888/``)."""
+    if node is None or not server or not p.is_loopback or same_host(node, server):
+        return p
+    name = node.lower().rstrip(".")
+    if not name or len(name) > MAX_HOST_LEN or name.startswith("-") or \
+            not _HOST_RE.fullmatch(name):
+        raise Refused(f"the node name {_show(node)} is not a host name")
+    return Plan(p.scheme, name, p.remote_port, p.path, False)
 
 
 def _split_authority(authority: str) -> tuple[str, bool, str | None]:

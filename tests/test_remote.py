@@ -1,0 +1,250 @@
+"""The shell text of remote.py, run for real under dash and bash (real processes and files in a
+temporary HOME, no SSH): detached start, BROWSER helper, follower, catch-up, kill."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tunneld import remote
+from tunneld.markers import BROWSER_ENV, Scanner
+
+pytestmark = pytest.mark.timeout(60)
+
+SHELLS = [s for s in ("dash", "bash") if shutil.which(s)]
+
+
+@pytest.fixture(params=SHELLS)
+def sh(request, tmp_path):
+    """Runs remote text as sshd would (``SHELL -c TEXT``) in a temp HOME; kills what the
+    sessions left behind at the end."""
+    home = tmp_path / "home"
+    home.mkdir()
+    shell = shutil.which(request.param)
+    env = {"HOME": str(home), "PATH": os.environ["PATH"], "SHELL": shell}
+
+    def run(text: str, timeout: float = 30, **kw) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([shell, "-c", text], env=env, capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL, **kw)
+
+    run.home = home  # type: ignore[attr-defined]
+    run.env = env  # type: ignore[attr-defined]
+    yield run
+    for pid_file in home.glob(".tunneld/sessions/*/pid"):
+        try:
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+        except (ValueError, OSError):
+            pass
+
+
+def start(sh, sid: str, command: str, env: dict[str, str] | None = None) -> remote.Started:
+    r = sh(remote.detached_start_command(sid, command, env))
+    assert r.returncode == 0, r.stderr
+    started = remote.parse_start_line(r.stdout)
+    assert started is not None, r.stdout
+    return started
+
+
+def wait_file(path: Path, timeout: float = 20) -> str:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"no {path}"
+        time.sleep(0.02)
+    return path.read_text()
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_detached_start_runs_in_its_own_session_with_private_files(sh):
+    s = start(sh, "job-1", "echo out; echo err >&2; echo $PORT; exit 7", {"PORT": "8123"})
+    d = sh.home / ".tunneld" / "sessions" / "job-1"
+    assert s.dir == str(d)
+    assert s.server == "".join(c for c in os.uname().nodename
+                               if c.isalnum() or c in "_.-")
+    assert wait_file(d / "status") == "7\n"
+    assert (d / "log").read_text() == "out\nerr\n8123\n"
+    assert (d / "pid").read_text().strip() == str(s.pid)
+    for p in (sh.home / ".tunneld", sh.home / ".tunneld" / "sessions", d):
+        assert p.stat().st_mode & 0o777 == 0o700, p
+    assert (d / "log").stat().st_mode & 0o777 == 0o600
+    # a second session with the same id is refused (its directory exists)
+    r = sh(remote.detached_start_command("job-1", "true"))
+    assert r.returncode == 125 and "cannot create" in r.stderr
+
+
+def test_the_command_keeps_the_users_umask_while_tunnelds_files_are_private(sh):
+    text = remote.detached_start_command("um-1", "umask; echo x > made")
+    r = sh('umask 022; cd "$HOME"\n' + text)
+    s = remote.parse_start_line(r.stdout)
+    assert s is not None, r.stderr
+    assert wait_file(Path(s.dir) / "status") == "0\n"
+    assert (Path(s.dir) / "log").read_text() == "0022\n"
+    assert (sh.home / "made").stat().st_mode & 0o777 == 0o644
+    for name in ("log", "pid", "status"):
+        assert (Path(s.dir) / name).stat().st_mode & 0o777 == 0o600, name
+
+
+def test_a_lost_start_answer_is_asked_again(sh):
+    s = start(sh, "probe-1", "sleep 30")
+    r = sh(remote.probe_start_command("probe-1"))
+    assert remote.parse_start_line(r.stdout) == s
+    r = sh(remote.probe_start_command("never-1"))
+    assert r.returncode == 125 and "did not start" in r.stderr
+    assert remote.parse_start_line(r.stdout) is None
+
+
+def test_the_runner_is_a_session_leader_outside_the_callers_session(sh):
+    s = start(sh, "lead-1", "sleep 30")
+    assert os.getsid(s.pid) == s.pid and os.getpgid(s.pid) == s.pid
+    assert os.getsid(s.pid) != os.getsid(0)
+    # the caller (as sshd's session would be) is long gone; the command still runs
+    assert alive(s.pid)
+
+
+def test_browser_helper_names_the_host_and_python_webbrowser_uses_it(sh):
+    s = start(sh, "web-1", shlex_join([sys.executable, "-c",
+              "import os, webbrowser; print(os.environ['BROWSER'], flush=True);"
+              "webbrowser.open('http://127.0.0.1:8888/lab?token=abc')"]))
+    d = Path(s.dir)
+    assert wait_file(d / "status") == "0\n"
+    helper = sh.home / ".tunneld" / "bin" / "open-on-local"
+    assert helper.stat().st_mode & 0o777 == 0o700
+    out = (d / "log").read_bytes()
+    assert out.splitlines()[0].decode() == str(helper)
+    scanner = Scanner()
+    (ev,) = scanner.feed(out) + scanner.close()
+    assert ev.url == "http://127.0.0.1:8888/lab?token=abc"
+    assert ev.node == s.server and ev.node
+
+
+def test_a_home_with_a_colon_falls_back_to_the_echo_browser(sh, tmp_path):
+    home = tmp_path / "odd:home"
+    home.mkdir()
+    sh.env["HOME"] = str(home)
+    s = start(sh, "odd-1", 'printf "%s\\n" "$BROWSER"')
+    assert wait_file(Path(s.dir) / "status") == "0\n"
+    assert (Path(s.dir) / "log").read_text() == BROWSER_ENV + "\n"
+
+
+def test_follow_from_an_offset_then_catch_up_gives_the_whole_log_once(sh):
+    prog = "i=0; while [ $i -lt 30 ]; do echo line$i; i=$((i+1)); sleep 0.02; done; exit 3"
+    s = start(sh, "f-1", prog)
+    time.sleep(0.2)
+    first = sh(remote.tail_command("f-1", 0)).stdout.encode()   # what a first attach got
+    r = subprocess.run(["sh", "-c", remote.follow_command("f-1", len(first))], env=sh.env,
+                       capture_output=True, timeout=30)
+    end = remote.parse_end_line(r.stderr.decode())
+    assert isinstance(end, tuple), r.stderr
+    size, status = end
+    assert status == 3
+    got = first + r.stdout
+    assert len(got) <= size
+    got += sh(remote.tail_command("f-1", len(got))).stdout.encode()[:size - len(got)]
+    assert got == b"".join(b"line%d\n" % i for i in range(30))
+    assert os.path.getsize(Path(s.dir) / "log") == size
+
+
+def test_follow_of_a_finished_session_and_of_a_missing_one(sh):
+    s = start(sh, "done-1", "echo hi")
+    wait_file(Path(s.dir) / "status")
+    r = sh(remote.follow_command("done-1", 0))
+    assert remote.parse_end_line(r.stderr) == (3, 0)
+    assert r.stdout in ("hi\n", "")        # the rest comes from tail_command
+    r = sh(remote.follow_command("nosuch-1", 0))
+    assert remote.parse_end_line(r.stderr) == "gone"
+
+
+def test_kill_stops_the_tree_and_the_status_is_recorded(sh):
+    s = start(sh, "k-1", "sleep 300 & sleep 300; wait")
+    deadline = time.monotonic() + 10
+    kids: set[int] = set()
+    while len(kids) < 3 and time.monotonic() < deadline:
+        kids = group(s.pid)
+        time.sleep(0.05)
+    assert len(kids) >= 3, kids   # the user's shell and two sleeps
+    r = sh(remote.detached_kill_command("k-1", s.pid, grace=2))
+    assert "signalled" in r.stdout
+    status = wait_file(Path(s.dir) / "status")
+    assert int(status) > 128  # the command died of SIGTERM; the runner recorded it
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in kids | {s.pid}) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [p for p in kids | {s.pid} if alive(p)] == []
+    # killing an ended session signals nothing (its pid may belong to someone else now)
+    r = sh(remote.detached_kill_command("k-1", s.pid))
+    assert r.stdout.strip() == "already ended"
+
+
+def test_parse_lines_and_bad_input():
+    tag, end = remote.START_TAG, remote.END_TAG
+    assert remote.parse_start_line(f"noise\n{tag}42\tlogin1\t/h/.tunneld/sessions/x\n") == \
+        remote.Started(42, "login1", "/h/.tunneld/sessions/x")
+    assert remote.parse_start_line(f"{tag}1\tx\t/d\n") is None      # never pid 1
+    assert remote.parse_start_line(f"{tag}abc\tx\t/d\n") is None
+    assert remote.parse_end_line(f"{end}10 0\n") == (10, 0)
+    assert remote.parse_end_line(f"{end}10 -\n") == (10, None)
+    assert remote.parse_end_line(f"{end}gone\n") == "gone"
+    assert remote.parse_end_line("") is None
+    for bad in ("", "../x", "a/b", "a b", "-x", "a;b", "x" * 200):
+        with pytest.raises(ValueError):
+            remote.follow_command(bad, 0)
+    with pytest.raises(ValueError):
+        remote.detached_start_command("ok-1", "true", {"BAD NAME": "x"})
+    with pytest.raises(ValueError):
+        remote.follow_command("ok-1", -1)
+    assert remote.forget_command([]) == "true"
+    assert remote.forget_command(["a-1", "b-2"]) == \
+        'rm -rf -- "$HOME"/.tunneld/sessions/a-1 "$HOME"/.tunneld/sessions/b-2'
+
+
+def group(pgid: int) -> set[int]:
+    """The processes of process group ``pgid``, but its leader."""
+    r = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True)
+    return {int(p) for p in r.stdout.split()} - {pgid}
+
+
+def shlex_join(argv: list[str]) -> str:
+    import shlex
+    return shlex.join(argv)
+
+
+@pytest.mark.parametrize("without", [("setsid",), ("setsid", "perl"),
+                                     ("setsid", "perl", "python3")],
+                         ids=["perl", "python3", "job-control"])
+def test_detached_without_setsid(sh, tmp_path, without):
+    """macOS has no setsid(1): perl's or python3's setsid, else a job-control process group
+    (bash; dash has none: the killer still finds the tree through parent pids)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for d in os.environ["PATH"].split(os.pathsep):
+        if os.path.isdir(d):
+            for name in os.listdir(d):
+                if name not in without and not (bin_dir / name).exists():
+                    (bin_dir / name).symlink_to(os.path.join(d, name))
+    sh.env["PATH"] = str(bin_dir)
+    s = start(sh, "port-1", "echo $$; sleep 30")
+    log = Path(s.dir) / "log"
+    deadline = time.monotonic() + 10
+    while not log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if "python3" not in without:
+        assert os.getsid(s.pid) == s.pid == os.getpgid(s.pid)   # a session of its own
+        assert os.getsid(s.pid) != os.getsid(0)
+    elif os.path.basename(sh.env["SHELL"]) == "bash":
+        assert os.getpgid(s.pid) == s.pid             # a process group of its own
+    r = sh(remote.detached_kill_command("port-1", s.pid, grace=2))
+    assert "signalled" in r.stdout
+    assert int(wait_file(Path(s.dir) / "status")) > 128
