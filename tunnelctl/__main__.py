@@ -449,6 +449,8 @@ def cmd_run(a: argparse.Namespace) -> int:
                   file=sys.stderr)
             return EXIT_USAGE
     extra: dict[str, Any] = {} if a.detach else {"detach": False}
+    if can_prompt(a):
+        extra["interactive"] = True
     r = call("run", host=a.host, command=command, name=a.name, port=port, **extra)
     if a.follow:
         print(f"tunnelctl: session {r['name']} started on {a.host}", file=sys.stderr)
@@ -614,7 +616,7 @@ def cmd_kill(a: argparse.Namespace) -> int:
 
 
 def cmd_open(a: argparse.Namespace) -> int:
-    r = call("open", host=a.host, url=a.url)
+    r = call("open", host=a.host, url=a.url, **({"interactive": True} if can_prompt(a) else {}))
     if r.get("opened"):
         print(f"opened {r['url']}")
     else:
@@ -706,7 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a remote command as a session, output watched",
                        usage="tunnelctl run HOST [--name N] [--port auto|N] [--follow] "
-                             "[--no-detach] -- COMMAND...")
+                             "[--no-detach] [--no-prompt] -- COMMAND...")
     p.add_argument("host")
     p.add_argument("--name", help="session name (default: the command's name and a number)")
     p.add_argument("--port", metavar="auto|N",
@@ -718,6 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the command in the SSH connection itself: it ends when the "
                         "connection drops or the daemon stops (default: it runs detached on "
                         "the server and survives both)")
+    _no_prompt(p)
     p.set_defaults(func=cmd_run, command=[])
 
     p = sub.add_parser("sessions", help="sessions with state and exit status")
@@ -744,6 +747,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("open", help="open a remote URL locally through the tunnel")
     p.add_argument("host")
     p.add_argument("url")
+    _no_prompt(p)
     p.set_defaults(func=cmd_open)
 
     p = sub.add_parser("watch", help="copy stdin to stdout, opening browser-open markers")

@@ -308,10 +308,32 @@ class ControlServer:
             if not known:
                 await self.manager.release_host(host)
 
+    async def _logged_in(self, host: Any, args: dict[str, Any], emit: Emit) -> None:
+        """Before a command that needs ``host``'s connection (run, open): when the client can
+        answer login prompts and the host is not connected, let it answer them now (a host in
+        needs-auth is tried again) and wait for that attempt.  Without a prompter: nothing."""
+        ask = _prompter(args, emit)
+        if ask is None:
+            return
+        sup = self.manager.host_for(check_host_name(host))
+        if sup.state is HostState.CONNECTED:
+            return
+        with sup.prompting(ask):
+            if sup.state is HostState.NEEDS_AUTH:
+                sup.reconnect()
+            await sup.wait_attempt(self.manager.config.defaults.connect_timeout + 1)
+
     async def _run(self, args: dict[str, Any], emit: Emit) -> Any:
-        return await self.manager.run(args.get("host"), args.get("command"),
-                                      name=args.get("name"), port=args.get("port"),
-                                      detach=args.get("detach", True))
+        host = args.get("host")
+        try:
+            await self._logged_in(host, args, emit)
+            return await self.manager.run(host, args.get("command"),
+                                          name=args.get("name"), port=args.get("port"),
+                                          detach=args.get("detach", True))
+        except BaseException:
+            if isinstance(host, str) and host in self.manager.hosts:
+                await self.manager.release_host(host)   # no session: nothing may use it
+            raise
 
     async def _sessions(self, args: dict[str, Any], emit: Emit) -> Any:
         return self.manager.sessions_snapshot()
@@ -328,6 +350,7 @@ class ControlServer:
             raise UsageError("'node' must be a host name")
         self.manager.host_for(check_host_name(host))
         try:
+            await self._logged_in(host, args, emit)
             return await self.manager.opener.open(host, url, node, "tunnelctl open")
         finally:
             await self.manager.release_host(host)

@@ -9,6 +9,7 @@ controlling terminal, as when a person types.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pty
 import select
@@ -477,5 +478,30 @@ def test_real_sshd_password_login(pw_sshd, echo_server, free_port):
         assert roundtrip(lport, b"through sshd's password login\n") == \
             b"through sshd's password login\n"
         _assert_no_secrets(d, p.text, r.stderr)
+    finally:
+        d.close()
+
+
+@pytest.mark.timeout(180)
+def test_run_asks_for_the_login_first(pw_sshd):
+    """`tunnelctl run` on a host whose login needs a person answers the prompts in its
+    terminal before the session starts (no needs-auth detour through `tunnelctl login`)."""
+    d = Daemon(pw_sshd)
+    d.start()
+    try:
+        p = _login(d, [("(pwhost) ", None), ("assword: ", PASSWORD), ("prompted-run-ok", None)],
+                   "run", "pwhost", "--no-detach", "--follow", "--", "echo", "prompted-run-ok")
+        assert p.status == 0, p.text + d.log()
+        assert PASSWORD not in p.text, "the password was echoed"
+        sessions = json.loads(d.ctl("sessions", "--json").stdout)["sessions"]
+        assert [(x["host"], x["state"], x["exit_status"]) for x in sessions] == \
+            [("pwhost", "exited", 0)], sessions
+        # no terminal: nothing is asked, and the session says why it could not start
+        d.stop()
+        d.start()
+        r = _no_tty_ctl(d, "run", "pwhost", "--no-detach", "--follow", "--", "echo", "x")
+        assert "x\n" not in r.stdout and r.returncode != 0, (r.stdout, r.stderr)
+        assert "tunnelctl login pwhost" in r.stderr + d.log(), r.stderr
+        _assert_no_secrets(d, p.text)
     finally:
         d.close()
