@@ -213,6 +213,11 @@ class SSHServer:
         return self.workdir / "sshd_config"
 
     @property
+    def server_home(self) -> Path:
+        """``HOME`` of the commands this sshd runs (sshd_config ``SetEnv``)."""
+        return self.workdir / "server-home"
+
+    @property
     def host_key(self) -> Path:
         return self.workdir / "ssh_host_ed25519_key"
 
@@ -325,9 +330,13 @@ class SSHServer:
                 "Subsystem sftp internal-sftp",
                 "PermitUserEnvironment no",
                 "PrintMotd no",
+                # remote commands get a throw-away HOME (detached sessions keep their
+                # directories under it), not the real one of the user the tests run as
+                f"SetEnv HOME={self.server_home}",
                 "",
             ])
         )
+        self.server_home.mkdir(mode=0o700, exist_ok=True)
         self.ssh_config.write_text("")
         self.ssh_config.chmod(0o600)  # ssh rejects group/world-writable configs
         self.add_host_alias(self.host)

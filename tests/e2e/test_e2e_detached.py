@@ -3,9 +3,9 @@ re-attached with their output complete and no marker acted on twice, can be kill
 that, report an end that happened while disconnected; and a program on a compute node behind
 the server is forwarded to that node.
 
-Remote programs run on this machine through the real sshd (the server's HOME is the real one
-of the user, so session directories go to ``~/.tunneld/sessions``; ``reap_detached`` kills
-and removes the ones a test made).
+Remote programs run on this machine through the real sshd (the server's HOME is the test
+sshd's throw-away ``server_home``, so session directories go to ``server_home/.tunneld/
+sessions``; ``reap_detached`` kills and removes the ones a test made).
 """
 
 from __future__ import annotations
