@@ -63,11 +63,8 @@ _MARK = "_tunneld_drop_ignore"
 
 _PENDING = "_tunneld_pending"
 
-_orig_send_packet: Any = None
-_orig_send: Any = None
-_orig_data_received: Any = None
-_orig_log_packet: Any = None
-_orig_log: Any = None
+#: (class, attribute, asyncssh's original) of every patch in place; empty: stock asyncssh
+_patched: list[tuple[type, str, Any]] = []
 
 
 #: >0 while bytes read from a socket are being processed (a *batch*); writes made meanwhile
@@ -112,14 +109,16 @@ def supported(version: str = asyncssh.__version__) -> bool:
 
 def install() -> bool:
     """Patch asyncssh once (idempotent).  Returns whether the fast path is active."""
-    global _orig_send_packet, _orig_send, _orig_log_packet, _orig_log, _orig_data_received
-    if _orig_send_packet is not None:
+    if _patched:
         return True
     if not supported():
         log.info("asyncssh %s is not one fastpath was written for (%s); using stock asyncssh",
                  asyncssh.__version__, ", ".join(SUPPORTED))
         return False
-    _orig_send_packet = SSHConnection.send_packet
+    orig_send_packet = SSHConnection.send_packet
+    orig_data_received = SSHConnection.data_received
+    orig_log_packet = SSHPacketLogger._log_packet
+    orig_log = SSHLogger.log
 
     def send_packet(self: SSHConnection, pkttype: int, *args: bytes, handler: Any = None) -> None:
         if pkttype == MSG_IGNORE and args == (_EMPTY,) and getattr(self, _MARK, False):
@@ -128,7 +127,7 @@ def install() -> bool:
         setattr(self, _MARK, pkttype > MSG_KEX_LAST and
                 isinstance(getattr(self, "_send_encryption", None), _AEAD))
         try:
-            _orig_send_packet(self, pkttype, *args, handler=handler)
+            orig_send_packet(self, pkttype, *args, handler=handler)
         finally:
             setattr(self, _MARK, False)
 
@@ -147,30 +146,27 @@ def install() -> bool:
         pending[1].append(data)
 
     def data_received(self: SSHConnection, data: bytes, datatype: Any = None) -> None:
-        global _depth
-        _depth += 1
+        begin()
         try:
-            _orig_data_received(self, data, datatype)
+            orig_data_received(self, data, datatype)
         finally:
             end()
 
     def _log_packet(self: SSHPacketLogger, *args: Any) -> None:
         if SSHLogger._debug_level >= 3:  # what SSHLogger.packet() checks
-            _orig_log_packet(self, *args)
+            orig_log_packet(self, *args)
 
     def ssh_log(self: SSHLogger, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
         if self.isEnabledFor(level):  # what LoggerAdapter.log() checks, after the formatting
-            _orig_log(self, level, msg, *args, **kwargs)
+            orig_log(self, level, msg, *args, **kwargs)
 
-    _orig_send = SSHConnection._send
-    _orig_data_received = SSHConnection.data_received
-    _orig_log_packet = SSHPacketLogger._log_packet
-    _orig_log = SSHLogger.log
-    SSHConnection.send_packet = send_packet  # type: ignore[method-assign]
-    SSHConnection._send = _send  # type: ignore[method-assign]
-    SSHConnection.data_received = data_received  # type: ignore[method-assign]
-    SSHPacketLogger._log_packet = _log_packet  # type: ignore[method-assign]
-    SSHLogger.log = ssh_log  # type: ignore[method-assign]
+    for cls, name, fn in ((SSHConnection, "send_packet", send_packet),
+                          (SSHConnection, "_send", _send),
+                          (SSHConnection, "data_received", data_received),
+                          (SSHPacketLogger, "_log_packet", _log_packet),
+                          (SSHLogger, "log", ssh_log)):
+        _patched.append((cls, name, cls.__dict__[name]))
+        setattr(cls, name, fn)
     return True
 
 
@@ -187,12 +183,6 @@ def _flush(conn: SSHConnection, pending: tuple[Any, list[bytes]]) -> None:
 
 def uninstall() -> None:
     """Back to stock asyncssh (tests compare both)."""
-    global _orig_send_packet, _orig_send, _orig_log_packet, _orig_log, _orig_data_received
-    if _orig_send_packet is not None:
-        SSHConnection.send_packet = _orig_send_packet  # type: ignore[method-assign]
-        SSHConnection._send = _orig_send  # type: ignore[method-assign]
-        SSHConnection.data_received = _orig_data_received  # type: ignore[method-assign]
-        SSHPacketLogger._log_packet = _orig_log_packet  # type: ignore[method-assign]
-        SSHLogger.log = _orig_log  # type: ignore[method-assign]
-        _orig_send_packet = _orig_send = _orig_log_packet = _orig_log = None
-        _orig_data_received = None
+    while _patched:
+        cls, name, orig = _patched.pop()
+        setattr(cls, name, orig)
