@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import contextlib
 import io
 import logging
 import os
@@ -281,12 +280,8 @@ class ControlServer:
             if sup is None:
                 raise UsageError(f"{host!r} has no forwards; nothing to reconnect")
             sups = [sup]
-        with contextlib.ExitStack() as prompting:
-            for sup in sups:
-                prompting.enter_context(sup.prompting(_prompter(args, emit)))
-                sup.reconnect()
-            for sup in sups:
-                await sup.wait_attempt(self.manager.config.defaults.connect_timeout + 1)
+        ask, timeout = _prompter(args, emit), self.manager.config.defaults.connect_timeout + 1
+        await asyncio.gather(*(sup.next_attempt(ask, timeout, retry=True) for sup in sups))
         return {"hosts": [_host_result(s) for s in sups]}
 
     async def _login(self, args: dict[str, Any], emit: Emit) -> Any:
@@ -297,12 +292,10 @@ class ControlServer:
         known = host in self.manager.hosts
         sup = self.manager.host_for(host)   # started: its attempt begins at the next await
         try:
-            with sup.prompting(_prompter(args, emit)):
-                if sup.state is HostState.CONNECTED:
-                    return {"hosts": [_host_result(sup)], "already": True}
-                if known:
-                    sup.reconnect()
-                await sup.wait_attempt(self.manager.config.defaults.connect_timeout + 1)
+            if sup.state is HostState.CONNECTED:
+                return {"hosts": [_host_result(sup)], "already": True}
+            await sup.next_attempt(_prompter(args, emit),
+                                   self.manager.config.defaults.connect_timeout + 1, retry=known)
             return {"hosts": [_host_result(sup)], "kept": bool(known)}
         finally:
             if not known:
@@ -313,15 +306,9 @@ class ControlServer:
         answer login prompts and the host is not connected, let it answer them now (a host in
         needs-auth is tried again) and wait for that attempt.  Without a prompter: nothing."""
         ask = _prompter(args, emit)
-        if ask is None:
-            return
-        sup = self.manager.host_for(check_host_name(host))
-        if sup.state is HostState.CONNECTED:
-            return
-        with sup.prompting(ask):
-            if sup.state is HostState.NEEDS_AUTH:
-                sup.reconnect()
-            await sup.wait_attempt(self.manager.config.defaults.connect_timeout + 1)
+        if ask is not None:
+            await self.manager.host_for(check_host_name(host)).next_attempt(
+                ask, self.manager.config.defaults.connect_timeout + 1)
 
     async def _run(self, args: dict[str, Any], emit: Emit) -> Any:
         host = args.get("host")

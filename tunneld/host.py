@@ -347,6 +347,20 @@ class HostSupervisor:
                 return
             await self.wait_change(left)
 
+    async def next_attempt(self, ask: Prompter | None, timeout: float,
+                           retry: bool = False) -> None:
+        """Wait (at most ``timeout`` s, not counting a person's answers) for this host's next
+        connection attempt, ``ask`` (if any) answering its login prompts.  ``retry``: start it
+        now, whatever the state.  Otherwise a host in needs-auth is tried again only when
+        someone can answer, and a host that is connected, or waits for a person (needs-auth,
+        failed), has no attempt coming: no wait."""
+        with self.prompting(ask):
+            if retry or (ask is not None and self.state is HostState.NEEDS_AUTH):
+                self.reconnect()
+            elif self.state in (HostState.CONNECTED, HostState.NEEDS_AUTH, HostState.FAILED):
+                return
+            await self.wait_attempt(timeout)
+
     # -- login prompts -----------------------------------------------------------------------
 
     @property

@@ -371,17 +371,14 @@ class Manager:
         result: dict[str, Any] = {"host": host, "added": [str(s) for s in new],
                                   "existing": existing}
         sup = self.hosts[host]
-        with sup.prompting(prompter):
-            sup.start()
-            if prompter is not None and sup.state is HostState.NEEDS_AUTH:
-                sup.reconnect()   # someone can answer the login now
-            if sup.state is not HostState.CONNECTED:
-                # report the first attempt's outcome; the forwards stay either way
-                await sup.wait_attempt(self.config.defaults.connect_timeout + 1)
-                # ... and the server's first answer to new remote forwards
-                for fwd in bound:
-                    if isinstance(fwd, RemoteForward) and sup.state is HostState.CONNECTED:
-                        await fwd.wait_answer(REMOTE_ANSWER_WAIT)
+        sup.start()
+        if sup.state is not HostState.CONNECTED:
+            # report the next attempt's outcome (the forwards stay either way) ...
+            await sup.next_attempt(prompter, self.config.defaults.connect_timeout + 1)
+            # ... and the server's first answer to new remote forwards
+            for fwd in bound:
+                if isinstance(fwd, RemoteForward) and sup.state is HostState.CONNECTED:
+                    await fwd.wait_answer(REMOTE_ANSWER_WAIT)
         result["state"] = sup.state.value
         result["last_error"] = sup.last_error
         result["forwards"] = [{"spec": str(f.spec), "kind": f.spec.kind,

@@ -197,6 +197,10 @@ def adaemon(sshd, authserver, notes):
     # DEBUG: asyncssh's own debug lines are checked for answers too
     d = Daemon(sshd, {"PATH": f"{notes.parent / 'bin'}:{os.environ['PATH']}",
                       "TUNNELD_LOG_LEVEL": "DEBUG"})
+    # longer than _no_tty_ctl's limit: a command that waits for an attempt that is not
+    # coming (the host waits for a person) shows up as a hang, not as a slow success
+    d.config_file.parent.mkdir(parents=True, exist_ok=True)
+    d.config_file.write_text(f"[defaults]\nconnect_timeout = {NO_TTY_LIMIT + 30}\n")
     d.start()
     try:
         yield d
@@ -204,11 +208,15 @@ def adaemon(sshd, authserver, notes):
         d.close()
 
 
+#: seconds a tunnelctl without a terminal may take
+NO_TTY_LIMIT = 60
+
+
 def _no_tty_ctl(daemon: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
     """tunnelctl without a controlling terminal (as from a script or a service)."""
     return subprocess.run([sys.executable, "-m", "tunnelctl", *args], env=daemon.env,
-                          capture_output=True, text=True, timeout=60, start_new_session=True,
-                          stdin=subprocess.DEVNULL)
+                          capture_output=True, text=True, timeout=NO_TTY_LIMIT,
+                          start_new_session=True, stdin=subprocess.DEVNULL)
 
 
 def _assert_no_secrets(daemon: Daemon, *more: str) -> None:
@@ -281,6 +289,15 @@ def test_no_terminal_then_wrong_answers_then_login(adaemon, authserver, notes, e
     assert _transitions(adaemon, ALIAS, "connecting") == tries
     assert adaemon.host(ALIAS)["state"] == "needs-auth"
     assert _closed_within(lport, 5) < 5
+
+    # more forwards, a session or an open on a host that waits for a person, with nobody to
+    # answer: taken (the forward) or refused at once, no attempt, nothing asked
+    r = _no_tty_ctl(adaemon, "add", ALIAS, f"{free_port()}:127.0.0.2:{rport}")
+    assert r.returncode == 0 and f"{ALIAS} is needs-auth" in r.stderr, r.stderr
+    r = _no_tty_ctl(adaemon, "open", ALIAS, "http://127.0.0.1:9/")
+    assert r.returncode == 1 and f"tunnelctl login {ALIAS}" in r.stderr, r.stderr
+    assert authserver.attempts() == ["kbdint fail"] * 3
+    assert _transitions(adaemon, ALIAS, "connecting") == tries
 
     # `tunnelctl login` with the right answers recovers it
     p = _login(adaemon, RIGHT, "login", ALIAS)
