@@ -1340,15 +1340,12 @@ def write_report(b: Bench, wall: float, argv: list[str]) -> None:
     ])
     table("CPU time of the tunnel process per operation (user + system; lower is better; "
           "less sensitive to a busy machine than the times above)", [
-        ("upload, ms per 100 MB (aes128-gcm)", "cpu.bulk.up.gcm", "gcm", ""),
-        ("download, ms per 100 MB (aes128-gcm)", "cpu.bulk.down.gcm", "gcm", ""),
-        ("new connection, µs each (aes128-gcm)", "cpu.conn.gcm", "gcm", ""),
-        ("ping-pong, µs per round trip (aes128-gcm)", "cpu.ping.gcm", "gcm", ""),
-        ("upload, ms per 100 MB (default)", "cpu.bulk.up.default", "default", ""),
-        ("download, ms per 100 MB (default)", "cpu.bulk.down.default", "default", ""),
-        ("new connection, µs each (default)", "cpu.conn.default", "default", ""),
-        ("ping-pong, µs per round trip (default)", "cpu.ping.default", "default", ""),
-    ])
+        (f"{what} ({name})", f"cpu.{metric}.{variant}", variant, "")
+        for variant, name in (("gcm", "aes128-gcm"), ("default", "default"))
+        for what, metric in (("upload, ms per 100 MB", "bulk.up"),
+                             ("download, ms per 100 MB", "bulk.down"),
+                             ("new connection, µs each", "conn"),
+                             ("ping-pong, µs per round trip", "ping"))])
     table("Concurrency: N simultaneous connections, each a 100-byte echo (total seconds, "
           "errors; aes128-gcm)",
           [(f"N = {n}", f"conc.{n}", "gcm", "s") for n in p.conc])
