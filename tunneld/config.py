@@ -200,17 +200,24 @@ def load_state(path: Path) -> StateFile:
     except (ValueError, ValidationError, SpecError, RecursionError) as exc:
         if isinstance(exc, RecursionError):
             exc = ValueError("nested too deeply")
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        aside = path.with_name(f"{path.name}.corrupt-{stamp}")
-        n = 1
-        while aside.exists():
-            n += 1
-            aside = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
-        os.replace(path, aside)
+        aside = set_aside(path)
         first = str(exc).splitlines()[0]
         log.error("state file %s is corrupt (%s); kept it as %s and started with no saved "
                   "forwards", path, first, aside)
         return StateFile()
+
+
+def set_aside(path: Path) -> Path:
+    """Move an unreadable file out of the way, kept for the user as
+    ``NAME.corrupt-STAMP`` (``-N`` added if that exists); returns the new path."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    os.replace(path, aside)
+    return aside
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import random
 import re
 import socket
@@ -25,7 +24,7 @@ from typing import Any
 from . import __version__
 from . import remote
 from . import spec as specmod
-from .config import Config, StateFile, atomic_write, load_state, save_state
+from .config import Config, StateFile, atomic_write, load_state, save_state, set_aside
 import asyncssh
 
 from .errors import BindError, ConnectError, NotFound, SpecError, TunneldError, UsageError
@@ -575,12 +574,10 @@ class Manager:
         except FileNotFoundError:
             return []
         except (OSError, ValueError, RecursionError) as exc:
-            aside = self.sessions_path.with_name(
-                f"{self.sessions_path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
             try:
-                os.replace(self.sessions_path, aside)
+                aside: Path | str = set_aside(self.sessions_path)
             except OSError:
-                pass
+                aside = "(could not move it)"
             log.error("sessions file %s is unreadable (%s); kept it as %s; detached sessions "
                       "are not re-attached (they still run on their servers)",
                       self.sessions_path, str(exc).splitlines()[0], aside)
