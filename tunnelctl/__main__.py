@@ -11,13 +11,14 @@ import argparse
 import json
 import os
 import socket
-import subprocess
 import sys
-import tempfile
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from tunneld import __version__, paths, wire
+
+if TYPE_CHECKING:
+    import subprocess
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 #: seconds to wait for an auto-started daemon's socket
@@ -53,6 +54,8 @@ def _start_daemon(path: str) -> socket.socket:
         raise Unreachable(f"tunneld is not running (no socket at {path}) and "
                           "TUNNELD_NO_AUTOSTART=1; start it with `tunneld` or "
                           "`tunnelctl service install`")
+    import subprocess   # here, not at the top: every other command starts faster without it
+    import tempfile
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen([sys.executable, "-m", "tunneld", "--detach-stderr"],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
