@@ -141,3 +141,13 @@ def test_cli_verbs_are_wire_commands():
     assert set(sub.choices) - set(LOCAL_VERBS) <= wire.COMMANDS
     assert set(LOCAL_VERBS.values()) <= wire.COMMANDS
     assert set(LOCAL_VERBS) <= set(sub.choices)
+
+
+def test_session_line_names_how_a_session_ended():
+    from tunnelctl.__main__ import _session_line
+    assert _session_line({"state": "exited", "exit_status": 3}) == "exit status 3"
+    # `tunnelctl kill`: the shell reports 143 (SIGTERM); the user asked for a kill
+    assert _session_line({"state": "killed", "exit_status": 143}) == "killed"
+    assert _session_line({"state": "exited", "exit_signal": "KILL"}) == "killed by signal KILL"
+    assert _session_line({"state": "failed", "error": "host is needs-auth"}) == \
+        "host is needs-auth"

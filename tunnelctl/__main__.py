@@ -421,6 +421,8 @@ def cmd_login(a: argparse.Namespace) -> int:
 
 
 def _session_line(r: dict[str, Any]) -> str:
+    if r.get("state") == "killed":   # by `tunnelctl kill`: its exit status is the signal's
+        return "killed"
     if r.get("exit_status") is not None:
         return f"exit status {r['exit_status']}"
     if r.get("exit_signal"):
