@@ -74,7 +74,7 @@ OnChange = Callable[["Session"], None]
 #: keys of a detached session's record in the daemon's sessions file
 RECORD_KEYS = ("name", "host", "command", "detached", "remote_id", "remote_dir", "server",
                "pid", "port", "log", "started", "ended", "state", "exit_status", "error",
-               "opens", "forwards")
+               "opens", "forwards", "received")
 
 
 class Session:
@@ -98,6 +98,9 @@ class Session:
         self.server: str | None = None
         #: detached: bytes of the remote log received = the local log's length
         self.received = 0
+        #: detached, taken up after a restart: bytes below this offset were received (and
+        #: their markers acted on) before; received again, their markers are not acted on
+        self._quiet_until = 0
         #: local forwards made for this session's markers ("LISTEN:TARGET" specs)
         self.forwards: list[str] = []
         #: set while the daemon stops: the task ends, the session is left running remotely
@@ -178,6 +181,14 @@ class Session:
         self._scanner = Scanner()
         # the last, unterminated line: its marker (if any) is acted on when the line ends
         self._scanner.feed(_last_partial_line(self.log_path, self.received))
+        seen = record.get("received")
+        if isinstance(seen, int) and not isinstance(seen, bool) and seen > self.received:
+            # the local copy lost its end (deleted, truncated): fetch it again from the
+            # server, but the markers the daemon already acted on are not acted on again
+            self._quiet_until = seen
+            log.warning("%s: session %s: the local log %s has %d of the %d bytes already "
+                        "received; fetching the rest again (markers in it are not acted on "
+                        "again)", self.host.name, self.name, self.log_path, self.received, seen)
         self._task = asyncio.get_running_loop().create_task(
             self._guarded(self._run_detached()), name=f"session:{self.name}")
 
@@ -188,7 +199,7 @@ class Session:
                 "server": self.server, "pid": self.pid, "port": self.port,
                 "log": str(self.log_path), "started": self.started, "ended": self.ended,
                 "state": self.state, "exit_status": self.exit_status, "error": self.error,
-                "opens": self.opens, "forwards": self.forwards}
+                "opens": self.opens, "forwards": self.forwards, "received": self.received}
 
     def _changed(self) -> None:
         if self.on_change is not None:
@@ -378,7 +389,14 @@ class Session:
         return self.received >= size
 
     def _take(self, data: bytes) -> None:
-        """Bytes of the remote log, in order: log them, scan them."""
+        """Bytes of the remote log, in order: log them, scan them (bytes received again
+        below ``_quiet_until`` are scanned without acting on their markers)."""
+        quiet = self._quiet_until - self.received
+        if quiet > 0:
+            self._output(data[:quiet])
+            self.received += len(data[:quiet])
+            self._scanner.feed(data[:quiet])
+            data = data[quiet:]
         self._output(data)
         self.received += len(data)
         for ev in self._scanner.feed(data):

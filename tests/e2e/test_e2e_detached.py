@@ -239,6 +239,29 @@ def test_a_crashed_daemon_reattaches_too(sdaemon, sshd, opened, tmp_path):
 BIG = 64 * 1024 * 1024
 
 
+def test_a_lost_local_log_is_fetched_again_without_reopening(sdaemon, sshd, opened,
+                                                              tmp_path):
+    """The local copy of a session's log deleted while the daemon was stopped: the next
+    daemon fetches the whole log again from the server, and the marker it had acted on is
+    not acted on again."""
+    d = sdaemon
+    release = tmp_path / "release"
+    s = start(d, sshd, "relog", sys.executable, str(script(tmp_path, PROG)), str(release))
+    (url,) = wait_opened(opened)
+    d.wait_for(lambda: b"line 3\n" in Path(s["log"]).read_bytes(), what="some lines")
+    assert d.stop() == 0
+    Path(s["log"]).unlink()
+    d.start()
+    wait_state(d, "relog", "running")
+    release.touch()
+    s = wait_state(d, "relog", "exited")
+    assert s["exit_status"] == 0
+    check_log_complete(s)
+    time.sleep(0.5)
+    assert opened.read_text().splitlines() == [url]
+    assert "fetching the rest again" in d.log()
+
+
 def test_an_end_while_disconnected_is_shown_with_its_status(sdaemon, sshd, tmp_path):
     d = sdaemon
     release = tmp_path / "release"
