@@ -1,6 +1,6 @@
 """The one place where tunneld changes asyncssh internals, to cut its per-packet cost: no
-SSH_MSG_IGNORE before every packet on AEAD ciphers, writes batched per read, and no log text
-built for messages nobody will see.
+SSH_MSG_IGNORE before every packet on AEAD ciphers, writes batched per read, one AES-GCM
+context per key, and no log text built for messages nobody will see.
 
 First: asyncssh 2.24 ``SSHConnection.send_packet`` inserts an empty ``SSH_MSG_IGNORE`` packet before
 every encrypted packet after key exchange.  That is the classic countermeasure to the CBC-mode
@@ -30,7 +30,12 @@ extra loop callback per write.  Packets sent outside a batch (timers, tasks) are
 transport they were written for and leave before any ``abort`` asyncssh schedules (it does so
 with ``call_soon``), so a DISCONNECT message still leaves first.
 
-Third: no log text is built for a message nobody will see.  asyncssh formats a description of
+Third: AES-GCM's context is made once per key, not once per packet: asyncssh's ``GCMCipher``
+builds an ``AESGCM`` object (a key schedule) for every packet it seals or opens.  Sealing and
+opening a 100-byte packet took 4.4 µs here, 2.2 µs with one context per key (32 KiB: 8.9 →
+7.3 µs).  The methods are otherwise asyncssh's, nonce update included.
+
+Fourth: no log text is built for a message nobody will see.  asyncssh formats a description of
 every packet it sends or receives ("Sent MSG_CHANNEL_DATA (94), 100 bytes") before its logger
 finds that packet logging (debug level 3) is off, and converts the arguments of every
 per-channel message before the standard ``isEnabledFor`` check.  Profiled on a forward that
@@ -49,6 +54,9 @@ from typing import Any, Callable
 import asyncssh
 from asyncssh.connection import SSHConnection
 from asyncssh.constants import MSG_IGNORE, MSG_KEX_LAST
+from asyncssh.crypto.cipher import GCMCipher
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from asyncssh.encryption import ChachaEncryption, GCMEncryption
 from asyncssh.logging import SSHLogger
 from asyncssh.packet import SSHPacketLogger, String
@@ -160,7 +168,24 @@ def install() -> bool:
         if self.isEnabledFor(level):  # what LoggerAdapter.log() checks, after the formatting
             orig_log(self, level, msg, *args, **kwargs)
 
+    def gcm_encrypt_and_sign(self: GCMCipher, header: bytes,
+                             data: bytes) -> tuple[bytes, bytes]:
+        data = _aead(self).encrypt(self._iv, data, header)
+        self._update_iv()
+        return header + data[:-_GCM_TAG], data[-_GCM_TAG:]
+
+    def gcm_verify_and_decrypt(self: GCMCipher, header: bytes, data: bytes,
+                               mac: bytes) -> bytes | None:
+        try:
+            decrypted: bytes | None = _aead(self).decrypt(self._iv, data + mac, header)
+        except InvalidTag:
+            decrypted = None
+        self._update_iv()
+        return decrypted
+
     for cls, name, fn in ((SSHConnection, "send_packet", send_packet),
+                          (GCMCipher, "encrypt_and_sign", gcm_encrypt_and_sign),
+                          (GCMCipher, "verify_and_decrypt", gcm_verify_and_decrypt),
                           (SSHConnection, "_send", _send),
                           (SSHConnection, "data_received", data_received),
                           (SSHPacketLogger, "_log_packet", _log_packet),
@@ -168,6 +193,18 @@ def install() -> bool:
         _patched.append((cls, name, cls.__dict__[name]))
         setattr(cls, name, fn)
     return True
+
+
+_GCM_TAG = 16
+
+
+def _aead(cipher: GCMCipher) -> AESGCM:
+    """The cipher's AESGCM context, made once per key (asyncssh makes one per packet)."""
+    try:
+        return cipher._tunneld_aead  # type: ignore[attr-defined, no-any-return]
+    except AttributeError:
+        cipher._tunneld_aead = aead = AESGCM(cipher._key)  # type: ignore[attr-defined]
+        return aead
 
 
 def _flush(conn: SSHConnection, pending: tuple[Any, list[bytes]]) -> None:

@@ -138,3 +138,27 @@ def test_batches_flush_at_the_outermost_end_and_survive_a_failing_flush(caplog):
         fastpath.end()
     assert done == ["a", "b", "late"] and not fastpath.batching()
     assert "a batched write failed" in caplog.text
+
+
+def test_gcm_with_one_context_per_key_seals_as_asyncssh_does():
+    from asyncssh.crypto.cipher import GCMCipher
+    key, iv = os.urandom(16), os.urandom(12)
+    packets = [(os.urandom(4), os.urandom(n)) for n in (16, 100, 32768, 0, 5000)]
+    fastpath.uninstall()
+    stock = GCMCipher("aes128-gcm", key, iv)
+    expected = [stock.encrypt_and_sign(h, d) for h, d in packets]
+    assert fastpath.install()
+    try:
+        sealer = GCMCipher("aes128-gcm", key, iv)
+        opener = GCMCipher("aes128-gcm", key, iv)
+        for (header, data), want in zip(packets, expected):
+            got = sealer.encrypt_and_sign(header, data)
+            assert got == want
+            assert opener.verify_and_decrypt(header, got[0][len(header):], got[1]) == data
+        # a forged tag is refused, and the nonce still moves on as asyncssh's does
+        h, d = packets[0]
+        sealed = sealer.encrypt_and_sign(h, d)
+        assert opener.verify_and_decrypt(h, sealed[0][len(h):], bytes(16)) is None
+        assert opener._iv == sealer._iv
+    finally:
+        fastpath.uninstall()
