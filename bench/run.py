@@ -176,13 +176,17 @@ def cpu_seconds(pids: list[int]) -> float | None:
     if not pids:
         return None
     total = 0
-    try:
-        for pid in pids:
-            for tid in os.listdir(f"/proc/{pid}/task"):
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            return None   # the process is gone
+        for tid in tids:
+            try:
                 with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
                     total += int(f.read().split()[0])
-    except (OSError, IndexError, ValueError):
-        return None
+            except (OSError, IndexError, ValueError):
+                continue   # a thread that ended meanwhile (its time is lost: an undercount)
     return total / 1e9
 
 
