@@ -153,11 +153,13 @@ class LocalForward(ForwardReport):
         if server is not None:
             await server.wait_closed()
 
-class _LocalProtocol(asyncio.Protocol):
-    """One accepted local client.  Invariant: ``channel`` is None until the SSH channel is
-    open; until then received bytes wait in ``pending`` (bounded by ``PRE_OPEN_BUFFER``)."""
+class _LocalSide(asyncio.Protocol):
+    """The local socket of one forwarded connection, paired with one SSH channel: a client
+    accepted by a local forward, or the target a remote forward connected to.  Invariant:
+    ``channel`` is None until the channel is open; until then received bytes wait in
+    ``pending`` (bounded by ``PRE_OPEN_BUFFER``: a side that speaks first, under uvloop too)."""
 
-    def __init__(self, fwd: LocalForward):
+    def __init__(self, fwd: ForwardReport):
         self.fwd = fwd
         self.transport: asyncio.Transport | None = None
         self.channel: asyncssh.SSHTCPChannel[bytes] | None = None
@@ -165,19 +167,8 @@ class _LocalProtocol(asyncio.Protocol):
         self.pending_len = 0
         self.pending_eof = False
         self.closed = False
-        self.peer = "?"
-        self._opener: asyncio.Task[None] | None = None
 
     # asyncio.Protocol -----------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  (uvloop's is not a subclass)
-        peer = transport.get_extra_info("peername")
-        if peer:
-            self.peer = f"{peer[0]}:{peer[1]}"
-        self.fwd.conns.add(self)
-        self.fwd.total += 1
-        self._begin()
 
     def data_received(self, data: bytes) -> None:
         chan = self.channel
@@ -203,7 +194,7 @@ class _LocalProtocol(asyncio.Protocol):
             self.channel.write_eof()
         else:
             self.pending_eof = True
-        return True  # keep the socket half-open: the reply may still be coming
+        return True  # keep the socket half-open: the other side may still send
 
     def pause_writing(self) -> None:
         if self.channel is not None:
@@ -218,14 +209,55 @@ class _LocalProtocol(asyncio.Protocol):
         self.fwd.conns.discard(self)
         if self.channel is not None:
             self.channel.close()
-        elif self._opener is not None:
-            self._opener.cancel()
 
     # ---------------------------------------------------------------------------------------
 
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+    def _granted(self) -> None:
+        """The channel is open and ``channel`` set; ``pending`` is sent next."""
+
+    def _attach(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
+        """The channel is open: send what arrived so far, then stream."""
+        chan.set_write_buffer_limits(CHANNEL_HIGH_WATER)
+        self.channel = chan
+        self._granted()
+        if self.pending:
+            data = b"".join(self.pending)
+            self.pending.clear()
+            self.pending_len = 0
+            chan.write(data)
+            self.fwd.bytes_out += len(data)
+            if self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+        if self.pending_eof:
+            chan.write_eof()
+
+
+class _LocalProtocol(_LocalSide):
+    """One client accepted by a local forward; its channel is opened when it connects."""
+
+    def __init__(self, fwd: LocalForward):
+        super().__init__(fwd)
+        self.fwd: LocalForward = fwd
+        self.peer = "?"
+        self._opener: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  (uvloop's is not a subclass)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = f"{peer[0]}:{peer[1]}"
+        self.fwd.conns.add(self)
+        self.fwd.total += 1
+        self._begin()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.channel is None and self._opener is not None:
+            self._opener.cancel()
 
     # hooks for a subclass (socks_forward): where to connect, and what the client is told
 
@@ -240,9 +272,6 @@ class _LocalProtocol(asyncio.Protocol):
     def _refuse(self, exc: Exception) -> None:
         """The channel could not be opened (already logged): end the client."""
         self.abort()
-
-    def _granted(self) -> None:
-        """The channel is open and ``channel`` set; ``pending`` is sent next."""
 
     async def _open(self) -> None:
         fwd, spec = self.fwd, self.fwd.spec
@@ -274,19 +303,7 @@ class _LocalProtocol(asyncio.Protocol):
         if self.closed:
             chan.close()
             return
-        chan.set_write_buffer_limits(CHANNEL_HIGH_WATER)
-        self.channel = chan
-        self._granted()
-        if self.pending:
-            data = b"".join(self.pending)
-            self.pending.clear()
-            self.pending_len = 0
-            chan.write(data)
-            fwd.bytes_out += len(data)
-            assert self.transport is not None
-            self.transport.resume_reading()
-        if self.pending_eof:
-            chan.write_eof()
+        self._attach(chan)
 
 
 def _orig(transport: asyncio.BaseTransport | None) -> tuple[str, int]:

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING
 import asyncssh
 
 from .errors import BindError
-from .forward import (CHANNEL_HIGH_WATER, CHANNEL_MAX_PKTSIZE, CHANNEL_WINDOW, PRE_OPEN_BUFFER,
-                      ForwardReport, _ChannelSession, write_channel)
+from .forward import (CHANNEL_MAX_PKTSIZE, CHANNEL_WINDOW, ForwardReport, _ChannelSession,
+                      _LocalSide)
 from .spec import ForwardSpec, join_host_port
 from .state import ForwardState, HostState, check_forward
 
@@ -299,80 +299,22 @@ class RemoteForward(ForwardReport):
         return _RemoteSession(target)
 
 
-class _TargetProtocol(asyncio.Protocol):
-    """The local end of one forwarded connection.  Invariant: ``channel`` is None until the
-    SSH channel is confirmed; until then bytes from the target wait in ``pending`` (bounded
-    by ``PRE_OPEN_BUFFER``: a target that speaks first, under uvloop too)."""
+class _TargetProtocol(_LocalSide):
+    """The local end of one forwarded connection: the target this machine connected to for a
+    connection the server accepted; its channel is confirmed after the connect."""
 
     def __init__(self, fwd: RemoteForward, peer: str):
-        self.fwd = fwd
+        super().__init__(fwd)
         #: the client's address on the server side (for logs)
         self.peer = peer
-        self.transport: asyncio.Transport | None = None
-        self.channel: asyncssh.SSHTCPChannel[bytes] | None = None
-        self.pending: list[bytes] = []
-        self.pending_len = 0
-        self.pending_eof = False
-        self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.fwd.conns.add(self)
 
-    def data_received(self, data: bytes) -> None:
-        chan = self.channel
-        if chan is None:
-            self.pending.append(data)
-            self.pending_len += len(data)
-            if self.pending_len >= PRE_OPEN_BUFFER and self.transport is not None:
-                self.transport.pause_reading()
-            return
-        try:
-            write_channel(chan, data)
-        except OSError:  # the channel closed under us
-            self.abort()
-            return
-        self.fwd.bytes_out += len(data)
-
-    def eof_received(self) -> bool:
-        if self.channel is not None:
-            self.channel.write_eof()
-        else:
-            self.pending_eof = True
-        return True  # half-open: the server side may still send
-
-    def pause_writing(self) -> None:
-        if self.channel is not None:
-            self.channel.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.channel is not None:
-            self.channel.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.fwd.conns.discard(self)
-        if self.channel is not None:
-            self.channel.close()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
     def attach(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         """The channel is confirmed: send what the target said so far, then stream."""
-        chan.set_write_buffer_limits(CHANNEL_HIGH_WATER)
-        self.channel = chan
-        if self.pending:
-            data = b"".join(self.pending)
-            self.pending.clear()
-            self.pending_len = 0
-            chan.write(data)
-            self.fwd.bytes_out += len(data)
-            if self.transport is not None and not self.closed:
-                self.transport.resume_reading()
-        if self.pending_eof:
-            chan.write_eof()
+        self._attach(chan)
         if self.closed:
             chan.close()  # the target already went away; buffered bytes are flushed first
 
