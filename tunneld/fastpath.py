@@ -42,6 +42,21 @@ per-channel message before the standard ``isEnabledFor`` check.  Profiled on a f
 opens, echoes 100 bytes and closes, that was the largest share of tunneld's own Python time per
 connection.  The wrappers return early in exactly the cases where asyncssh would not log.
 
+Fifth: the channel messages of tunneld's own TCP channels (``channel.TCPChannel``) skip
+asyncssh's generic packet code on AES-GCM.  ``send`` frames, pads (random bytes from a pool,
+not a system call per packet) and seals a message in one step; the receive hook (asyncssh's
+``_recv_pkthdr``, which starts each packet) opens every complete packet in the buffer and
+hands the data, window adjust, EOF, CLOSE and open confirmation of such a channel straight to
+it, consuming the buffer once per read instead of twice per packet.  Anything else (another
+message, another channel, a packet not yet complete, a bad tag, a key exchange due,
+compression, packet logging on) goes to asyncssh's code unchanged: the hook does not advance
+the nonce for a packet it does not take, so asyncssh opens that one again itself.
+
+Sixth: one keepalive timer per connection instead of one per read.  asyncssh cancels and
+re-creates its keepalive timer for every read of the SSH socket, so that the keepalive goes
+out ``interval`` after the last data; here a read only notes the time, and a timer that fires
+early waits out the rest.  A changed interval (``set_keepalive``) re-arms at once, as before.
+
 Only for the asyncssh versions in ``SUPPORTED``; with any other version ``install()`` changes
 nothing and says so, and tunneld runs on stock asyncssh.
 """
@@ -49,16 +64,21 @@ nothing and says so, and tunneld runs on stock asyncssh.
 from __future__ import annotations
 
 import logging
+import os
+import time
 from typing import Any, Callable
 
 import asyncssh
 from asyncssh.connection import SSHConnection
-from asyncssh.constants import MSG_IGNORE, MSG_KEX_LAST
+from asyncssh.constants import (MSG_CHANNEL_CLOSE, MSG_CHANNEL_DATA, MSG_CHANNEL_EOF,
+                                MSG_CHANNEL_OPEN_CONFIRMATION, MSG_CHANNEL_WINDOW_ADJUST,
+                                MSG_IGNORE, MSG_KEX_LAST)
 from asyncssh.crypto.cipher import GCMCipher
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from asyncssh.encryption import ChachaEncryption, GCMEncryption
 from asyncssh.logging import SSHLogger
+from asyncssh.misc import ProtocolError
 from asyncssh.packet import SSHPacketLogger, String
 
 log = logging.getLogger("tunneld")
@@ -70,6 +90,9 @@ _EMPTY = String(b"")
 _MARK = "_tunneld_drop_ignore"
 
 _PENDING = "_tunneld_pending"
+#: the keepalive interval the connection's timer was set with, and when data last arrived
+_KA_INTERVAL = "_tunneld_keepalive_interval"
+_KA_RECEIVED = "_tunneld_received_at"
 
 #: (class, attribute, asyncssh's original) of every patch in place; empty: stock asyncssh
 _patched: list[tuple[type, str, Any]] = []
@@ -111,6 +134,10 @@ def at_end(fn: Callable[..., None], *args: Any) -> None:
     _at_end.append((fn, args))
 
 
+def installed() -> bool:
+    return bool(_patched)
+
+
 def supported(version: str = asyncssh.__version__) -> bool:
     return version.startswith(SUPPORTED)
 
@@ -127,6 +154,9 @@ def install() -> bool:
     orig_data_received = SSHConnection.data_received
     orig_log_packet = SSHPacketLogger._log_packet
     orig_log = SSHLogger.log
+    orig_recv_pkthdr = SSHConnection._recv_pkthdr
+    orig_reset_keepalive = SSHConnection._reset_keepalive_timer
+    orig_keepalive_callback = SSHConnection._keepalive_timer_callback
 
     def send_packet(self: SSHConnection, pkttype: int, *args: bytes, handler: Any = None) -> None:
         if pkttype == MSG_IGNORE and args == (_EMPTY,) and getattr(self, _MARK, False):
@@ -183,7 +213,80 @@ def install() -> bool:
         self._update_iv()
         return decrypted
 
+    def recv_pkthdr(self: SSHConnection) -> bool:
+        enc = self._recv_encryption
+        if enc.__class__ is not GCMEncryption or self._decompressor is not None or \
+                SSHLogger._debug_level >= 3:
+            return orig_recv_pkthdr(self)
+        buf = self._inpbuf
+        size = len(buf)
+        view = memoryview(buf)
+        cipher = enc._cipher
+        aead = _aead(cipher)
+        channels = self._channels
+        limit = self._max_recv_pktlen
+        pos = 0
+        try:
+            while size - pos >= 4:
+                pktlen = int.from_bytes(buf[pos:pos + 4], "big")
+                end = pos + 4 + pktlen + _GCM_TAG
+                if pktlen > limit:
+                    break  # asyncssh's code refuses it
+                if end > size:
+                    return False  # the rest of the packet is still on its way
+                try:
+                    plain = aead.decrypt(cipher._iv, view[pos + 4:end], view[pos:pos + 4])
+                except InvalidTag:
+                    break  # asyncssh's code refuses it
+                pkttype = plain[1]
+                if pkttype not in _FAST_TYPES or len(plain) < 6:
+                    break
+                try:
+                    chan = channels[int.from_bytes(plain[2:6], "big")]
+                    take = chan.fast_packet
+                except (KeyError, AttributeError):
+                    break  # not one of ours: asyncssh's channel (or an error) takes it
+                cipher._update_iv()
+                self._recv_seq = (self._recv_seq + 1) & 0xffffffff
+                pos = end
+                stop = len(plain) - plain[0]
+                if pkttype == MSG_CHANNEL_DATA:
+                    if stop < 10 or int.from_bytes(plain[6:10], "big") != stop - 10:
+                        raise ProtocolError("Invalid channel data packet")
+                    chan.fast_data(memoryview(plain)[10:stop])
+                else:
+                    take(pkttype, plain[6:stop])
+        finally:
+            if pos:
+                self._inpbuf = buf[pos:]
+                self._auth_final = True
+        return orig_recv_pkthdr(self) if self._inpbuf else False
+
+    def reset_keepalive_timer(self: SSHConnection) -> None:
+        if self._keepalive_timer is not None and self._auth_complete and \
+                getattr(self, _KA_INTERVAL, None) == self._keepalive_interval:
+            setattr(self, _KA_RECEIVED, self._loop.time())  # the timer waits out the rest
+            return
+        orig_reset_keepalive(self)
+        setattr(self, _KA_INTERVAL, self._keepalive_interval)
+
+    def keepalive_timer_callback(self: SSHConnection) -> None:
+        interval = self._keepalive_interval
+        received = getattr(self, _KA_RECEIVED, None)
+        if interval and received is not None and \
+                getattr(self, _KA_INTERVAL, None) == interval:
+            due = received + interval
+            if due > self._loop.time():  # data arrived since the timer was set
+                self._keepalive_timer = self._loop.call_at(
+                    due, self._keepalive_timer_callback)
+                return
+        orig_keepalive_callback(self)
+
     for cls, name, fn in ((SSHConnection, "send_packet", send_packet),
+                          (SSHConnection, "_reset_keepalive_timer", reset_keepalive_timer),
+                          (SSHConnection, "_keepalive_timer_callback",
+                           keepalive_timer_callback),
+                          (SSHConnection, "_recv_pkthdr", recv_pkthdr),
                           (GCMCipher, "encrypt_and_sign", gcm_encrypt_and_sign),
                           (GCMCipher, "verify_and_decrypt", gcm_verify_and_decrypt),
                           (SSHConnection, "_send", _send),
@@ -196,6 +299,9 @@ def install() -> bool:
 
 
 _GCM_TAG = 16
+#: connection-protocol messages the receive hook gives to a channel with ``fast_packet``
+_FAST_TYPES = frozenset((MSG_CHANNEL_OPEN_CONFIRMATION, MSG_CHANNEL_WINDOW_ADJUST,
+                         MSG_CHANNEL_DATA, MSG_CHANNEL_EOF, MSG_CHANNEL_CLOSE))
 
 
 def _aead(cipher: GCMCipher) -> AESGCM:
@@ -205,6 +311,47 @@ def _aead(cipher: GCMCipher) -> AESGCM:
     except AttributeError:
         cipher._tunneld_aead = aead = AESGCM(cipher._key)  # type: ignore[attr-defined]
         return aead
+
+
+_PADLEN = [bytes((i,)) for i in range(256)]
+_pad_pool = b""
+_pad_pos = 0
+
+
+def _padding(n: int) -> bytes:
+    """``n`` random bytes (each drawn once from a pool: no system call per packet)."""
+    global _pad_pool, _pad_pos
+    pos = _pad_pos
+    if pos + n > len(_pad_pool):
+        _pad_pool, pos = os.urandom(4096), 0
+    _pad_pos = pos + n
+    return _pad_pool[pos:pos + n]
+
+
+def send(conn: SSHConnection, head: bytes, data: Any = b"") -> None:
+    """Send the message ``head + data`` (``head`` starts with the message type; ``data`` is
+    any bytes-like object): framed, padded and sealed here on AES-GCM, else by asyncssh."""
+    enc = conn._send_encryption
+    if enc.__class__ is not GCMEncryption or conn._compressor is not None or \
+            not conn._kex_complete or conn._rekey_bytes_sent >= conn._rekey_bytes or \
+            (conn._rekey_seconds and time.monotonic() >= conn._rekey_time) or \
+            SSHLogger._debug_level >= 3:
+        conn.send_packet(head[0], head[1:], bytes(data))
+        return
+    blocksize = conn._send_blocksize
+    padlen = -(conn._send_enchdrlen + len(head) + len(data)) % blocksize
+    if padlen < 4:
+        padlen += blocksize
+    plain = b"".join((_PADLEN[padlen], head, data, _padding(padlen)))
+    pktlen = len(plain)
+    header = pktlen.to_bytes(4, "big")
+    cipher = enc._cipher
+    sealed = _aead(cipher).encrypt(cipher._iv, plain, header)
+    cipher._update_iv()
+    conn._send(header)
+    conn._send(sealed)
+    conn._send_seq = (conn._send_seq + 1) & 0xffffffff
+    conn._rekey_bytes_sent += pktlen
 
 
 def _flush(conn: SSHConnection, pending: tuple[Any, list[bytes]]) -> None:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from . import fastpath
+from .channel import TCPChannel
 from .errors import BindError, TunneldError
 from .spec import ForwardSpec, join_host_port
 from .state import ForwardState, check_forward, forward_state_for
@@ -78,12 +79,12 @@ class ForwardReport:
         }
 
 
-def write_channel(chan: "asyncssh.SSHTCPChannel[bytes]", data: bytes) -> None:
+def write_channel(chan: "asyncssh.SSHTCPChannel[bytes] | TCPChannel", data: bytes) -> None:
     """Write ``data`` one packet's worth at a time: asyncssh copies each write once, but cuts
-    a larger buffer into packets by deleting from its front.  Raises OSError if the channel
-    is closed for sending."""
+    a larger buffer into packets by deleting from its front (a ``TCPChannel`` cuts without
+    copying itself).  Raises OSError if the channel is closed for sending."""
     n = len(data)
-    if n <= CHANNEL_MAX_PKTSIZE:
+    if n <= CHANNEL_MAX_PKTSIZE or type(chan) is TCPChannel:
         chan.write(data)
         return
     view = memoryview(data)
@@ -162,11 +163,14 @@ class _LocalSide(asyncio.Protocol):
     def __init__(self, fwd: ForwardReport):
         self.fwd = fwd
         self.transport: asyncio.Transport | None = None
-        self.channel: asyncssh.SSHTCPChannel[bytes] | None = None
+        self.channel: asyncssh.SSHTCPChannel[bytes] | TCPChannel | None = None
         self.pending: list[bytes] = []
         self.pending_len = 0
         self.pending_eof = False
         self.closed = False
+        #: data from the channel, written when the current batch ends (``fastpath``): the
+        #: packets decoded from one read of the SSH socket leave together
+        self.out: list[bytes] = []
 
     # asyncio.Protocol -----------------------------------------------------------------------
 
@@ -216,10 +220,52 @@ class _LocalSide(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    # from the channel ------------------------------------------------------------------------
+
+    def deliver(self, data: bytes) -> None:
+        """Data from the channel for the local socket."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if fastpath.batching():
+                if not self.out:
+                    fastpath.at_end(self.flush)
+                self.out.append(data)
+            else:
+                transport.write(data)
+            self.fwd.bytes_in += len(data)
+
+    def flush(self) -> None:
+        out, self.out = self.out, []
+        transport = self.transport
+        if out and transport is not None and not transport.is_closing():
+            transport.writelines(out)
+
+    def deliver_eof(self) -> None:
+        """The channel's EOF: half-close the local socket after the data before it."""
+        self.flush()
+        transport = self.transport
+        if transport is not None and transport.can_write_eof() and not transport.is_closing():
+            transport.write_eof()
+
+    def ended(self, exc: Exception | None) -> None:
+        """The channel has ended: close the local socket after the data before it (reset it
+        if the SSH connection failed)."""
+        transport = self.transport
+        if transport is None:
+            return
+        self.flush()
+        if exc is not None:
+            transport.abort()
+        else:
+            transport.close()
+
     def _granted(self) -> None:
         """The channel is open and ``channel`` set; ``pending`` is sent next."""
 
-    def _attach(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
+    def _failed(self, exc: Exception) -> None:
+        """The channel could not be opened."""
+
+    def _attach(self, chan: asyncssh.SSHTCPChannel[bytes] | TCPChannel) -> None:
         """The channel is open: send what arrived so far, then stream."""
         chan.set_write_buffer_limits(CHANNEL_HIGH_WATER)
         self.channel = chan
@@ -237,13 +283,17 @@ class _LocalSide(asyncio.Protocol):
 
 
 class _LocalProtocol(_LocalSide):
-    """One client accepted by a local forward; its channel is opened when it connects."""
+    """One client accepted by a local forward; its channel is opened when it connects: a
+    ``TCPChannel`` (fastpath installed), else asyncssh's."""
 
     def __init__(self, fwd: LocalForward):
         super().__init__(fwd)
         self.fwd: LocalForward = fwd
         self.peer = "?"
+        #: waits for the host's connection (and, on stock asyncssh, for the channel)
         self._opener: asyncio.Task[None] | None = None
+        #: the channel being opened (until ``_attach``)
+        self._opening: TCPChannel | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  (uvloop's is not a subclass)
@@ -256,14 +306,17 @@ class _LocalProtocol(_LocalSide):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        if self.channel is None and self._opener is not None:
-            self._opener.cancel()
+        if self.channel is None:
+            if self._opening is not None:
+                self._opening.close()  # closed as soon as the server confirms it
+            if self._opener is not None:
+                self._opener.cancel()
 
     # hooks for a subclass (socks_forward): where to connect, and what the client is told
 
     def _begin(self) -> None:
         """Start serving the client that just connected: open its channel now."""
-        self._opener = asyncio.get_running_loop().create_task(self._open())
+        self._connect()
 
     def _target(self) -> tuple[str, int]:
         """Where the server connects this client to."""
@@ -273,32 +326,59 @@ class _LocalProtocol(_LocalSide):
         """The channel could not be opened (already logged): end the client."""
         self.abort()
 
-    async def _open(self) -> None:
-        fwd, spec = self.fwd, self.fwd.spec
+    # ---------------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        """Open the channel to ``_target()``: at once if the host is connected."""
+        conn = self.fwd.host.live_connection()
+        if conn is not None and fastpath.installed():
+            self._open_fast(conn)
+        else:
+            self._opener = asyncio.get_running_loop().create_task(self._open())
+
+    def _open_fast(self, conn: asyncssh.SSHClientConnection) -> None:
         host, port = self._target()
-        target = join_host_port(host, port)
         try:
-            conn = await fwd.host.connection_for_client()
+            self._opening = TCPChannel(conn, self, host, port, *_orig(self.transport),
+                                       window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PKTSIZE)
+        except (OSError, asyncssh.Error) as exc:  # the connection closed under us
+            self._failed(exc)
+
+    def _attach(self, chan: asyncssh.SSHTCPChannel[bytes] | TCPChannel) -> None:
+        self._opening = None
+        super()._attach(chan)
+
+    def _failed(self, exc: Exception) -> None:
+        self._opening = None
+        fwd, spec = self.fwd, self.fwd.spec
+        if isinstance(exc, asyncssh.ChannelOpenError):
+            target = join_host_port(*self._target())
+            fwd.fail(f"{spec.listen} -> {target}: the server could not open the "
+                     f"connection ({exc.reason or 'refused'}); is anything listening on "
+                     f"{target} on the server? The forward stays open.")
+        elif isinstance(exc, TunneldError):
+            fwd.fail(f"{spec.listen}: closed client {self.peer}: {exc}")
+        else:
+            fwd.fail(f"{spec.listen}: closed client {self.peer}: the connection to the server "
+                     f"failed ({exc})")
+        self._refuse(exc)
+
+    async def _open(self) -> None:
+        try:
+            conn = await self.fwd.host.connection_for_client()
+            if fastpath.installed():
+                if not self.closed:
+                    self._open_fast(conn)
+                return
+            host, port = self._target()
             chan, _ = await conn.create_connection(
                 lambda: _ChannelSession(self), host, port,
                 *_orig(self.transport), window=CHANNEL_WINDOW,
                 max_pktsize=CHANNEL_MAX_PKTSIZE)
         except asyncio.CancelledError:
             return
-        except asyncssh.ChannelOpenError as exc:
-            fwd.fail(f"{spec.listen} -> {target}: the server could not open the "
-                     f"connection ({exc.reason or 'refused'}); is anything listening on "
-                     f"{target} on the server? The forward stays open.")
-            self._refuse(exc)
-            return
-        except TunneldError as exc:
-            fwd.fail(f"{spec.listen}: closed client {self.peer}: {exc}")
-            self._refuse(exc)
-            return
-        except (OSError, asyncssh.Error) as exc:
-            fwd.fail(f"{spec.listen}: closed client {self.peer}: the connection to the server "
-                     f"failed ({exc})")
-            self._refuse(exc)
+        except (TunneldError, OSError, asyncssh.Error) as exc:
+            self._failed(exc)
             return
         if self.closed:
             chan.close()
@@ -312,36 +392,17 @@ def _orig(transport: asyncio.BaseTransport | None) -> tuple[str, int]:
 
 
 class _ChannelSession(asyncssh.SSHTCPSession[bytes]):
-    """The SSH side of one client: writes to the local transport, once per batch of packets
-    (``fastpath``): the packets decoded from one read of the SSH socket leave together."""
+    """The SSH side of one client on an asyncssh channel (a remote forward's, or on stock
+    asyncssh): passes what the channel says on to the local side."""
 
-    def __init__(self, local: _LocalProtocol):
+    def __init__(self, local: _LocalSide):
         self.local = local
-        #: data for the local transport, written when the current batch ends
-        self.out: list[bytes] = []
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        transport = self.local.transport
-        if transport is not None and not transport.is_closing():
-            if fastpath.batching():
-                if not self.out:
-                    fastpath.at_end(self.flush)
-                self.out.append(data)
-            else:
-                transport.write(data)
-            self.local.fwd.bytes_in += len(data)
-
-    def flush(self) -> None:
-        out, self.out = self.out, []
-        transport = self.local.transport
-        if out and transport is not None and not transport.is_closing():
-            transport.writelines(out)
+        self.local.deliver(data)
 
     def eof_received(self) -> bool:
-        self.flush()
-        transport = self.local.transport
-        if transport is not None and transport.can_write_eof() and not transport.is_closing():
-            transport.write_eof()
+        self.local.deliver_eof()
         return True
 
     def pause_writing(self) -> None:
@@ -353,15 +414,7 @@ class _ChannelSession(asyncssh.SSHTCPSession[bytes]):
             self.local.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        transport = self.local.transport
-        if transport is None:
-            return
-        self.flush()
-        if exc is not None:
-            # the SSH connection died under this channel: the client sees a reset
-            transport.abort()
-        else:
-            transport.close()
+        self.local.ended(exc)
 
 
 # -- bind errors -------------------------------------------------------------------------------

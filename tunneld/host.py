@@ -454,11 +454,16 @@ class HostSupervisor:
 
     # -- clients -----------------------------------------------------------------------------
 
+    def live_connection(self) -> asyncssh.SSHClientConnection | None:
+        """The connection, if the host is connected now."""
+        return self.conn if self.state is HostState.CONNECTED else None
+
     async def connection_for_client(self) -> asyncssh.SSHClientConnection:
         """The live connection for a new client.  While the host is down the client is held
         (at most ``hold_timeout`` s) and cuts the backoff wait short.  Raises ConnectError."""
-        if self.conn is not None and self.state is HostState.CONNECTED:
-            return self.conn
+        conn = self.live_connection()
+        if conn is not None:
+            return conn
         deadline = time.monotonic() + self.settings.hold_timeout
         while True:
             if self.state is HostState.CONNECTED and self.conn is not None:

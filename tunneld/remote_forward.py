@@ -325,7 +325,7 @@ class _RemoteSession(_ChannelSession):
     target connection once asyncssh has made the channel."""
 
     def __init__(self, target: _TargetProtocol):
-        super().__init__(target)  # type: ignore[arg-type]  (duck-typed: transport, fwd)
+        super().__init__(target)
         self.target = target
 
     def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:  # type: ignore

@@ -85,7 +85,7 @@ class _SocksProtocol(_LocalProtocol):
                 self.request = ev
                 if self.hs.rest:
                     super().data_received(self.hs.rest)  # held until the channel is open
-                self._opener = asyncio.get_running_loop().create_task(self._open())
+                self._connect()
                 return
 
     def eof_received(self) -> bool:

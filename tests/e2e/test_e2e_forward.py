@@ -9,25 +9,39 @@ import threading
 import time
 
 import pytest
+from conftest import Daemon
 from netutil import roundtrip, rss_kib
 
 pytestmark = pytest.mark.timeout(90)
 
 
+@pytest.fixture(params=["fastpath", "stock"])
+def data_daemon(request, sshd):
+    """The daemon with its own data path (fastpath, channel.TCPChannel) and, for the same
+    tests, on stock asyncssh (what it falls back to with another asyncssh version)."""
+    d = Daemon(sshd, extra_env={"TUNNELD_STOCK_ASYNCSSH": "1"} if request.param == "stock"
+               else {})
+    d.start()
+    try:
+        yield d
+    finally:
+        d.close()
 
 
-def test_range_carries_data_both_ways_and_counts_it(daemon, sshd, echo_server, free_port):
+
+
+def test_range_carries_data_both_ways_and_counts_it(data_daemon, sshd, echo_server, free_port):
     targets = [echo_server()[1] for _ in range(3)]
     locals_ = [free_port() for _ in range(3)]
     # a range on both sides needs consecutive ports: use one spec per pair plus one range
-    daemon.ctl("add", sshd.host, *[f"{l}:127.0.0.2:{t}" for l, t in zip(locals_, targets)])
+    data_daemon.ctl("add", sshd.host, *[f"{l}:127.0.0.2:{t}" for l, t in zip(locals_, targets)])
     for i, port in enumerate(locals_):
         payload = os.urandom(100_000 + i)
         assert roundtrip(port, payload) == payload
-    daemon.wait_for(lambda: all(daemon.forward(p)["active"] == 0 for p in locals_),
+    data_daemon.wait_for(lambda: all(data_daemon.forward(p)["active"] == 0 for p in locals_),
                     what="connections to close")
     for i, port in enumerate(locals_):
-        f = daemon.forward(port)
+        f = data_daemon.forward(port)
         assert f["total"] == 1
         assert f["bytes_out"] == 100_000 + i
         assert f["bytes_in"] == 100_000 + i
@@ -35,7 +49,7 @@ def test_range_carries_data_both_ways_and_counts_it(daemon, sshd, echo_server, f
         assert f["kind"] == "local"
         assert f["target"] == f"127.0.0.2:{targets[i]}"
         assert f["listen"] == f"127.0.0.1:{port}"
-    h = daemon.host()
+    h = data_daemon.host()
     assert h["state"] == "connected" and h["last_error"] is None
     assert set(h) >= {"name", "state", "since", "last_error", "forwards"}
 
@@ -157,12 +171,12 @@ def test_many_concurrent_connections_through_one_forward(daemon, sshd, echo_serv
     assert f["total"] == n and f["last_error"] is None
 
 
-def test_destination_that_speaks_first(daemon, sshd, echo_server, free_port):
+def test_destination_that_speaks_first(data_daemon, sshd, echo_server, free_port):
     """design.md §9: under uvloop asyncssh's own forwarder loses a greeting sent before the
     client writes.  Ours must deliver it."""
     port = free_port()
     greeting = b"SSH-2.0-FakeServer greets first\r\n"
-    daemon.ctl("add", sshd.host, f"{port}:127.0.0.2:{echo_server(greeting=greeting)[1]}")
+    data_daemon.ctl("add", sshd.host, f"{port}:127.0.0.2:{echo_server(greeting=greeting)[1]}")
     for _ in range(5):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             got = b""
@@ -175,7 +189,7 @@ def test_destination_that_speaks_first(daemon, sshd, echo_server, free_port):
             assert s.recv(100) == b"then echo"
 
 
-def test_reply_then_close_arrives_whole_before_the_eof(daemon, sshd, free_port):
+def test_reply_then_close_arrives_whole_before_the_eof(data_daemon, sshd, free_port):
     """A destination that writes and closes at once: its data, EOF and channel close often
     arrive in one read of the SSH socket, and the data must still reach the client, all of it
     and before the EOF (the local writes of one read leave together)."""
@@ -196,7 +210,7 @@ def test_reply_then_close_arrives_whole_before_the_eof(daemon, sshd, free_port):
     t = threading.Thread(target=serve, daemon=True)
     t.start()
     port = free_port()
-    daemon.ctl("add", sshd.host, f"{port}:127.0.0.2:{srv.getsockname()[1]}")
+    data_daemon.ctl("add", sshd.host, f"{port}:127.0.0.2:{srv.getsockname()[1]}")
     try:
         for n in order:
             with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
@@ -297,22 +311,22 @@ def _blast_server(host: str = "127.0.0.2"):
 
 
 @pytest.mark.timeout(120)
-def test_slow_reader_keeps_memory_bounded(daemon, sshd, free_port):
+def test_slow_reader_keeps_memory_bounded(data_daemon, sshd, free_port):
     """Fast writer, reader that does not read: buffers stay bounded both ways."""
     # remote writes fast, local client never reads
     bport, bclose = _blast_server()
     sport, sclose = _sink_server()
     down, up = free_port(), free_port()
     try:
-        daemon.ctl("add", sshd.host, f"{down}:127.0.0.2:{bport}", f"{up}:127.0.0.2:{sport}")
-        base = rss_kib(daemon.pid)
+        data_daemon.ctl("add", sshd.host, f"{down}:127.0.0.2:{bport}", f"{up}:127.0.0.2:{sport}")
+        base = rss_kib(data_daemon.pid)
         c = socket.create_connection(("127.0.0.1", down), timeout=10)
         c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         # the server could push gigabytes in this time if nothing held it back
-        daemon.wait_for(lambda: daemon.forward(down)["bytes_in"] > 0, what="data flowing")
+        data_daemon.wait_for(lambda: data_daemon.forward(down)["bytes_in"] > 0, what="data flowing")
         time.sleep(3)
-        grown_down = rss_kib(daemon.pid) - base
-        delivered = daemon.forward(down)["bytes_in"]
+        grown_down = rss_kib(data_daemon.pid) - base
+        delivered = data_daemon.forward(down)["bytes_in"]
         # local client writes fast, remote never reads
         u = socket.create_connection(("127.0.0.1", up), timeout=10)
         u.setblocking(False)
@@ -324,7 +338,7 @@ def test_slow_reader_keeps_memory_bounded(daemon, sshd, free_port):
                 sent += u.send(chunk)
             except BlockingIOError:
                 time.sleep(0.05)
-        grown_up = rss_kib(daemon.pid) - base
+        grown_up = rss_kib(data_daemon.pid) - base
         # everything queued is bounded by socket buffers + SSH windows, not by the 5 s of
         # writing: a few MiB, not hundreds
         assert delivered < 64 * 1024 * 1024, delivered

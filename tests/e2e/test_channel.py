@@ -1,0 +1,270 @@
+"""tunneld.channel.TCPChannel against a real sshd, in this process: a local forward's clients
+get the same bytes as through asyncssh's channel, on the fast path (AES-GCM) and through
+asyncssh's own packet code (other ciphers, packet logging); half-closes, refused opens,
+clients that leave while their channel is being opened and a dying connection all end
+cleanly and give the channel number back; keepalives keep their timing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from typing import AsyncIterator
+
+import asyncssh
+import pytest
+from asyncssh.connection import SSHConnection
+
+from tunneld import fastpath
+from tunneld.channel import TCPChannel
+from tunneld.forward import LocalForward
+from tunneld.spec import ForwardSpec
+from tunneld.state import HostState
+
+pytestmark = pytest.mark.timeout(60)
+
+GCM = "aes128-gcm@openssh.com"
+
+
+class _Host:
+    """What a forward asks of its host supervisor: the live connection (a real one)."""
+
+    name = "chan-test"
+
+    def __init__(self, conn: asyncssh.SSHClientConnection):
+        self.conn = conn
+        self.state = HostState.CONNECTED
+
+    def live_connection(self) -> asyncssh.SSHClientConnection:
+        return self.conn
+
+    async def connection_for_client(self) -> asyncssh.SSHClientConnection:
+        return self.conn
+
+
+@pytest.fixture
+def home(sshd, monkeypatch):
+    monkeypatch.setenv("HOME", str(sshd.home))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    assert fastpath.install()
+    yield sshd
+    fastpath.uninstall()
+
+
+@contextlib.asynccontextmanager
+async def forward(sshd, target: tuple[str, int], cipher: str = GCM,
+                  **kw) -> AsyncIterator[tuple[LocalForward, asyncssh.SSHClientConnection]]:
+    """A LocalForward on a free port to ``target`` through a connection to the test sshd."""
+    conn = await asyncssh.connect(sshd.host, encryption_algs=[cipher], **kw)
+    fwd = LocalForward(ForwardSpec("127.0.0.1", 0, target[0], target[1]), _Host(conn))
+    try:
+        await fwd.bind()
+        yield fwd, conn
+    finally:
+        await fwd.close()
+        conn.close()
+        await conn.wait_closed()
+
+
+async def _exchange(port: int, payload: bytes, chunk: int = 65536) -> bytes:
+    """Send ``payload`` through the forward, half-close, and read everything back."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def send() -> None:
+        for i in range(0, len(payload), chunk):
+            writer.write(payload[i:i + chunk])
+            await writer.drain()
+        writer.write_eof()
+
+    sender = asyncio.ensure_future(send())
+    got = await reader.read()
+    await sender
+    writer.close()
+    return got
+
+
+async def _channels_empty(conn: asyncssh.SSHClientConnection, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while conn._channels and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    assert not conn._channels, conn._channels
+
+
+@contextlib.contextmanager
+def _count(cls: type, name: str) -> list[int]:
+    """Count calls of ``cls.name`` (asyncssh's own code paths) while in the block."""
+    calls = [0]
+    orig = getattr(cls, name)
+
+    def counting(self, *args, **kwargs):
+        calls[0] += 1
+        return orig(self, *args, **kwargs)
+
+    setattr(cls, name, counting)
+    try:
+        yield calls
+    finally:
+        setattr(cls, name, orig)
+
+
+async def test_fast_path_carries_bulk_data_both_ways_without_asyncssh_packet_code(
+        home, echo_server):
+    echo = echo_server()
+    payload = os.urandom(3_000_000)
+    async with forward(home, echo) as (fwd, conn):
+        port = fwd.spec.bind_port
+        assert await _exchange(port, b"warm up") == b"warm up"
+        with _count(SSHConnection, "_recv_packet") as stock_recv, \
+                _count(SSHConnection, "send_packet") as stock_send:
+            got = await _exchange(port, payload)
+        assert got == payload
+        assert fwd.bytes_out == fwd.bytes_in == len(payload) + 7
+        # open, confirm, ~92 data packets each way, window adjusts, EOFs, CLOSEs: all sealed
+        # and opened by fastpath; asyncssh's packet code saw none of them
+        assert stock_recv[0] == 0, stock_recv
+        assert stock_send[0] == 0, stock_send
+        await _channels_empty(conn)
+
+
+@pytest.mark.parametrize("cipher", ["chacha20-poly1305@openssh.com", "aes128-ctr"])
+async def test_other_ciphers_go_through_asyncssh_packet_code(home, echo_server, cipher):
+    echo = echo_server()
+    payload = os.urandom(1_000_000)
+    async with forward(home, echo, cipher) as (fwd, conn):
+        with _count(SSHConnection, "_recv_packet") as stock_recv:
+            got = await _exchange(fwd.spec.bind_port, payload)
+        assert got == payload
+        assert stock_recv[0] > 30  # every data packet, then EOF and CLOSE
+        await _channels_empty(conn)
+
+
+async def test_packet_logging_takes_asyncssh_code_and_still_works(home, echo_server):
+    echo = echo_server()
+    async with forward(home, echo) as (fwd, conn):
+        asyncssh.set_debug_level(3)
+        try:
+            with _count(SSHConnection, "_recv_packet") as stock_recv:
+                got = await _exchange(fwd.spec.bind_port, b"logged" * 1000)
+        finally:
+            asyncssh.set_debug_level(1)
+        assert got == b"logged" * 1000
+        assert stock_recv[0] >= 3
+
+
+async def test_server_that_speaks_first_then_closes(home, echo_server):
+    echo = echo_server(greeting=b"220 hello\r\n")
+    async with forward(home, echo) as (fwd, conn):
+        reader, writer = await asyncio.open_connection("127.0.0.1", fwd.spec.bind_port)
+        assert await reader.readexactly(11) == b"220 hello\r\n"
+        writer.write(b"QUIT\r\n")
+        writer.write_eof()
+        assert await reader.read() == b"QUIT\r\n"
+        writer.close()
+        await _channels_empty(conn)
+
+
+async def test_refused_open_closes_the_client_and_says_why(home, free_port):
+    closed_port = free_port("127.0.0.2")
+    async with forward(home, ("127.0.0.2", closed_port)) as (fwd, conn):
+        reader, writer = await asyncio.open_connection("127.0.0.1", fwd.spec.bind_port)
+        writer.write(b"anyone?")
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+        assert "the server could not open the connection" in (fwd.last_error or "")
+        assert f"127.0.0.2:{closed_port}" in fwd.last_error
+        await _channels_empty(conn)
+
+
+async def test_clients_leaving_while_their_channel_opens_leak_nothing(home, echo_server):
+    """A client that disconnects before the server confirmed its channel: the channel is
+    closed as soon as it is confirmed, and its number given back."""
+    echo = echo_server()
+    async with forward(home, echo) as (fwd, conn):
+        for _ in range(50):
+            s = socket.create_connection(("127.0.0.1", fwd.spec.bind_port))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            s.close()  # reset right away
+        await _channels_empty(conn)
+        await asyncio.sleep(0.2)
+        assert not fwd.conns
+        # and the forward still serves
+        assert await _exchange(fwd.spec.bind_port, b"still fine") == b"still fine"
+        await _channels_empty(conn)
+
+
+async def test_connection_dying_under_open_and_opening_channels(home, echo_server):
+    """The SSH link dies with one channel open and one still being opened: both clients are
+    ended, the opening one with the reason logged, and no channel is left behind."""
+    echo = echo_server()
+    async with forward(home, echo) as (fwd, conn):
+        port = fwd.spec.bind_port
+        r1, w1 = await asyncio.open_connection("127.0.0.1", port)
+        w1.write(b"ping")
+        assert await r1.readexactly(4) == b"ping"
+        opening: list[TCPChannel] = []
+        orig_init = TCPChannel.__init__
+
+        def init(self, *args, **kwargs):
+            orig_init(self, *args, **kwargs)
+            opening.append(self)
+            conn._transport.abort()  # dies before the server can confirm this one
+
+        TCPChannel.__init__ = init  # type: ignore[method-assign]
+        try:
+            r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+            assert await asyncio.wait_for(r2.read(), 10) == b""
+        finally:
+            TCPChannel.__init__ = orig_init  # type: ignore[method-assign]
+        with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+            await asyncio.wait_for(r1.readexactly(1), 10)
+        for w in (w1, w2):
+            w.close()
+        assert len(opening) == 1 and opening[0].send_state == "closed"
+        assert not conn._channels
+        assert "the connection to the server failed" in (fwd.last_error or ""), fwd.last_error
+
+
+async def test_rekeying_under_the_channel_fast_path(home, echo_server):
+    echo = echo_server()
+    kexinits = []
+    payload = os.urandom(4_000_000)
+    with _count(SSHConnection, "_send_kexinit") as kexinits:
+        async with forward(home, echo, rekey_bytes=200_000) as (fwd, conn):
+            got = await _exchange(fwd.spec.bind_port, payload)
+            assert got == payload
+            # the connection is still good after the key exchanges
+            result = await conn.run("echo still here", check=True)
+            assert result.stdout.strip() == "still here"
+    assert kexinits[0] >= 5, kexinits
+
+
+async def test_keepalive_waits_for_quiet_and_follows_a_new_interval(home, echo_server):
+    """asyncssh sends a keepalive ``interval`` after the last data arrived; fastpath keeps
+    one timer instead of re-arming it per read: traffic still postpones keepalives, quiet
+    still brings them, and set_keepalive applies at once."""
+    echo = echo_server()
+    with _count(SSHConnection, "_make_keepalive_request") as sent:
+        async with forward(home, echo, keepalive_interval=1.0) as (fwd, conn):
+            reader, writer = await asyncio.open_connection("127.0.0.1", fwd.spec.bind_port)
+
+            async def tick() -> None:
+                writer.write(b"tick")
+                assert await reader.readexactly(4) == b"tick"
+
+            for _ in range(40):  # 2 s of traffic, a round trip every 50 ms
+                await tick()
+                await asyncio.sleep(0.05)
+            busy = sent[0]
+            await asyncio.sleep(2.3)  # quiet: keepalives at about 1 and 2 s
+            quiet = sent[0] - busy
+            await tick()  # the 1 s timer starts over here (next at about 3 s)...
+            conn.set_keepalive(0.2)  # ...but a new interval applies at once
+            before = sent[0]
+            await asyncio.sleep(0.35)
+            faster = sent[0] - before
+            writer.close()
+    assert busy == 0, busy
+    assert quiet == 2, quiet
+    assert faster >= 1, faster
