@@ -12,9 +12,11 @@ seals directly, and received data packets, which ``fastpath``'s receive hook han
 
 Protocol behaviour is asyncssh's (RFC 4254 §5): data is sent only within the peer's window and
 packet size, the rest is buffered and the local socket stops being read above the high-water
-mark; received data beyond the window is a protocol error; the window is re-opened when less
-than half is left *and* the local socket is taking data (so a slow local reader closes the
-window and the server stops sending); EOF and CLOSE wait for buffered data, both ways; data
+mark; received data beyond the window is a protocol error; the window is given back once more than
+three packets' worth is used (OpenSSH's rule: asyncssh waits for half the window, and with
+megabytes sitting in loopback socket buffers the server then stalls for window), but only
+while the local socket is taking data (so a slow local reader closes the window and the server
+stops sending); EOF and CLOSE wait for buffered data, both ways; data
 arriving after our CLOSE is dropped; a channel number is freed once both CLOSEs have passed.
 
 The local side is a ``forward._LocalSide``: ``_attach(channel)`` once the server confirmed the
@@ -62,7 +64,8 @@ class TCPChannel:
 
     __slots__ = ("conn", "local", "recv_chan", "send_chan", "send_state", "recv_state",
                  "send_window", "send_pktsize", "send_buf", "send_buf_len", "send_paused",
-                 "high", "low", "init_window", "recv_window", "recv_paused", "recv_buf")
+                 "high", "low", "init_window", "adjust_at", "recv_window", "recv_paused",
+                 "recv_buf")
 
     def __init__(self, conn: "SSHClientConnection", local: "_LocalSide", host: str, port: int,
                  orig_host: str, orig_port: int, window: int, max_pktsize: int):
@@ -86,6 +89,8 @@ class TCPChannel:
         self.high = HIGH_WATER
         self.low = HIGH_WATER // 4
         self.init_window = self.recv_window = window
+        #: window given back once this much is consumed (OpenSSH: three packets or half)
+        self.adjust_at = min(window // 2, 3 * max_pktsize)
         self.recv_paused = False
         self.recv_buf: collections.deque[Any] = collections.deque()
         fastpath.send(conn, b"".join((
@@ -213,7 +218,7 @@ class TCPChannel:
             self._deliver(data)
 
     def _deliver(self, data: Any) -> None:
-        if self.recv_window < self.init_window // 2:
+        if self.recv_window < self.init_window - self.adjust_at:
             self._send(MSG_CHANNEL_WINDOW_ADJUST, UInt32(self.init_window - self.recv_window))
             self.recv_window = self.init_window
         self.local.deliver(data)

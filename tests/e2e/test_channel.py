@@ -116,10 +116,26 @@ async def test_fast_path_carries_bulk_data_both_ways_without_asyncssh_packet_cod
     async with forward(home, echo) as (fwd, conn):
         port = fwd.spec.bind_port
         assert await _exchange(port, b"warm up") == b"warm up"
-        with _count(SSHConnection, "_recv_packet") as stock_recv, \
-                _count(SSHConnection, "send_packet") as stock_send:
-            got = await _exchange(port, payload)
+        adjusts = []
+        orig_send = fastpath.send
+
+        def send(conn, head, data=b""):
+            if head[0] == asyncssh.constants.MSG_CHANNEL_WINDOW_ADJUST:
+                adjusts.append(int.from_bytes(head[5:9], "big"))
+            orig_send(conn, head, data)
+
+        fastpath.send = send
+        try:
+            with _count(SSHConnection, "_recv_packet") as stock_recv, \
+                    _count(SSHConnection, "send_packet") as stock_send:
+                got = await _exchange(port, payload)
+        finally:
+            fastpath.send = orig_send
         assert got == payload
+        # the window is given back as OpenSSH does, once more than three packets' worth
+        # (96 KiB) is used, not only when half of it is: the server never waits for window
+        assert max(adjusts) <= 4 * 32768, max(adjusts)
+        assert len(adjusts) >= len(payload) // (4 * 32768), len(adjusts)
         assert fwd.bytes_out == fwd.bytes_in == len(payload) + 7
         # open, confirm, ~92 data packets each way, window adjusts, EOFs, CLOSEs: all sealed
         # and opened by fastpath; asyncssh's packet code saw none of them
