@@ -48,8 +48,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tunneld")
 
-#: send buffer (bytes waiting for window) above which the local socket stops being read
-HIGH_WATER = 256 * 1024
+#: channel send buffer (bytes waiting for window) above which the local socket stops being
+#: read (for asyncssh's channels too)
+CHANNEL_HIGH_WATER = 256 * 1024
 
 _OPEN = bytes((MSG_CHANNEL_OPEN,)) + String(b"direct-tcpip")
 _CHAN_HEAD = struct.Struct(">BI")       # message type, recipient channel
@@ -58,8 +59,8 @@ _CONFIRM = struct.Struct(">III")        # sender channel, initial window, maximu
 
 
 class TCPChannel:
-    """One ``direct-tcpip`` channel, opened at construction.  Raises ``ConnectionError`` if the
-    connection is already closing.  The methods the local side calls mirror asyncssh's
+    """One ``direct-tcpip`` channel, opened at construction.  Raises ``ChannelOpenError`` if
+    the connection is already closing.  The methods the local side calls mirror asyncssh's
     channel: ``write``, ``write_eof``, ``close``, ``pause_reading``, ``resume_reading``."""
 
     __slots__ = ("conn", "local", "recv_chan", "send_chan", "send_state", "recv_state",
@@ -69,12 +70,12 @@ class TCPChannel:
 
     def __init__(self, conn: "SSHClientConnection", local: "_LocalSide", host: str, port: int,
                  orig_host: str, orig_port: int, window: int, max_pktsize: int):
-        if conn._transport is None or conn.is_closed():
-            raise ConnectionError("the SSH connection is closed")
         self.conn: "SSHClientConnection | None" = conn
         self.local = local
+        #: raises ChannelOpenError if the connection is closing
         self.recv_chan: int = conn.add_channel(self)  # type: ignore[arg-type]
-        conn._update_recv_pktlen(max_pktsize)
+        if conn._max_recv_pktlen < max_pktsize + 1024:
+            conn._update_recv_pktlen(max_pktsize)
         self.send_chan = 0
         #: opening -> open -> (eof_pending ->) eof -> (close_pending ->) closed; "abandoned":
         #: closed by the local side while the server was still opening it
@@ -86,8 +87,8 @@ class TCPChannel:
         self.send_buf: collections.deque[Any] = collections.deque()
         self.send_buf_len = 0
         self.send_paused = False
-        self.high = HIGH_WATER
-        self.low = HIGH_WATER // 4
+        self.high = CHANNEL_HIGH_WATER
+        self.low = CHANNEL_HIGH_WATER // 4
         self.init_window = self.recv_window = window
         #: window given back once this much is consumed (OpenSSH: three packets or half)
         self.adjust_at = min(window // 2, 3 * max_pktsize)
@@ -98,10 +99,6 @@ class TCPChannel:
             UInt32(port), String(orig_host), UInt32(orig_port))))
 
     # -- called by the local side ------------------------------------------------------------
-
-    def set_write_buffer_limits(self, high: int) -> None:
-        self.high, self.low = high, high // 4
-        self._pause_resume()
 
     def write(self, data: bytes) -> None:
         """Send ``data`` (any length); raises BrokenPipeError if the channel is not open for

@@ -134,8 +134,8 @@ def at_end(fn: Callable[..., None], *args: Any) -> None:
     _at_end.append((fn, args))
 
 
-def installed() -> bool:
-    return bool(_patched)
+#: whether the patches are in place (``install``/``uninstall``)
+active = False
 
 
 def supported(version: str = asyncssh.__version__) -> bool:
@@ -170,18 +170,9 @@ def install() -> bool:
             setattr(self, _MARK, False)
 
     def _send(self: SSHConnection, data: bytes) -> None:
-        transport = self._transport
-        if not transport:
-            return
-        pending = getattr(self, _PENDING, None)
-        if pending is None or pending[0] is not transport:
-            pending = (transport, [])
-            setattr(self, _PENDING, pending)
-            if _depth:
-                _at_end.append((_flush, (self, pending)))
-            else:
-                self._loop.call_soon(_flush, self, pending)
-        pending[1].append(data)
+        chunks = _outgoing(self)
+        if chunks is not None:
+            chunks.append(data)
 
     def data_received(self: SSHConnection, data: bytes, datatype: Any = None) -> None:
         begin()
@@ -282,6 +273,8 @@ def install() -> bool:
                 return
         orig_keepalive_callback(self)
 
+    global active
+    active = True
     for cls, name, fn in ((SSHConnection, "send_packet", send_packet),
                           (SSHConnection, "_reset_keepalive_timer", reset_keepalive_timer),
                           (SSHConnection, "_keepalive_timer_callback",
@@ -348,10 +341,28 @@ def send(conn: SSHConnection, head: bytes, data: Any = b"") -> None:
     cipher = enc._cipher
     sealed = _aead(cipher).encrypt(cipher._iv, plain, header)
     cipher._update_iv()
-    conn._send(header)
-    conn._send(sealed)
+    chunks = _outgoing(conn)
+    if chunks is not None:
+        chunks += (header, sealed)
     conn._send_seq = (conn._send_seq + 1) & 0xffffffff
     conn._rekey_bytes_sent += pktlen
+
+
+def _outgoing(conn: SSHConnection) -> list[bytes] | None:
+    """The list of bytes waiting to be written to the connection's socket (flushed when the
+    batch ends, or by a ``call_soon`` outside one); None if the connection has no socket."""
+    transport = conn._transport
+    if not transport:
+        return None
+    pending = getattr(conn, _PENDING, None)
+    if pending is None or pending[0] is not transport:
+        pending = (transport, [])
+        setattr(conn, _PENDING, pending)
+        if _depth:
+            _at_end.append((_flush, (conn, pending)))
+        else:
+            conn._loop.call_soon(_flush, conn, pending)
+    return pending[1]  # type: ignore[no-any-return]
 
 
 def _flush(conn: SSHConnection, pending: tuple[Any, list[bytes]]) -> None:
@@ -367,6 +378,8 @@ def _flush(conn: SSHConnection, pending: tuple[Any, list[bytes]]) -> None:
 
 def uninstall() -> None:
     """Back to stock asyncssh (tests compare both)."""
+    global active
+    active = False
     while _patched:
         cls, name, orig = _patched.pop()
         setattr(cls, name, orig)

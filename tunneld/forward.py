@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from . import fastpath
-from .channel import TCPChannel
+from .channel import CHANNEL_HIGH_WATER, TCPChannel
 from .errors import BindError, TunneldError
 from .spec import ForwardSpec, join_host_port
 from .state import ForwardState, check_forward, forward_state_for
@@ -44,8 +44,6 @@ log = logging.getLogger("tunneld")
 LISTEN_BACKLOG = 4096
 #: bytes read from a local client before its channel is open; past this, reading pauses
 PRE_OPEN_BUFFER = 256 * 1024
-#: asyncssh channel send-buffer high-water mark; above it the local socket stops being read
-CHANNEL_HIGH_WATER = 256 * 1024
 #: SSH channel window and packet size offered for each channel
 CHANNEL_WINDOW = 2 * 1024 * 1024
 CHANNEL_MAX_PKTSIZE = 32768
@@ -267,7 +265,8 @@ class _LocalSide(asyncio.Protocol):
 
     def _attach(self, chan: asyncssh.SSHTCPChannel[bytes] | TCPChannel) -> None:
         """The channel is open: send what arrived so far, then stream."""
-        chan.set_write_buffer_limits(CHANNEL_HIGH_WATER)
+        if type(chan) is not TCPChannel:  # (whose mark is CHANNEL_HIGH_WATER already)
+            chan.set_write_buffer_limits(CHANNEL_HIGH_WATER)
         self.channel = chan
         self._granted()
         if self.pending:
@@ -289,20 +288,38 @@ class _LocalProtocol(_LocalSide):
     def __init__(self, fwd: LocalForward):
         super().__init__(fwd)
         self.fwd: LocalForward = fwd
-        self.peer = "?"
+        #: the client's (host, port)
+        self.peername: tuple[str, int] = ("", 0)
         #: waits for the host's connection (and, on stock asyncssh, for the channel)
         self._opener: asyncio.Task[None] | None = None
         #: the channel being opened (until ``_attach``)
         self._opening: TCPChannel | None = None
 
+    @property
+    def peer(self) -> str:
+        """The client's address, for log lines."""
+        return join_host_port(*self.peername) if self.peername[0] else "?"
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  (uvloop's is not a subclass)
         peer = transport.get_extra_info("peername")
         if peer:
-            self.peer = f"{peer[0]}:{peer[1]}"
-        self.fwd.conns.add(self)
-        self.fwd.total += 1
-        self._begin()
+            self.peername = peer[:2]
+        fwd = self.fwd
+        fwd.conns.add(self)
+        fwd.total += 1
+        fastpath.begin()  # the channel open leaves before this callback returns
+        try:
+            self._begin()
+        finally:
+            fastpath.end()
+
+    def eof_received(self) -> bool:
+        fastpath.begin()
+        try:
+            return super().eof_received()
+        finally:
+            fastpath.end()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -331,7 +348,7 @@ class _LocalProtocol(_LocalSide):
     def _connect(self) -> None:
         """Open the channel to ``_target()``: at once if the host is connected."""
         conn = self.fwd.host.live_connection()
-        if conn is not None and fastpath.installed():
+        if conn is not None and fastpath.active:
             self._open_fast(conn)
         else:
             self._opener = asyncio.get_running_loop().create_task(self._open())
@@ -339,7 +356,7 @@ class _LocalProtocol(_LocalSide):
     def _open_fast(self, conn: asyncssh.SSHClientConnection) -> None:
         host, port = self._target()
         try:
-            self._opening = TCPChannel(conn, self, host, port, *_orig(self.transport),
+            self._opening = TCPChannel(conn, self, host, port, *self.peername,
                                        window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PKTSIZE)
         except (OSError, asyncssh.Error) as exc:  # the connection closed under us
             self._failed(exc)
@@ -366,14 +383,14 @@ class _LocalProtocol(_LocalSide):
     async def _open(self) -> None:
         try:
             conn = await self.fwd.host.connection_for_client()
-            if fastpath.installed():
+            if fastpath.active:
                 if not self.closed:
                     self._open_fast(conn)
                 return
             host, port = self._target()
             chan, _ = await conn.create_connection(
                 lambda: _ChannelSession(self), host, port,
-                *_orig(self.transport), window=CHANNEL_WINDOW,
+                *self.peername, window=CHANNEL_WINDOW,
                 max_pktsize=CHANNEL_MAX_PKTSIZE)
         except asyncio.CancelledError:
             return
@@ -384,11 +401,6 @@ class _LocalProtocol(_LocalSide):
             chan.close()
             return
         self._attach(chan)
-
-
-def _orig(transport: asyncio.BaseTransport | None) -> tuple[str, int]:
-    peer = transport.get_extra_info("peername") if transport else None
-    return (peer[0], peer[1]) if peer else ("", 0)
 
 
 class _ChannelSession(asyncssh.SSHTCPSession[bytes]):
