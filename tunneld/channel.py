@@ -152,8 +152,10 @@ class TCPChannel:
     # -- sending -----------------------------------------------------------------------------
 
     def _send(self, pkttype: int, body: bytes = b"") -> None:
-        assert self.conn is not None
-        fastpath.send(self.conn, _CHAN_HEAD.pack(pkttype, self.send_chan) + body)
+        """Send a message on this channel; nothing after our CLOSE (e.g. a window adjust
+        while data still buffered here reaches the local socket), as asyncssh does."""
+        if self.send_state != "closed" and self.conn is not None:
+            fastpath.send(self.conn, _CHAN_HEAD.pack(pkttype, self.send_chan) + body)
 
     def _flush_send(self) -> None:
         buf, conn = self.send_buf, self.conn

@@ -15,8 +15,10 @@ from typing import AsyncIterator
 import asyncssh
 import pytest
 from asyncssh.connection import SSHConnection
+from asyncssh.constants import MSG_CHANNEL_CLOSE
 
 from tunneld import fastpath
+from tunneld import forward as forward_mod
 from tunneld.channel import TCPChannel
 from tunneld.forward import LocalForward
 from tunneld.spec import ForwardSpec
@@ -179,6 +181,79 @@ async def test_server_that_speaks_first_then_closes(home, echo_server):
         assert await reader.read() == b"QUIT\r\n"
         writer.close()
         await _channels_empty(conn)
+
+
+async def test_slow_client_gets_everything_after_the_server_closed(home, monkeypatch):
+    """The server writes 3 MB and closes; the client reads slowly: data waits here (the
+    window closes and opens again), the server's CLOSE arrives while some of it is still
+    queued, the client gets all of it, and the connection stays up (nothing is sent on the
+    channel after its CLOSE: OpenSSH disconnects on a message for a channel it freed)."""
+    payload = os.urandom(3_000_000)
+    srv = socket.create_server(("127.0.0.2", 0))
+    loop = asyncio.get_running_loop()
+
+    def serve() -> None:
+        c, _ = srv.accept()
+        with c:
+            c.sendall(payload)
+
+    orig_made = forward_mod._LocalProtocol.connection_made
+
+    def connection_made(self, transport):
+        # little room in the kernel on our side: the data queues in tunneld
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                                      8 * 1024)
+        orig_made(self, transport)
+
+    monkeypatch.setattr(forward_mod._LocalProtocol, "connection_made", connection_made)
+    queued_at_close = []
+    orig_close = TCPChannel._close
+
+    def close(self):
+        queued_at_close.append(sum(len(d) for d in self.recv_buf))
+        orig_close(self)
+
+    monkeypatch.setattr(TCPChannel, "_close", close)
+    sent: list[tuple[int, int]] = []   # (message type, recipient channel) of what we send
+    orig_send = fastpath.send
+
+    def send(conn, head, data=b""):
+        if len(head) >= 5:
+            sent.append((head[0], int.from_bytes(head[1:5], "big")))
+        orig_send(conn, head, data)
+
+    monkeypatch.setattr(fastpath, "send", send)
+    server = loop.run_in_executor(None, serve)
+    try:
+        async with forward(home, srv.getsockname()) as (fwd, conn):
+            s = socket.create_connection(("127.0.0.1", fwd.spec.bind_port))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+            s.shutdown(socket.SHUT_WR)  # sshd closes the channel once the server is done
+            s.setblocking(False)
+            got = bytearray()
+            while len(got) < len(payload) + 1:
+                data = await asyncio.wait_for(loop.sock_recv(s, 16 * 1024), 10)
+                if not data:
+                    break
+                got += data
+                await asyncio.sleep(0.0005)
+            s.close()
+            await asyncio.wait_for(server, 20)
+            assert bytes(got) == payload
+            assert queued_at_close and queued_at_close[0] > 4 * 32768, queued_at_close
+            closes = [i for i, (t, _) in enumerate(sent) if t == MSG_CHANNEL_CLOSE]
+            assert len(closes) == 1
+            after = [m for m in sent[closes[0] + 1:] if m[1] == sent[closes[0]][1]]
+            assert not after, after
+            assert await _exchange_echo(conn) == b"still fine"
+            await _channels_empty(conn)
+    finally:
+        srv.close()
+
+
+async def _exchange_echo(conn: asyncssh.SSHClientConnection) -> bytes:
+    result = await conn.run("echo still fine", check=True)
+    return result.stdout.strip().encode()
 
 
 async def test_refused_open_closes_the_client_and_says_why(home, free_port):
