@@ -5,19 +5,22 @@ two futures, a session object, a child logger and a handful of weak references, 
 packet passes through its generic buffering and dispatch.  Profiled per forwarded connection
 that was most of tunneld's Python time (design.md §9).  ``TCPChannel`` does only what a TCP
 forward needs, with plain callbacks, on asyncssh's own connection: it takes a channel number
-from asyncssh's table (``add_channel``), so asyncssh routes this channel's messages here, and
-sends through asyncssh's ``send_packet`` — except data packets, which ``fastpath.send_data``
-seals directly, and received data packets, which ``fastpath``'s receive hook hands straight to
-``fast_data`` (both fall back to asyncssh's code whenever they cannot take the shortcut).
+from asyncssh's table (``add_channel``), so asyncssh routes this channel's messages here
+(``process_packet`` and the open confirmation/failure calls), and it sends with
+``fastpath.send``, which seals the message itself on AES-GCM and hands it to asyncssh's
+``send_packet`` otherwise.  On AES-GCM, ``fastpath``'s receive hook also skips asyncssh's
+dispatch: it gives this channel's data to ``fast_data`` and its other messages to
+``fast_packet``.
 
-Protocol behaviour is asyncssh's (RFC 4254 §5): data is sent only within the peer's window and
-packet size, the rest is buffered and the local socket stops being read above the high-water
-mark; received data beyond the window is a protocol error; the window is given back once more than
-three packets' worth is used (OpenSSH's rule: asyncssh waits for half the window, and with
-megabytes sitting in loopback socket buffers the server then stalls for window), but only
-while the local socket is taking data (so a slow local reader closes the window and the server
-stops sending); EOF and CLOSE wait for buffered data, both ways; data
-arriving after our CLOSE is dropped; a channel number is freed once both CLOSEs have passed.
+Protocol behaviour is asyncssh's (RFC 4254 §5): data is sent only within the peer's window
+and packet size, the rest is buffered and the local socket stops being read above the
+high-water mark; received data beyond the window is a protocol error; EOF and CLOSE wait for
+buffered data, both ways; data arriving after our CLOSE is dropped and nothing is sent after
+it; a channel number is freed once both CLOSEs have passed.  One difference: the window is
+given back once more than three packets' worth is used (OpenSSH's rule), where asyncssh waits
+for half of it — with megabytes in loopback socket buffers the server then stalled for window.
+Either way only while the local socket takes data, so a slow local reader closes the window
+and the server stops sending.
 
 The local side is a ``forward._LocalSide``: ``_attach(channel)`` once the server confirmed the
 open, ``_failed(exc)`` if it refused or the connection ended first, and its ``transport``.
@@ -27,7 +30,6 @@ Only used while ``fastpath`` is installed (the asyncssh version it was written f
 from __future__ import annotations
 
 import collections
-import logging
 import struct
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +48,6 @@ if TYPE_CHECKING:
 
     from .forward import _LocalSide
 
-log = logging.getLogger("tunneld")
 
 #: channel send buffer (bytes waiting for window) above which the local socket stops being
 #: read (for asyncssh's channels too)

@@ -358,7 +358,9 @@ class _LocalProtocol(_LocalSide):
         try:
             self._opening = TCPChannel(conn, self, host, port, *self.peername,
                                        window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PKTSIZE)
-        except (OSError, asyncssh.Error) as exc:  # the connection closed under us
+        except asyncssh.ChannelOpenError as exc:  # the connection is closing: not a refusal
+            self._failed(ConnectionResetError(exc.reason))
+        except (OSError, asyncssh.Error) as exc:
             self._failed(exc)
 
     def _attach(self, chan: asyncssh.SSHTCPChannel[bytes] | TCPChannel) -> None:
