@@ -57,6 +57,7 @@ pids=$(ps -e -o pid= -o ppid= -o pgid= 2>/dev/null | awk -v r="$root" '
                            y = pp[y]; n++ }} }} }}')
 [ -n "$pids" ] || pids=$root
 echo "signalled: $pids"
+kill -s TERM -- -$root 2>/dev/null  # the group at once: none of it outlives a signalled part
 kill -s TERM $pids 2>/dev/null
 i=0
 while [ $i -lt {steps} ]; do
