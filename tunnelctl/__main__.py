@@ -203,54 +203,30 @@ def _send_quietly(s: socket.socket, msg: dict[str, Any]) -> None:
 
 def _ask_tty(p: dict[str, Any]) -> list[str]:
     """Ask ``p``'s prompts on /dev/tty (no echo unless the server allows it)."""
-    fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
-    try:
+    import getpass
+    import io
+    # as getpass does: a tty is not seekable, so no open(..., "r+")
+    with io.TextIOWrapper(io.FileIO(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY), "w+")) as tty:
         if p["attempt"] > 1:
-            _tty_write(fd, "Bad passphrase, try again.\n" if p["kind"] == "passphrase" else
-                       "Permission denied, please try again.\n")
+            tty.write("Bad passphrase, try again.\n" if p["kind"] == "passphrase" else
+                      "Permission denied, please try again.\n")
         for text in (p["name"], p["instructions"]):
             if text:
-                _tty_write(fd, text.rstrip("\n") + "\n")
+                tty.write(text.rstrip("\n") + "\n")
+        tty.flush()
         answers: list[str] = []
         for text, echo in p["prompts"]:
             shown = text if p["kind"] == "passphrase" else f"({p['host']}) {text}"
-            answers.append(_tty_line(fd, shown, echo))
-        return answers
-    finally:
-        os.close(fd)
-
-
-def _tty_write(fd: int, text: str) -> None:
-    data = text.encode(errors="replace")
-    while data:
-        data = data[os.write(fd, data):]
-
-
-def _tty_line(fd: int, prompt: str, echo: bool) -> str:
-    """One line typed on the terminal ``fd`` after ``prompt``, echoed or not (as getpass).
-    Waits in short select() slices rather than one blocking read: a ^C that lands just
-    before a read would otherwise be acted on only after the next Enter."""
-    import select
-    import termios
-    old = termios.tcgetattr(fd)
-    if not echo:
-        new = old[:]
-        new[3] &= ~termios.ECHO
-        termios.tcsetattr(fd, termios.TCSAFLUSH, new)
-    try:
-        _tty_write(fd, prompt)
-        line = b""
-        while not line.endswith(b"\n"):
-            if select.select([fd], [], [], 0.2)[0]:
-                chunk = os.read(fd, 1024)
-                if not chunk:
+            if echo:
+                tty.write(shown)
+                tty.flush()
+                line = tty.readline()
+                if not line:
                     raise EOFError
-                line += chunk
-    finally:
-        if not echo:
-            termios.tcsetattr(fd, termios.TCSAFLUSH, old)
-            _tty_write(fd, "\n")
-    return line[:-1].decode(errors="replace")
+                answers.append(line.rstrip("\n"))
+            else:
+                answers.append(getpass.getpass(shown, stream=tty))
+        return answers
 
 
 # -- presentation ------------------------------------------------------------------------------

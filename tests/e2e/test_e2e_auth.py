@@ -48,6 +48,9 @@ class Pty:
         pid, fd = pty.fork()
         if pid == 0:  # the child: exec at once, never return into pytest
             try:
+                # as from an interactive shell: ^C interrupts (a test run started in the
+                # background of a non-interactive shell inherits SIGINT ignored)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
                 os.execve(sys.executable, [sys.executable, "-m", "tunnelctl", *args], env)
             finally:
                 os._exit(127)
