@@ -22,8 +22,9 @@ for half of it — with megabytes in loopback socket buffers the server then sta
 Either way only while the local socket takes data, so a slow local reader closes the window
 and the server stops sending.
 
-The local side is a ``forward._LocalSide``: ``_attach(channel)`` once the server confirmed the
-open, ``_failed(exc)`` if it refused or the connection ended first, and its ``transport``.
+The local side is a ``forward._LocalProtocol`` (a local or SOCKS forward's client):
+``_attach(channel)`` once the server confirmed the open, ``_failed(exc)`` if it refused or the
+connection ended first, and its ``transport``.
 Only used while ``fastpath`` is installed (the asyncssh version it was written for).
 """
 
@@ -46,12 +47,14 @@ from . import fastpath
 if TYPE_CHECKING:
     from asyncssh.connection import SSHClientConnection
 
-    from .forward import _LocalSide
+    from .forward import _LocalProtocol
 
 
 #: channel send buffer (bytes waiting for window) above which the local socket stops being
 #: read (for asyncssh's channels too)
 CHANNEL_HIGH_WATER = 256 * 1024
+#: ... and at or below which it is read again
+_LOW_WATER = CHANNEL_HIGH_WATER // 4
 
 _OPEN = bytes((MSG_CHANNEL_OPEN,)) + String(b"direct-tcpip")
 _CHAN_HEAD = struct.Struct(">BI")       # message type, recipient channel
@@ -66,10 +69,9 @@ class TCPChannel:
 
     __slots__ = ("conn", "local", "recv_chan", "send_chan", "send_state", "recv_state",
                  "send_window", "send_pktsize", "send_buf", "send_buf_len", "send_paused",
-                 "high", "low", "init_window", "adjust_at", "recv_window", "recv_paused",
-                 "recv_buf")
+                 "init_window", "adjust_at", "recv_window", "recv_paused", "recv_buf")
 
-    def __init__(self, conn: "SSHClientConnection", local: "_LocalSide", host: str, port: int,
+    def __init__(self, conn: "SSHClientConnection", local: "_LocalProtocol", host: str, port: int,
                  orig_host: str, orig_port: int, window: int, max_pktsize: int):
         self.conn: "SSHClientConnection | None" = conn
         self.local = local
@@ -88,8 +90,6 @@ class TCPChannel:
         self.send_buf: collections.deque[Any] = collections.deque()
         self.send_buf_len = 0
         self.send_paused = False
-        self.high = CHANNEL_HIGH_WATER
-        self.low = CHANNEL_HIGH_WATER // 4
         self.init_window = self.recv_window = window
         #: window given back once this much is consumed (OpenSSH: three packets or half)
         self.adjust_at = min(window // 2, 3 * max_pktsize)
@@ -183,11 +183,11 @@ class TCPChannel:
     def _pause_resume(self) -> None:
         transport = self.local.transport
         if self.send_paused:
-            if self.send_buf_len <= self.low:
+            if self.send_buf_len <= _LOW_WATER:
                 self.send_paused = False
                 if transport is not None and not transport.is_closing():
                     transport.resume_reading()
-        elif self.send_buf_len > self.high:
+        elif self.send_buf_len > CHANNEL_HIGH_WATER:
             self.send_paused = True
             if transport is not None:
                 transport.pause_reading()

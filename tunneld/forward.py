@@ -260,9 +260,6 @@ class _LocalSide(asyncio.Protocol):
     def _granted(self) -> None:
         """The channel is open and ``channel`` set; ``pending`` is sent next."""
 
-    def _failed(self, exc: Exception) -> None:
-        """The channel could not be opened."""
-
     def _attach(self, chan: asyncssh.SSHTCPChannel[bytes] | TCPChannel) -> None:
         """The channel is open: send what arrived so far, then stream."""
         if type(chan) is not TCPChannel:  # (whose mark is CHANNEL_HIGH_WATER already)

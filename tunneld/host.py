@@ -461,13 +461,11 @@ class HostSupervisor:
     async def connection_for_client(self) -> asyncssh.SSHClientConnection:
         """The live connection for a new client.  While the host is down the client is held
         (at most ``hold_timeout`` s) and cuts the backoff wait short.  Raises ConnectError."""
-        conn = self.live_connection()
-        if conn is not None:
-            return conn
         deadline = time.monotonic() + self.settings.hold_timeout
         while True:
-            if self.state is HostState.CONNECTED and self.conn is not None:
-                return self.conn
+            conn = self.live_connection()
+            if conn is not None:
+                return conn
             if self.state in (HostState.NEEDS_AUTH, HostState.FAILED) or (
                     self.state is HostState.STOPPED and (self._task is None or self._stopping)):
                 raise ConnectError(f"{self.name} is {self.state}: {self.last_error or ''}"
