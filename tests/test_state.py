@@ -88,3 +88,71 @@ def test_backoff_survives_many_attempts():
 def test_slept_for(walls, monos, expected):
     from tunneld.state import slept_for
     assert slept_for(walls[0], monos[0], walls[1], monos[1]) == expected
+
+
+# -- the retry schedule while clients are held, and runs of repeats ---------------------------
+
+def test_next_attempt_is_the_schedule_unless_someone_waits():
+    from tunneld.state import Backoff
+    b = Backoff(held_interval=1.0)
+    # nobody waits: the scheduled time
+    assert b.next_attempt_at(due=100.0, last_end=50.0, held=False) == 100.0
+    # a held client: one second after the last attempt ended (at once if that is past) ...
+    assert b.next_attempt_at(due=100.0, last_end=50.0, held=True) == 51.0
+    assert b.next_attempt_at(due=100.0, last_end=99.5, held=True) == 100.0
+    # ... and never later than the schedule; asked for (reconnect, a wake): now
+    assert b.next_attempt_at(due=100.0, last_end=50.0, held=False, asked=True) < 0
+
+
+def test_held_attempts_cannot_escalate_the_schedule():
+    """Simulate 20 s of outage with a client held throughout: attempts come once a second,
+    and the schedule (what the next unheld wait would be) moves only on its own attempts."""
+    from tunneld.state import Backoff
+    b = Backoff(jitter=0.0)
+    rng = random.Random(0)
+    now, due, last_end, made = 0.0, 0.0 + b.next_delay(rng), 0.0, 0
+    while now < 20.0:
+        start = max(now, b.next_attempt_at(due, last_end, held=True))
+        now = last_end = start + 0.01   # a refused connection: fails at once
+        made += 1
+        if now >= due:
+            due = now + b.next_delay(rng)
+    assert 19 <= made <= 21
+    assert b.attempts <= 6           # 0.5 + 1 + 2 + 4 + 8 < 20 < ... + 16
+
+
+def test_repeats_collapse_a_run_and_summarise_it():
+    from tunneld.state import Repeats
+    r = Repeats(every=300.0)
+    assert r.note("refused", 0.0) == (True, None)
+    for t in range(1, 13):
+        assert r.note("refused", float(t)) == (False, None)
+    show, summary = r.note("timed out", 13.0)
+    assert show and summary is not None and summary.count == 12 and summary.key == "refused"
+    assert summary.text() == "12 more attempts failed the same way in 13s (refused)"
+    assert r.end(14.0) is None            # no repeats of "timed out": nothing to say
+    assert r.note("refused", 15.0) == (True, None)   # a new run logs its first line again
+
+
+def test_a_long_run_is_summarised_on_the_way():
+    from tunneld.state import Repeats
+    r = Repeats(every=60.0)
+    r.note("down", 0.0)
+    for t in range(1, 60):
+        assert r.note("down", float(t)) == (False, None)
+    show, summary = r.note("down", 61.0)
+    assert not show and summary is not None and summary.count == 60
+    assert r.note("down", 62.0) == (False, None)
+    end = r.end(70.0)
+    assert end is not None and end.count == 1
+
+
+def test_every_host_state_reads_as_a_sentence():
+    """No "hpc is failed" / "hpc is still backoff": every state has its own phrase."""
+    from tunneld.state import state_phrase
+    phrases = {s: state_phrase(s) for s in HostState}
+    assert len(set(phrases.values())) == len(HostState)
+    assert phrases[H.NEEDS_AUTH] == "needs a login (needs-auth)"
+    for s in (H.BACKOFF, H.FAILED, H.NEEDS_AUTH):
+        assert not phrases[s].startswith(f"is {s.value}"), phrases[s]
+        assert phrases[s].endswith(f"({s.value})"), phrases[s]   # the name `list` shows

@@ -32,7 +32,7 @@ from .errors import (AuthError, ConfigError, ConnectError, HostKeyError, LoginAb
 from .events import EventHub
 from .forward import LocalForward
 from .spec import ForwardSpec
-from .state import Backoff, HostState, check_host
+from .state import Backoff, HostState, Repeats, check_host, state_phrase
 
 log = logging.getLogger("tunneld")
 
@@ -222,6 +222,9 @@ class HostSupervisor:
         self.since = time.time()
         #: why the host is not connected (None while connected and after a clean start)
         self.last_error: str | None = None
+        #: why the host is down, without the retry delay ``last_error`` adds (None while
+        #: connected)
+        self.failure: str | None = None
         self.backoff = Backoff()
         #: the live connection; non-None iff state is CONNECTED
         self.conn: asyncssh.SSHClientConnection | None = None
@@ -230,10 +233,22 @@ class HostSupervisor:
         self.forwards: dict[ForwardSpec, LocalForward] = {}
         #: set and replaced on every transition; waiters wake on any change
         self._changed = asyncio.Event()
-        #: set to end a backoff wait early (a held client, or `reconnect`)
-        self._kick = asyncio.Event()
+        #: set to make the backoff wait look again (a client was held, or an attempt was
+        #: asked for); cleared by that wait
+        self._poke = asyncio.Event()
+        #: True iff an attempt was asked for now (`reconnect`, a wake): the next one starts at
+        #: once, without advancing the schedule
+        self._asked = False
         #: set by `reconnect` to retry from needs-auth / failed too
         self._retry = asyncio.Event()
+        #: clients waiting in connection_for_client() right now
+        self._held = 0
+        #: monotonic time the last connection attempt ended (success or failure)
+        self._last_end = 0.0
+        #: monotonic time of the next scheduled attempt while in backoff
+        self._due = 0.0
+        #: the run of identical failed attempts, logged once with a count (``state.Repeats``)
+        self._repeats = Repeats()
         #: (interval, count_max) of keepalives on the live connection
         self._keepalive: tuple[float, int] = (settings.keepalive_interval,
                                               settings.keepalive_count_max)
@@ -253,7 +268,10 @@ class HostSupervisor:
 
     # -- state -------------------------------------------------------------------------------
 
-    def _set(self, new: HostState, why: str | None = None) -> None:
+    def _set(self, new: HostState, why: str | None = None, key: str | None = None) -> None:
+        """Make the transition to ``new``; ``why`` says why (shown and logged).  ``key``: a
+        failed attempt's error without the retry delay; a run of attempts failing with the
+        same ``key`` is logged once, then as a count (``state.Repeats``)."""
         if self._stopping and new is not HostState.STOPPED:
             return  # after stop() the only transition left is to STOPPED
         old = self.state
@@ -263,10 +281,7 @@ class HostSupervisor:
             self.last_error = None
         elif why:
             self.last_error = why
-        suffix = f" ({why})" if why else ""
-        level = logging.INFO if new in (HostState.CONNECTING, HostState.CONNECTED,
-                                        HostState.STOPPED) else logging.WARNING
-        log.log(level, "%s: %s -> %s%s", self.name, old, new, suffix)
+        self._log_transition(old, new, why, key)
         before = [(fwd, fwd.state) for fwd in self.forwards.values()]
         for fwd in self.forwards.values():
             fwd.follow_host()
@@ -282,6 +297,28 @@ class HostSupervisor:
         changed.set()
         if self.on_change:
             self.on_change(self)
+
+    def _log_transition(self, old: HostState, new: HostState, why: str | None,
+                        key: str | None) -> None:
+        """One line per transition, except inside a run of identical failed attempts: its
+        retries (backoff -> connecting) and repeated failures are counted, and the count is
+        logged when the run ends or every ``Repeats.every`` seconds."""
+        now = time.monotonic()
+        if new is HostState.CONNECTING and old is HostState.BACKOFF and \
+                self._repeats.key is not None:
+            return  # a retry inside a run of failures: its outcome tells
+        if new is HostState.BACKOFF and old is HostState.CONNECTING and key is not None:
+            show, summary = self._repeats.note(key, now)
+        else:
+            show, summary = True, self._repeats.end(now)
+        if summary is not None:
+            log.warning("%s: %s", self.name, summary.text("attempts"))
+        if not show:
+            return
+        suffix = f" ({why})" if why else ""
+        level = logging.INFO if new in (HostState.CONNECTING, HostState.CONNECTED,
+                                        HostState.STOPPED) else logging.WARNING
+        log.log(level, "%s: %s -> %s%s", self.name, old, new, suffix)
 
     async def wait_change(self, timeout: float | None = None) -> None:
         try:
@@ -306,8 +343,9 @@ class HostSupervisor:
             # cancellation can be swallowed by wait_for races in Python 3.11; the loop also
             # checks _stopping, and we never wait for it unboundedly
             self._retry.set()
-            self._kick.set()
+            self._poke.set()
             await asyncio.wait({task}, timeout=5)
+        self.cut_clients()
         await self._close_conn()
         for fwd in list(self.forwards.values()):
             await fwd.close()
@@ -317,9 +355,23 @@ class HostSupervisor:
     def reconnect(self) -> None:
         """Drop the connection (if any) and try again now, whatever the state."""
         self._retry.set()
-        self._kick.set()
+        self._ask_now()
         if self.conn is not None:
+            self.cut_clients()
             self.conn.close()
+
+    def _ask_now(self) -> None:
+        """An attempt now (early: the schedule does not advance)."""
+        self._asked = True
+        self._poke.set()
+
+    def cut_clients(self) -> None:
+        """Reset every client whose channel rides the live connection, before tunneld closes
+        it on purpose: a cut transfer must look cut (RST), not complete (FIN)."""
+        for fwd in self.forwards.values():
+            for side in list(fwd.conns):
+                if side.channel is not None:
+                    side.abort()
 
     def check_liveness(self) -> None:
         """Find out soon whether the link survived (after a sleep or a network change):
@@ -330,7 +382,7 @@ class HostSupervisor:
             loop = asyncio.get_running_loop()
             loop.call_later(LIVENESS_WINDOW, self._restore_keepalive, conn)
         elif self.state is HostState.BACKOFF:
-            self._kick.set()
+            self._ask_now()
 
     def _restore_keepalive(self, conn: asyncssh.SSHClientConnection) -> None:
         if conn is self.conn and not conn.is_closed():
@@ -359,7 +411,12 @@ class HostSupervisor:
                 self.reconnect()
             elif self.state in (HostState.CONNECTED, HostState.NEEDS_AUTH, HostState.FAILED):
                 return
-            await self.wait_attempt(timeout)
+            self._held += 1   # someone waits for it: an early attempt, as for a held client
+            self._poke.set()
+            try:
+                await self.wait_attempt(timeout)
+            finally:
+                self._held -= 1
 
     # -- login prompts -----------------------------------------------------------------------
 
@@ -399,12 +456,12 @@ class HostSupervisor:
     async def _run(self) -> None:
         while not self._stopping:
             self._set(HostState.CONNECTING)
-            self._kick.clear()
+            self._asked = False
             self._retry.clear()
             try:
                 client = await self._connect()
             except (AuthError, HostKeyError, ConfigError) as exc:
-                self.attempts += 1
+                self._attempted()
                 self._set(HostState.FAILED if not isinstance(exc, AuthError)
                           else HostState.NEEDS_AUTH, str(exc))
                 if isinstance(exc, LoginNeeded):
@@ -412,34 +469,55 @@ class HostSupervisor:
                 await self._retry.wait()
                 continue
             except ConnectError as exc:
-                self.attempts += 1
-                delay = self.backoff.next_delay()
-                self._set(HostState.BACKOFF, f"{exc}; retrying in {delay:.1f}s")
-                await self._sleep(delay)
+                self.failure = str(exc)
+                now = self._attempted()
+                if now >= self._due:   # a scheduled attempt: the schedule moves on
+                    self._due = now + self.backoff.next_delay()
+                self._set(HostState.BACKOFF, f"{exc}; retrying in {self._due - now:.1f}s",
+                          key=str(exc))
+                await self._wait_retry()
                 continue
-            self.attempts += 1
-            up = time.monotonic()
+            up = self._attempted()
+            self.failure = None
             self._set(HostState.CONNECTED)
             exc = await client.lost
             await self._close_conn()
             if self._stopping:
                 return
-            if time.monotonic() - up >= self.backoff.stable_after:
+            now = time.monotonic()
+            if now - up >= self.backoff.stable_after:
                 self.backoff.reset()
             if self._retry.is_set():
                 why = "reconnect requested"
-                delay = 0.0
+                self._due = now
             else:
                 why = f"connection lost: {_describe(exc)}" if exc else "connection closed"
-                delay = self.backoff.next_delay()
-            self._set(HostState.BACKOFF, f"{why}; retrying in {delay:.1f}s")
-            await self._sleep(delay)
+                self._due = now + self.backoff.next_delay()
+            self.failure = why
+            self._set(HostState.BACKOFF, f"{why}; retrying in {self._due - now:.1f}s")
+            await self._wait_retry()
 
-    async def _sleep(self, delay: float) -> None:
-        try:
-            await asyncio.wait_for(self._kick.wait(), delay)
-        except asyncio.TimeoutError:
-            pass
+    def _attempted(self) -> float:
+        """Count a finished attempt; returns the time it ended."""
+        self.attempts += 1
+        self._last_end = now = time.monotonic()
+        return now
+
+    async def _wait_retry(self) -> None:
+        """Wait in backoff until the next attempt is due: the scheduled one at ``_due``, an
+        early one ``held_interval`` after the last while a client is held (one attempt for
+        all of them), or at once when one was asked for."""
+        while not self._stopping:
+            self._poke.clear()
+            start = self.backoff.next_attempt_at(self._due, self._last_end, self._held > 0,
+                                                 self._asked)
+            left = start - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._poke.wait(), left)
+            except asyncio.TimeoutError:
+                pass
 
     async def _close_conn(self) -> None:
         conns = ([self.conn] if self.conn else []) + self._hops[::-1]
@@ -454,29 +532,43 @@ class HostSupervisor:
 
     # -- clients -----------------------------------------------------------------------------
 
+    def why(self) -> str:
+        """``last_error`` without the host's name in front (to follow "NAME …: ")."""
+        text = self.last_error or ""
+        return text[len(self.name) + 2:] if text.startswith(f"{self.name}: ") else text
+
     def live_connection(self) -> asyncssh.SSHClientConnection | None:
         """The connection, if the host is connected now."""
         return self.conn if self.state is HostState.CONNECTED else None
 
     async def connection_for_client(self) -> asyncssh.SSHClientConnection:
         """The live connection for a new client.  While the host is down the client is held
-        (at most ``hold_timeout`` s) and cuts the backoff wait short.  Raises ConnectError."""
+        (at most ``hold_timeout`` s); while any client is held the host is tried again every
+        ``Backoff.held_interval`` s (one attempt for all of them).  Raises ConnectError."""
+        conn = self.live_connection()
+        if conn is not None:
+            return conn
         deadline = time.monotonic() + self.settings.hold_timeout
-        while True:
-            conn = self.live_connection()
-            if conn is not None:
-                return conn
-            if self.state in (HostState.NEEDS_AUTH, HostState.FAILED) or (
-                    self.state is HostState.STOPPED and (self._task is None or self._stopping)):
-                raise ConnectError(f"{self.name} is {self.state}: {self.last_error or ''}"
-                                   .rstrip(": "))
-            self._kick.set()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ConnectError(f"{self.name} is still {self.state} after holding the "
-                                   f"client {self.settings.hold_timeout:g}s"
-                                   + (f" ({self.last_error})" if self.last_error else ""))
-            await self.wait_change(left)
+        self._held += 1
+        self._poke.set()
+        try:
+            while True:
+                conn = self.live_connection()
+                if conn is not None:
+                    return conn
+                if self.state in (HostState.NEEDS_AUTH, HostState.FAILED) or (
+                        self.state is HostState.STOPPED and
+                        (self._task is None or self._stopping)):
+                    why = f": {self.why()}" if self.last_error else ""
+                    raise ConnectError(f"{self.name} {state_phrase(self.state)}{why}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    why = f" ({self.failure})" if self.failure else ""
+                    raise ConnectError(f"{self.name} was still not connected after holding "
+                                       f"the client {self.settings.hold_timeout:g}s{why}")
+                await self.wait_change(left)
+        finally:
+            self._held -= 1
 
     # -- connecting --------------------------------------------------------------------------
 
@@ -659,6 +751,7 @@ class HostSupervisor:
             "name": self.name, "state": self.state.value,
             "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since)),
             "last_error": self.last_error,
+            "attempts": self.attempts,
             "cipher": self.conn.get_extra_info("send_cipher") if self.conn else None,
             "forwards": [f.snapshot() for f in sorted(self.forwards.values(),
                                                       key=lambda f: f.spec)],

@@ -86,10 +86,14 @@ RETRYING = frozenset({H.CONNECTING, H.BACKOFF})
 
 @dataclass
 class Backoff:
-    """Exponential backoff with jitter between named bounds.
+    """Exponential backoff with jitter between named bounds: the *schedule* of retries.
 
-    ``next_delay()`` gives the wait before the next attempt and counts it; ``reset()`` is
-    called once a connection has been stable for ``stable_after`` seconds.
+    ``next_delay()`` gives the wait before the next scheduled attempt and counts it;
+    ``reset()`` goes back to the bottom (a connection that stayed up ``stable_after`` s).
+    An attempt made early (a held client, a wake, `tunnelctl reconnect`) does not count:
+    only the schedule's own attempts move it up, so clients cannot escalate it.  While a
+    client is held, attempts come at most every ``held_interval`` s (``next_held``), so a
+    server that comes back is noticed within about that long while someone waits.
     """
 
     #: first wait, seconds
@@ -100,7 +104,9 @@ class Backoff:
     #: each delay is scaled by a random factor in [1 - jitter, 1 + jitter]
     jitter: float = 0.2
     #: a connection up this long resets the delay to ``initial``
-    stable_after: float = 30.0
+    stable_after: float = 10.0
+    #: while a client is held: at most one (early) attempt this often, seconds
+    held_interval: float = 1.0
     attempts: int = 0
 
     def next_delay(self, rng: random.Random | None = None) -> float:
@@ -111,6 +117,89 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempts = 0
+
+    def next_attempt_at(self, due: float, last_end: float, held: bool,
+                        asked: bool = False) -> float:
+        """When the next attempt starts (monotonic seconds): the scheduled time ``due``;
+        earlier while a client is held (``held_interval`` after the last attempt ended at
+        ``last_end``), or at once when it was asked for (``asked``: reconnect, a wake)."""
+        if asked:
+            return -float("inf")
+        if held:
+            return min(due, last_end + self.held_interval)
+        return due
+
+
+class Repeats:
+    """Collapses a run of identical messages (the same failure, again and again) into its
+    first line and a count, so that an outage writes a line per *change*, not per attempt.
+
+    ``note(key, now)`` says whether to log this message, and returns the summary of the run
+    it ends (or None).  ``end(now)`` closes the current run (a success, a quiet period).  A
+    run longer than ``every`` seconds is summarised on the way too, so the log still shows
+    that it goes on.
+    """
+
+    def __init__(self, every: float = 300.0) -> None:
+        self.every = every
+        #: the message of the current run, and when it (or its last summary) was logged
+        self.key: str | None = None
+        self.since = 0.0
+        #: repeats of ``key`` not logged yet
+        self.count = 0
+
+    def note(self, key: str, now: float) -> tuple[bool, "Summary | None"]:
+        if key == self.key:
+            self.count += 1
+            if now - self.since >= self.every:
+                return False, self._summary(now, keep=True)
+            return False, None
+        summary = self.end(now)
+        self.key, self.since, self.count = key, now, 0
+        return True, summary
+
+    def end(self, now: float) -> "Summary | None":
+        """The summary of the run so far, if it had repeats; the run is over."""
+        summary = self._summary(now) if self.key is not None else None
+        self.key, self.count = None, 0
+        return summary
+
+    def _summary(self, now: float, keep: bool = False) -> "Summary | None":
+        if not self.count or self.key is None:
+            return None
+        s = Summary(self.key, self.count, now - self.since)
+        if keep:
+            self.since, self.count = now, 0
+        return s
+
+
+@dataclass(frozen=True)
+class Summary:
+    """``count`` more messages like ``key`` came in ``seconds``."""
+
+    key: str
+    count: int
+    seconds: float
+
+    def text(self, what: str = "attempts") -> str:
+        return (f"{self.count} more {what} failed the same way in {self.seconds:.0f}s "
+                f"({self.key})")
+
+
+#: how each host state reads in a sentence: "barhal is connecting", "barhal needs a login"
+_STATE_PHRASES = {
+    H.CONNECTING: "is connecting",
+    H.CONNECTED: "is connected",
+    H.BACKOFF: "is not connected and waits to retry (backoff)",
+    H.NEEDS_AUTH: "needs a login (needs-auth)",
+    H.FAILED: "has failed and is not retried on its own (failed)",
+    H.STOPPED: "is stopped",
+}
+
+
+def state_phrase(state: HostState) -> str:
+    """``state`` as the end of a sentence about the host."""
+    return _STATE_PHRASES[state]
 
 
 #: a security/robustness limit: wall-clock time gained on the monotonic clock between two

@@ -103,13 +103,14 @@ def test_client_during_outage_is_held_then_served(fast_daemon, fault_proxy, echo
     fault_proxy.close_listener()
     fault_proxy.reset()
     # let the backoff grow so that only the held client can explain a prompt reconnect
-    d.wait_for(lambda: len([t for t in transitions(d) if t == ("connecting", "backoff")]) >= 3,
-               timeout=30, what="several failed attempts")
+    before = d.host("flaky")["attempts"]
+    d.wait_for(lambda: d.host("flaky")["attempts"] >= before + 3, timeout=30,
+               what="several failed attempts")
     result: list[bytes] = []
     t = threading.Thread(target=lambda: result.append(roundtrip(port, b"held", timeout=30)))
     t.start()
-    time.sleep(0.5)  # the client is now held by the daemon (its listener stayed bound)
-    assert d.forward(port, "flaky")["active"] == 1
+    # the client is held by the daemon (its listener stayed bound)
+    d.wait_for(lambda: d.forward(port, "flaky")["active"] == 1, what="the client to be held")
     fault_proxy.open_listener()
     t.join(30)
     assert result == [b"held"]
