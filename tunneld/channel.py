@@ -303,14 +303,17 @@ class TCPChannel:
             self.local._failed(ChannelOpenError(code, reason, lang))
 
     def process_connection_close(self, exc: Exception | None) -> None:
+        """The SSH connection ended under the channel (asyncssh passes None when it was
+        closed on purpose): the local socket is reset, whatever the cause."""
         opening = self.send_state == "opening"
         self.send_state = "closed"
         self.send_buf.clear()
         self.send_buf_len = 0
+        exc = exc or ConnectionResetError("the SSH connection closed")
         if opening:
             self.recv_state = "closed"
             self._release()
-            self.local._failed(exc or ConnectionResetError("the SSH connection closed"))
+            self.local._failed(exc)
         else:
             self._cleanup(exc)
 

@@ -24,16 +24,17 @@ import errno
 import logging
 import os
 import socket
+import struct
 import time
 from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
-from . import fastpath
+from . import fastpath, openfail
 from .channel import CHANNEL_HIGH_WATER, TCPChannel
 from .errors import BindError, TunneldError
 from .spec import ForwardSpec, join_host_port
-from .state import ForwardState, check_forward, forward_state_for
+from .state import ForwardState, HostState, Repeats, check_forward, forward_state_for
 
 if TYPE_CHECKING:
     from .host import HostSupervisor
@@ -44,29 +45,66 @@ log = logging.getLogger("tunneld")
 LISTEN_BACKLOG = 4096
 #: bytes read from a local client before its channel is open; past this, reading pauses
 PRE_OPEN_BUFFER = 256 * 1024
+#: seconds without another identical failure after which a run of them is summarised
+REPEAT_QUIET = 5.0
 #: SSH channel window and packet size offered for each channel
 CHANNEL_WINDOW = 2 * 1024 * 1024
 CHANNEL_MAX_PKTSIZE = 32768
 
 
 class ForwardReport:
-    """Counters and the report every kind of forward gives: the subclass sets ``spec``,
-    ``host``, ``origin``, ``state``, ``conns``, ``total``, ``bytes_in``, ``bytes_out`` and
-    ``last_error``."""
+    """Counters, the last error and the report every kind of forward gives."""
 
-    spec: ForwardSpec
-    host: "HostSupervisor"
-    origin: str
-    state: ForwardState
-    conns: set[Any]
-    total: int
-    bytes_in: int
-    bytes_out: int
-    last_error: str | None
+    def __init__(self, spec: ForwardSpec, host: "HostSupervisor", origin: str) -> None:
+        self.spec = spec
+        self.host = host
+        #: "config" (declared in config.toml), "added" (tunnelctl add, persisted) or "auto"
+        self.origin = origin
+        #: CLOSED until bind() succeeds (then see the subclass)
+        self.state = ForwardState.CLOSED
+        #: open forwarded connections (a local side each; its channel may still be opening)
+        self.conns: set[Any] = set()
+        self.total = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        #: what went wrong, about the forward's current state: an error caused by its host
+        #: being down is cleared when the host connects, any error when a channel opens
+        self.last_error: str | None = None
+        #: True iff ``last_error`` was caused by the host's connection (not by the target)
+        self._host_error = False
+        #: runs of identical failures (2,000 held clients timing out) are logged once, then
+        #: as a count after ``REPEAT_QUIET`` s without one
+        self._repeats = Repeats()
+        self._repeat_timer: asyncio.TimerHandle | None = None
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, key: str | None = None, host_error: bool = False) -> None:
+        """Record and log ``message``.  ``key``: the message without what differs from one
+        client to the next (its address); ``host_error``: caused by the host being down."""
         self.last_error = message
-        log.warning("%s: %s", self.host.name, message)
+        self._host_error = host_error
+        show, summary = self._repeats.note(key or message, time.monotonic())
+        if summary is not None:
+            log.warning("%s: %s", self.host.name, summary.text("clients"))
+        if show:
+            log.warning("%s: %s", self.host.name, message)
+        elif self._repeat_timer is None:
+            self._repeat_timer = asyncio.get_running_loop().call_later(
+                REPEAT_QUIET, self._end_repeats)
+
+    def _end_repeats(self) -> None:
+        self._repeat_timer = None
+        summary = self._repeats.end(time.monotonic())
+        if summary is not None:
+            log.warning("%s: %s", self.host.name, summary.text("clients"))
+
+    def served(self) -> None:
+        """A client got its channel: an older error is history (events and the log)."""
+        self.last_error = None
+
+    def host_changed(self) -> None:
+        """The host is connected again: an error caused by its being down is history."""
+        if self._host_error and self.host.state is HostState.CONNECTED:
+            self.last_error = None
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -94,18 +132,9 @@ class LocalForward(ForwardReport):
     """A bound listener for one spec, and the counters of the clients it served."""
 
     def __init__(self, spec: ForwardSpec, host: "HostSupervisor", origin: str = "added"):
-        self.spec = spec
-        self.host = host
-        #: "config" (declared in config.toml) or "added" (tunnelctl add, persisted)
-        self.origin = origin
-        #: CLOSED until bind() succeeds; then follows the host (LISTENING iff host connected)
-        self.state = ForwardState.CLOSED
-        #: open client connections (each has a channel or is waiting for one)
-        self.conns: set[_LocalProtocol] = set()
-        self.total = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.last_error: str | None = None
+        # state: CLOSED until bind() succeeds; then follows the host (LISTENING iff the host
+        # is connected)
+        super().__init__(spec, host, origin)
         #: the asyncio server; None iff the listener is not bound
         self._server: asyncio.base_events.Server | None = None
 
@@ -135,6 +164,7 @@ class LocalForward(ForwardReport):
         """Set this forward's state from its host's (called on every host transition)."""
         if self.state is ForwardState.CLOSED:
             return
+        self.host_changed()
         new = forward_state_for(self.host.state)
         if new is not self.state:
             self.state = check_forward(self.state, new)
@@ -215,8 +245,9 @@ class _LocalSide(asyncio.Protocol):
     # ---------------------------------------------------------------------------------------
 
     def abort(self) -> None:
+        """Close the local socket with a reset: the connection was cut, not ended."""
         if self.transport is not None:
-            self.transport.abort()
+            reset(self.transport)
 
     # from the channel ------------------------------------------------------------------------
 
@@ -243,6 +274,7 @@ class _LocalSide(asyncio.Protocol):
         self.flush()
         transport = self.transport
         if transport is not None and transport.can_write_eof() and not transport.is_closing():
+            set_linger(transport, LINGER_OFF)   # an orderly end: a FIN after every byte
             transport.write_eof()
 
     def ended(self, exc: Exception | None) -> None:
@@ -253,8 +285,9 @@ class _LocalSide(asyncio.Protocol):
             return
         self.flush()
         if exc is not None:
-            transport.abort()
+            reset(transport)
         else:
+            set_linger(transport, LINGER_OFF)
             transport.close()
 
     def _granted(self) -> None:
@@ -265,6 +298,7 @@ class _LocalSide(asyncio.Protocol):
         if type(chan) is not TCPChannel:  # (whose mark is CHANNEL_HIGH_WATER already)
             chan.set_write_buffer_limits(CHANNEL_HIGH_WATER)
         self.channel = chan
+        self.fwd.served()
         self._granted()
         if self.pending:
             data = b"".join(self.pending)
@@ -299,6 +333,7 @@ class _LocalProtocol(_LocalSide):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  (uvloop's is not a subclass)
+        set_linger(transport, LINGER_RESET)   # see reset()
         peer = transport.get_extra_info("peername")
         if peer:
             self.peername = peer[:2]
@@ -368,15 +403,15 @@ class _LocalProtocol(_LocalSide):
         self._opening = None
         fwd, spec = self.fwd, self.fwd.spec
         if isinstance(exc, asyncssh.ChannelOpenError):
-            target = join_host_port(*self._target())
-            fwd.fail(f"{spec.listen} -> {target}: the server could not open the "
-                     f"connection ({exc.reason or 'refused'}); is anything listening on "
-                     f"{target} on the server? The forward stays open.")
-        elif isinstance(exc, TunneldError):
-            fwd.fail(f"{spec.listen}: closed client {self.peer}: {exc}")
+            host, port = self._target()
+            fwd.fail(f"{spec.listen} -> {join_host_port(host, port)}: "
+                     f"{openfail.describe(host, port, exc.code, exc.reason)} The forward "
+                     "stays open.")
         else:
-            fwd.fail(f"{spec.listen}: closed client {self.peer}: the connection to the server "
-                     f"failed ({exc})")
+            why = str(exc) if isinstance(exc, TunneldError) else \
+                f"the connection to the server failed ({exc})"
+            fwd.fail(f"{spec.listen}: closed client {self.peer}: {why}",
+                     key=f"{spec.listen}: closed a client: {why}", host_error=True)
         self._refuse(exc)
 
     async def _open(self) -> None:
@@ -426,6 +461,35 @@ class _ChannelSession(asyncssh.SSHTCPSession[bytes]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.local.ended(exc)
+
+
+def reset(transport: asyncio.BaseTransport) -> None:
+    """Close ``transport``'s socket with a reset (RST), not a FIN: its peer must see the
+    connection cut (a transfer cut short must not look complete).  ``abort()`` alone sends a
+    FIN under uvloop.
+
+    The local socket of every forwarded connection is *armed* this way when it is made
+    (``LINGER_RESET``), so that any close but an orderly one is a reset — a daemon killed
+    with SIGKILL included, whose sockets the kernel closes; an orderly end (the other side's
+    EOF or close) disarms it first (``LINGER_OFF``: a FIN after every byte)."""
+    if transport.is_closing():
+        return   # closed already (its socket may be gone: uvloop's then has fd -1)
+    set_linger(transport, LINGER_RESET)
+    transport.abort()
+
+
+#: SO_LINGER values: on with 0 s (close sends RST, unsent data dropped), and off (the default)
+LINGER_RESET = struct.pack("ii", 1, 0)
+LINGER_OFF = struct.pack("ii", 0, 0)
+
+
+def set_linger(transport: asyncio.BaseTransport, value: bytes) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, value)
+        except (OSError, ValueError):
+            pass
 
 
 # -- bind errors -------------------------------------------------------------------------------

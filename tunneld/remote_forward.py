@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING
 import asyncssh
 
 from .errors import BindError
-from .forward import (CHANNEL_MAX_PKTSIZE, CHANNEL_WINDOW, ForwardReport, _ChannelSession,
-                      _LocalSide)
+from .forward import (CHANNEL_MAX_PKTSIZE, CHANNEL_WINDOW, LINGER_RESET, ForwardReport,
+                      _ChannelSession, _LocalSide, set_linger)
 from .spec import ForwardSpec, join_host_port
 from .state import ForwardState, HostState, check_forward
 
@@ -58,18 +58,9 @@ class RemoteForward(ForwardReport):
 
     def __init__(self, spec: ForwardSpec, host: "HostSupervisor", origin: str = "added"):
         assert spec.kind == "remote"
-        self.spec = spec
-        self.host = host
-        #: "config", "added" (persisted) or "auto"
-        self.origin = origin
-        #: CLOSED until bind(); then LISTENING iff the server holds our listener, else WAITING
-        self.state = ForwardState.CLOSED
-        #: open forwarded connections (each has a local socket; its channel may still open)
-        self.conns: set[_TargetProtocol] = set()
-        self.total = 0
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.last_error: str | None = None
+        # state: CLOSED until bind(); then LISTENING iff the server holds our listener, else
+        # WAITING; conns: the local targets of forwarded connections
+        super().__init__(spec, host, origin)
         #: listen requests answered (granted or refused), over the forward's life
         self.attempts = 0
         #: the server-side listener; non-None iff the server holds it on ``_conn``
@@ -310,6 +301,7 @@ class _TargetProtocol(_LocalSide):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        set_linger(transport, LINGER_RESET)   # see forward.reset()
         self.fwd.conns.add(self)
 
     def attach(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:

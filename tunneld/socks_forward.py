@@ -20,7 +20,7 @@ import logging
 import asyncssh
 
 from . import socks
-from .forward import LocalForward, _LocalProtocol
+from .forward import LINGER_OFF, LocalForward, _LocalProtocol, set_linger
 
 log = logging.getLogger("tunneld")
 
@@ -63,6 +63,7 @@ class _SocksProtocol(_LocalProtocol):
         if self.transport is not None and not self.transport.is_closing():
             if reply:
                 self.transport.write(reply)
+            set_linger(self.transport, LINGER_OFF)   # the reply says why: an orderly end
             self.transport.close()
 
     # asyncio.Protocol -----------------------------------------------------------------------
@@ -121,4 +122,5 @@ class _SocksProtocol(_LocalProtocol):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(self.hs.failure(code))
+            set_linger(transport, LINGER_OFF)
             transport.close()

@@ -262,7 +262,8 @@ async def test_refused_open_closes_the_client_and_says_why(home, free_port):
     async with forward(home, ("127.0.0.2", closed_port)) as (fwd, conn):
         reader, writer = await asyncio.open_connection("127.0.0.1", fwd.spec.bind_port)
         writer.write(b"anyone?")
-        assert await asyncio.wait_for(reader.read(), 10) == b""
+        with pytest.raises(ConnectionResetError):   # refused: a reset, not an empty reply
+            await asyncio.wait_for(reader.read(), 10)
         writer.close()
         assert "the server could not open the connection" in (fwd.last_error or "")
         assert f"127.0.0.2:{closed_port}" in fwd.last_error
@@ -306,7 +307,8 @@ async def test_connection_dying_under_open_and_opening_channels(home, echo_serve
         TCPChannel.__init__ = init  # type: ignore[method-assign]
         try:
             r2, w2 = await asyncio.open_connection("127.0.0.1", port)
-            assert await asyncio.wait_for(r2.read(), 10) == b""
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(r2.read(), 10)
         finally:
             TCPChannel.__init__ = orig_init  # type: ignore[method-assign]
         with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
