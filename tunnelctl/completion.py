@@ -13,17 +13,13 @@ Load them with ``source <(tunnelctl completion bash)`` in ~/.bashrc, or
 
 from __future__ import annotations
 
-import glob
-import os
 import socket
 from pathlib import Path
 
-from tunneld import paths, wire
+from tunneld import paths, sshconfig, wire
 
 #: seconds a TAB may wait for the daemon's answer
 NAMES_TIMEOUT = 1.0
-#: a limit: ssh config files read through Include (a loop cannot hang the shell)
-MAX_CONFIG_FILES = 64
 #: commands whose first argument is a host / a session
 HOST_COMMANDS = ("add", "remove", "reconnect", "login", "run", "open", "watch", "ssh")
 SESSION_COMMANDS = ("logs", "kill")
@@ -35,37 +31,7 @@ WORDS = {"service": ("install", "uninstall", "status"), "completion": ("bash", "
 
 def ssh_config_hosts(path: Path | None = None) -> list[str]:
     """Host aliases from ~/.ssh/config and the files it Includes, without patterns."""
-    ssh_dir = Path.home() / ".ssh"
-    todo = [path or ssh_dir / "config"]
-    seen: set[Path] = set()
-    names: list[str] = []
-    while todo and len(seen) < MAX_CONFIG_FILES:
-        p = todo.pop(0)
-        if p in seen:
-            continue
-        seen.add(p)
-        try:
-            text = p.read_text(errors="replace")
-        except OSError:
-            continue
-        for line in text.splitlines():
-            parts = line.strip().replace("=", " ", 1).split()
-            if len(parts) < 2:
-                continue
-            key = parts[0].lower()
-            if key == "host":
-                for name in parts[1:]:
-                    if name.startswith("#"):
-                        break
-                    if not any(c in name for c in "*?!") and name not in names:
-                        names.append(name)
-            elif key == "include":
-                for pattern in parts[1:]:
-                    pattern = os.path.expanduser(pattern)
-                    if not os.path.isabs(pattern):
-                        pattern = str(ssh_dir / pattern)
-                    todo.extend(Path(x) for x in sorted(glob.glob(pattern)))
-    return names
+    return sshconfig.config_aliases(path)
 
 
 def _ask_daemon(cmd: str) -> dict | None:

@@ -244,5 +244,26 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.close(dfd)
 
 
+#: the files atomic_write() writes in the state directory (their temp files: ``.NAME.*``)
+STATE_FILES = ("forwards.json", "sessions.json")
+
+
+def remove_stale_temp_files(directory: Path, names: tuple[str, ...] = STATE_FILES) -> int:
+    """Remove the temp files of ``atomic_write`` that a killed daemon left behind (call only
+    while holding the daemon lock: no other writer exists).  Returns how many it removed."""
+    removed = 0
+    for name in names:
+        for tmp in directory.glob(f".{name}.*"):
+            try:
+                tmp.unlink()
+                removed += 1
+            except OSError:
+                continue
+    if removed:
+        log.info("removed %d temp file(s) left in %s by a daemon that was killed", removed,
+                 directory)
+    return removed
+
+
 def save_state(path: Path, state: StateFile) -> None:
     atomic_write(path, (state.model_dump_json(indent=2) + "\n").encode())

@@ -37,6 +37,8 @@ REFUSE_GRACE = 1.0
 EVENTS_HEARTBEAT = 15.0
 #: seconds an ended event stream gets to deliver its final line when the daemon stops
 STREAM_END_GRACE = 1.0
+#: commands answered while the daemon still restores the last run's forwards and sessions
+ANSWERED_BEFORE_READY = frozenset({"status"})
 
 
 def peer_uid(sock: socket.socket) -> int | None:
@@ -149,7 +151,7 @@ class ControlServer:
             "status": self._status, "stop": self._stop, "reconnect": self._reconnect,
             "run": self._run, "sessions": self._sessions, "logs": self._logs,
             "kill": self._kill, "open": self._open, "reload": self._reload,
-            "events": self._events, "login": self._login,
+            "events": self._events, "login": self._login, "forget": self._forget,
         }
         assert set(self.handlers) <= wire.COMMANDS
 
@@ -229,6 +231,10 @@ class ControlServer:
         """The final reply line to the request ``line``."""
         try:
             cmd, args = wire.parse_request(wire.decode(line))
+            if cmd not in ANSWERED_BEFORE_READY:
+                # the forwards and sessions of the last run are restored first: a command
+                # must never see (or save) half of them
+                await self.manager.ready.wait()
             result = await self.handlers[cmd](args, emit)
             # one that cannot go on the wire (too long) is an error reply, not a crash
             return wire.encode(wire.ok(__version__, result))
@@ -247,7 +253,8 @@ class ControlServer:
         return await self.manager.add(args.get("host"), args.get("specs"),
                                       public=args.get("public") is True,  # not "false"
                                       remote=args.get("remote"), socks=args.get("socks"),
-                                      prompter=_prompter(args, emit))
+                                      prompter=_prompter(args, emit),
+                                      force=args.get("force") is True)
 
     async def _remove(self, args: dict[str, Any], emit: Emit) -> Any:
         return await self.manager.remove(args.get("host"), args.get("specs") or None,
@@ -313,10 +320,11 @@ class ControlServer:
     async def _run(self, args: dict[str, Any], emit: Emit) -> Any:
         host = args.get("host")
         try:
-            await self._logged_in(host, args, emit)
             return await self.manager.run(host, args.get("command"),
                                           name=args.get("name"), port=args.get("port"),
-                                          detach=args.get("detach", True))
+                                          detach=args.get("detach", True),
+                                          prompter=_prompter(args, emit),
+                                          follow=args.get("follow") is True)
         except BaseException:
             if isinstance(host, str) and host in self.manager.hosts:
                 await self.manager.release_host(host)   # no session: nothing may use it
@@ -324,6 +332,15 @@ class ControlServer:
 
     async def _sessions(self, args: dict[str, Any], emit: Emit) -> Any:
         return self.manager.sessions_snapshot()
+
+    async def _forget(self, args: dict[str, Any], emit: Emit) -> Any:
+        names = args.get("names") or []
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise UsageError("'names' must be a list of session names")
+        ended = args.get("ended") is True
+        if not names and not ended:
+            raise UsageError("forget needs session names, or --ended for every ended one")
+        return self.manager.forget(names, ended)
 
     async def _kill(self, args: dict[str, Any], emit: Emit) -> Any:
         return await self.manager.kill(args.get("name"))

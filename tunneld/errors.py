@@ -11,7 +11,9 @@ on (what failed, for which host/port, what to do).  Foreign errors (``OSError``,
     ├── ConfigError         config.toml or the state file is invalid
     ├── ProtocolError       a control-socket message that is malformed, too long, or unknown
     ├── BindError           a local listener could not be bound (port in use, permission)
+    ├── StateError          the state file could not be written (the change is not made)
     ├── NotFound            a host, forward or session that does not exist
+    ├── SessionError        a session's command could not start, or failed at once
     └── ConnectError        the SSH connection to a host failed
         ├── AuthError       the server refused our credentials, or needs a person (needs-auth)
         │   ├── LoginNeeded     it wants answers (password, code, passphrase) and no terminal waits
@@ -48,8 +50,16 @@ class BindError(TunneldError):
     """A local listener could not be bound."""
 
 
+class StateError(TunneldError):
+    """The state file could not be written (disk full, read-only): the change is refused."""
+
+
 class NotFound(TunneldError):
     """No such host, forward or session."""
+
+
+class SessionError(TunneldError):
+    """A session's command could not be started on the server, or failed at once."""
 
 
 class ConnectError(TunneldError):
@@ -78,5 +88,6 @@ class DaemonUnavailable(TunneldError):
 
 #: name → class, so a client can rebuild an error from its wire form
 BY_NAME = {cls.__name__: cls for cls in (
-    TunneldError, UsageError, SpecError, ConfigError, ProtocolError, BindError, NotFound,
+    TunneldError, UsageError, SpecError, ConfigError, ProtocolError, BindError, StateError,
+    NotFound, SessionError,
     ConnectError, AuthError, LoginNeeded, LoginAbandoned, HostKeyError, DaemonUnavailable)}

@@ -12,6 +12,7 @@ written after every change, so the next daemon takes them up (``restore_sessions
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import random
@@ -21,13 +22,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from . import remote
+from . import __version__, hostcheck, remote
 from . import spec as specmod
-from .config import Config, StateFile, atomic_write, load_state, save_state, set_aside
+from .config import (Config, StateFile, atomic_write, load_state, remove_stale_temp_files,
+                     save_state, set_aside)
 import asyncssh
 
-from .errors import BindError, ConnectError, NotFound, SpecError, TunneldError, UsageError
+from .errors import (BindError, ConnectError, NotFound, SessionError, SpecError, StateError,
+                     TunneldError, UsageError)
 from .events import EventHub
 from .forward import LocalForward
 from .host import HostSupervisor, Prompter
@@ -35,9 +37,10 @@ from .remote_forward import RemoteForward
 from .socks_forward import SocksForward
 from .markers import BrowserOpen
 from .opener import Opener
-from .session import MAX_SESSIONS, RECORD_KEYS, Session, check_name, default_name
+from .session import (MAX_SESSIONS, RECORD_KEYS, START_TIMEOUT, Session, check_name,
+                      default_name)
 from .spec import ForwardSpec, is_loopback
-from .state import HostState, slept_for
+from .state import HostState, slept_for, state_phrase
 
 log = logging.getLogger("tunneld")
 
@@ -56,6 +59,9 @@ DRAIN_POLL = 0.05
 SESSIONS_VERSION = 1
 #: seconds allowed for removing a forgotten session's directory on its server
 FORGET_TIMEOUT = 15.0
+#: seconds a new session's command is watched for a failure at once (not found, syntax
+#: error) before `run` says it started
+START_CHECK = 1.5
 #: a limit: forwards remembered per session (made for its markers; restored with it)
 MAX_SESSION_FORWARDS = 16
 #: where `run --port auto` looks for a free port, and how many it tries
@@ -132,14 +138,26 @@ class Manager:
         self.opener = Opener(self, config.defaults.browser, config.defaults.ready_timeout)
         #: state changes for `tunnelctl events` (host/forward transitions, sessions, opens)
         self.events = EventHub()
-        #: held while a reload applies a new config (reloads never interleave)
-        self._reload_lock = asyncio.Lock()
+        #: held by every change of the registry (restore, add, remove, reload, automatic
+        #: forwards, releasing a host): changes never interleave, so a command sees the
+        #: registry and the state file as one consistent thing.  Methods named ``_…`` expect
+        #: it held.
+        self._lock = asyncio.Lock()
+        #: set once the forwards and sessions of the last run are restored; the control
+        #: server answers commands only after that (status excepted)
+        self.ready = asyncio.Event()
 
     # -- start / stop ------------------------------------------------------------------------
 
     async def restore(self) -> None:
-        """Bind the forwards of config.toml and of the state file.  Failures are logged; the
-        daemon starts anyway."""
+        """Bind the forwards of config.toml and of the state file, take up the detached
+        sessions, then set ``ready``.  Failures are logged; the daemon starts anyway."""
+        async with self._lock:
+            remove_stale_temp_files(self.state_path.parent)
+            await self._restore()
+        self.ready.set()
+
+    async def _restore(self) -> None:
         wanted: list[tuple[str, ForwardSpec, str]] = []
         for host, specs in self.config.forwards().items():
             wanted += [(host, s, "config") for s in specs]
@@ -168,7 +186,7 @@ class Manager:
             sup.start()
         n = sum(len(h.forwards) for h in self.hosts.values())
         log.info("restored %d forward(s) on %d host(s)", n, len(self.hosts))
-        await self.restore_sessions()
+        await self._restore_sessions()
 
     def check_liveness(self, why: str) -> None:
         """After a sleep or a network change: every host checks its link now."""
@@ -240,20 +258,25 @@ class Manager:
 
     def host_for(self, host: str) -> HostSupervisor:
         """The supervisor of ``host``, created and started if needed."""
+        sup = self._supervisor(host)
+        sup.start()
+        return sup
+
+    def _supervisor(self, host: str) -> HostSupervisor:
+        """``host``'s one supervisor: the registered one, or a new one registered at once
+        (never a second one for a host: its forwards would be lost from the registry)."""
         check_host_name(host)
         sup = self.hosts.get(host)
         if sup is None:
             sup = self.hosts[host] = HostSupervisor(host, self.config.defaults,
                                                     events=self.events)
-        sup.start()
         return sup
 
     async def _bind(self, host: str, s: ForwardSpec, origin: str) -> Forward:
         """Make the forward for ``s`` take effect (a local listener bound; a remote one asked
-        of the server now if ``host`` is connected) and register it.  Raises BindError."""
-        sup = self.hosts.get(host)
-        if sup is None:
-            sup = HostSupervisor(host, self.config.defaults, events=self.events)
+        of the server now if ``host`` is connected) and register it.  Raises BindError (the
+        host is released again if nothing else uses it)."""
+        sup = self._supervisor(host)
         fwd: Forward
         if s.kind == "remote":
             fwd = RemoteForward(s, sup, origin)
@@ -261,8 +284,11 @@ class Manager:
             fwd = SocksForward(s, sup, origin)
         else:
             fwd = LocalForward(s, sup, origin)
-        await fwd.bind()
-        self.hosts[host] = sup
+        try:
+            await fwd.bind()
+        except BaseException:
+            await self._release_host(host)
+            raise
         sup.forwards[fwd.spec] = fwd
         self.events.publish("forward", host=host, spec=str(fwd.spec), event="added",
                             origin=origin, old=None, new=fwd.state.value)
@@ -272,6 +298,11 @@ class Manager:
                              target_port: int) -> LocalForward:
         """A forward of ``host`` to ``target_host:target_port``: an existing one, or a new
         automatic one on the same local port if that is free, else on a free port."""
+        async with self._lock:
+            return await self._ensure_forward(host, target_host, target_port)
+
+    async def _ensure_forward(self, host: str, target_host: str,
+                              target_port: int) -> LocalForward:
         sup = self.host_for(host)
         loop_target = is_loopback(target_host)
         for fwd in sup.forwards.values():
@@ -298,6 +329,10 @@ class Manager:
 
     async def release_host(self, host: str) -> None:
         """Stop ``host``'s supervisor when nothing uses it any more."""
+        async with self._lock:
+            await self._release_host(host)
+
+    async def _release_host(self, host: str) -> None:
         sup = self.hosts.get(host)
         if sup is None or sup.forwards or any(
                 sess.host is sup and sess.running for sess in self.sessions.values()):
@@ -307,13 +342,47 @@ class Manager:
 
     async def add(self, host: str, texts: list[str] | None, public: bool = False,
                   remote: list[str] | None = None, socks: list[str] | None = None,
-                  prompter: Prompter | None = None) -> dict[str, Any]:
+                  prompter: Prompter | None = None, force: bool = False) -> dict[str, Any]:
         """Add forwards to ``host``: local specs ``texts``, remote forwards ``remote`` (-R)
         and SOCKS proxies ``socks`` (-D).  All or none: every local listener bound and, if the
         host is connected, every remote listener granted by the server — else nothing is left
         and BindError names the port.  Remote forwards of a host that is not connected are
         accepted (waiting) and asked for when it connects.  ``prompter`` answers the login
-        prompts of the first attempt (a host in needs-auth is retried with it)."""
+        prompts of the first attempt (a host in needs-auth is retried with it).  The state
+        file is written before the command returns; if it cannot be, nothing is added and
+        StateError says why.  A new host that looks like a typo (``hostcheck``) is refused
+        unless ``force``."""
+        specs = self._add_specs(host, texts, public, remote, socks)
+        if not force:
+            await self.check_new_host(host)
+        async with self._lock:
+            result, bound = await self._add(host, specs)
+            sup = self.hosts[host]
+            sup.start()
+        if sup.state is not HostState.CONNECTED:
+            # report the next attempt's outcome (the forwards stay either way) ...
+            await sup.next_attempt(prompter, self.config.defaults.connect_timeout + 1)
+            # ... and the server's first answer to new remote forwards
+            for fwd in bound:
+                if isinstance(fwd, RemoteForward) and sup.state is HostState.CONNECTED:
+                    await fwd.wait_answer(REMOTE_ANSWER_WAIT)
+        result["state"] = sup.state.value
+        result["last_error"] = sup.last_error
+        result["forwards"] = [{"spec": str(f.spec), "kind": f.spec.kind,
+                               "state": f.state.value, "last_error": f.last_error}
+                              for f in bound]
+        return result
+
+    async def check_new_host(self, host: str) -> None:
+        """Refuse a host tunneld does not know yet whose name looks like a typo."""
+        check_host_name(host)
+        if host in self.hosts or host in self.config.hosts:
+            return
+        await hostcheck.check_new_host(host, sorted({*self.hosts, *self.config.hosts}))
+
+    def _add_specs(self, host: str, texts: list[str] | None, public: bool,
+                   remote: list[str] | None, socks: list[str] | None) -> list[ForwardSpec]:
+        """The specs of an `add`, checked (grammar, the public-bind policy)."""
         check_host_name(host)
         texts = (_spec_texts(texts, "") + _spec_texts(remote, "-R ")
                  + _spec_texts(socks, "-D "))
@@ -325,14 +394,22 @@ class Manager:
             exposed = [s for s in specs if s.is_public]
             if exposed:
                 raise UsageError(_public_message(host, exposed[0]))
+        return specs
+
+    async def _add(self, host: str, specs: list[ForwardSpec]
+                   ) -> tuple[dict[str, Any], list[Forward]]:
         new: list[ForwardSpec] = []
         existing: list[str] = []
+        kept: list[Forward] = []     # automatic forwards that this makes saved ones
         for s in specs:
             found = self._find_spec(host, s)
             if found is None:
                 new.append(s)
             elif found[0].name == host and found[1].spec == s:
-                existing.append(str(s))
+                if found[1].origin == "auto":
+                    kept.append(found[1])
+                else:
+                    existing.append(str(s))
             elif s.kind == "remote":
                 other = found[1]
                 raise BindError(f"{host}: the server already listens on {s.listen} for "
@@ -359,6 +436,16 @@ class Manager:
             for fwd in bound:
                 await self._unbind(host, fwd)
             raise
+        for fwd in kept:
+            fwd.origin = "added"
+        try:
+            self._write_state()
+        except StateError as exc:
+            for fwd in kept:
+                fwd.origin = "auto"
+            for fwd in bound:
+                await self._unbind(host, fwd)
+            raise StateError(f"{exc}; nothing was added") from None
         for s in new:
             if s.is_public:
                 where = f"{host}'s server" if s.kind == "remote" else "this machine"
@@ -366,24 +453,12 @@ class Manager:
                             where)
         if new:
             log.info("%s: added %s", host, " ".join(str(s) for s in new))
-            self.save()
+        if kept:
+            log.info("%s: saved the automatic forward(s) %s", host,
+                     " ".join(str(f.spec) for f in kept))
         result: dict[str, Any] = {"host": host, "added": [str(s) for s in new],
-                                  "existing": existing}
-        sup = self.hosts[host]
-        sup.start()
-        if sup.state is not HostState.CONNECTED:
-            # report the next attempt's outcome (the forwards stay either way) ...
-            await sup.next_attempt(prompter, self.config.defaults.connect_timeout + 1)
-            # ... and the server's first answer to new remote forwards
-            for fwd in bound:
-                if isinstance(fwd, RemoteForward) and sup.state is HostState.CONNECTED:
-                    await fwd.wait_answer(REMOTE_ANSWER_WAIT)
-        result["state"] = sup.state.value
-        result["last_error"] = sup.last_error
-        result["forwards"] = [{"spec": str(f.spec), "kind": f.spec.kind,
-                               "state": f.state.value, "last_error": f.last_error}
-                              for f in bound]
-        return result
+                                  "saved": [str(f.spec) for f in kept], "existing": existing}
+        return result, bound
 
     async def _unbind(self, host: str, fwd: Forward) -> None:
         sup = self.hosts.get(host)
@@ -393,14 +468,20 @@ class Manager:
         await fwd.close()
         self.events.publish("forward", host=host, spec=str(fwd.spec), event="removed",
                             origin=fwd.origin, old=None, new=fwd.state.value)
-        await self.release_host(host)
+        await self._release_host(host)
 
     async def remove(self, host: str, texts: list[str] | None = None,
                      remote: list[str] | None = None,
                      socks: list[str] | None = None) -> dict[str, Any]:
         """Remove the named forwards of ``host`` (all of them when none are named): local
         specs ``texts`` (which may also be ``-R …``/``-D …`` strings, as `list` shows them),
-        remote forwards ``remote`` and SOCKS proxies ``socks``."""
+        remote forwards ``remote`` and SOCKS proxies ``socks``.  The state file is written
+        first: if it cannot be, nothing is removed and StateError says why."""
+        async with self._lock:
+            return await self._remove(host, texts, remote, socks)
+
+    async def _remove(self, host: str, texts: list[str] | None, remote: list[str] | None,
+                      socks: list[str] | None) -> dict[str, Any]:
         check_host_name(host)
         texts = (_spec_texts(texts, "") + _spec_texts(remote, "-R ")
                  + _spec_texts(socks, "-D "))
@@ -430,12 +511,15 @@ class Manager:
                         chosen.append(fwd)
         else:
             chosen = list(sup.forwards.values())
+        try:
+            self._write_state(without=chosen)
+        except StateError as exc:
+            raise StateError(f"{exc}; nothing was removed") from None
         for fwd in chosen:
             await self._unbind(host, fwd)
         removed = [str(f.spec) for f in chosen]
         config_ones = [str(f.spec) for f in chosen if f.origin == "config"]
         log.info("%s: removed %s", host, ", ".join(removed))
-        self.save()
         result: dict[str, Any] = {"host": host, "removed": removed}
         if config_ones:
             result["note"] = (f"{' '.join(config_ones)} declared in the config file come back "
@@ -463,11 +547,16 @@ class Manager:
     # -- sessions ----------------------------------------------------------------------------
 
     async def run(self, host: str, command: Any, name: Any = None,
-                  port: Any = None, detach: Any = True) -> dict[str, Any]:
+                  port: Any = None, detach: Any = True,
+                  prompter: Prompter | None = None, follow: bool = False) -> dict[str, Any]:
         """Start ``command`` on ``host`` as a session.  ``port``: None, "auto" or a number;
         it replaces ``{port}`` in the command, is exported as ``PORT`` and is forwarded.
         ``detach``: the command outlives the connection and the daemon (else it runs in the
-        SSH channel and ends with it)."""
+        SSH channel and ends with it).  Returns once the command runs on the server: a host
+        that cannot be connected now (``prompter`` answers its login) raises ConnectError
+        and makes no session; a command that fails at once (not found, a syntax error)
+        raises SessionError with its first lines of output (the ended session is listed),
+        unless the client ``follow``s the output itself (then it sees how the command ends)."""
         check_host_name(host)
         if not isinstance(detach, bool):
             raise UsageError(f"'detach' must be true or false, not {detach!r}")
@@ -491,7 +580,13 @@ class Manager:
         if port is not None and port != "auto" and (
                 isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535):
             raise UsageError(f"--port takes 'auto' or a port number, not {port!r}")
+        await self.check_new_host(host)
         sup = self.host_for(host)
+        if sup.state is not HostState.CONNECTED:
+            await sup.next_attempt(prompter, self.config.defaults.connect_timeout + 1)
+            if sup.state is not HostState.CONNECTED:
+                raise ConnectError(f"{host} {state_phrase(sup.state)}: the command was not "
+                                   f"started" + (f": {sup.why()}" if sup.last_error else ""))
         env: dict[str, str] = {}
         fwd = None
         if port is not None:
@@ -515,8 +610,13 @@ class Manager:
         self.events.publish("session", host=host, name=name, event="started",
                             state=sess.state, exit_status=None)
         self._start_reaper(sess)
+        why = await sess.wait_started(
+            self.config.defaults.hold_timeout + START_TIMEOUT + 5, 0 if follow else START_CHECK)
+        if why is not None:
+            raise SessionError(f"{host}: session {name} did not start: {why}\n(`tunnelctl "
+                               f"logs {name}` shows all of it)")
         result: dict[str, Any] = {"name": name, "host": host, "command": text,
-                                  "detached": detach}
+                                  "detached": detach, "state": sess.state}
         if fwd is not None:
             result.update(port=port, forward=str(fwd.spec),
                           url=f"http://127.0.0.1:{fwd.spec.bind_port}/")
@@ -603,7 +703,7 @@ class Manager:
             out.append(rec)
         return out[-MAX_SESSIONS:]
 
-    async def restore_sessions(self) -> None:
+    async def _restore_sessions(self) -> None:
         """Take up the detached sessions of the sessions file: ended ones are listed, running
         ones re-attach (with their ``--port`` forward and the forwards made for their
         markers)."""
@@ -616,6 +716,7 @@ class Manager:
             port = rec.get("port")
             if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
                 port = None
+            # an ended session only names its host; a running one needs its supervisor
             sup = self.hosts.get(host) or HostSupervisor(host, self.config.defaults,
                                                          events=self.events)
             # the log is where this daemon puts a session's log, whatever the file says
@@ -631,7 +732,7 @@ class Manager:
             if not sess.running:
                 continue
             running += 1
-            self.hosts[host] = sup
+            sess.host = sup = self._supervisor(host)
             sup.start()
             for text in [*sess.forwards, *([str(port)] if port else [])]:
                 await self._restore_session_forward(host, text, port if text == str(port)
@@ -645,7 +746,7 @@ class Manager:
     async def _restore_session_forward(self, host: str, text: str, port: int | None) -> None:
         try:
             if port is not None:
-                await self.ensure_forward(host, "localhost", port)
+                await self._ensure_forward(host, "localhost", port)
                 return
             (s,) = specmod.parse(text)
             if self._find_spec(host, s) is None:
@@ -705,8 +806,34 @@ class Manager:
             raise NotFound(f"no session named {name!r}; sessions: {known}")
         return self.sessions[name]
 
+    def forget(self, names: list[str], ended: bool = False) -> dict[str, Any]:
+        """Remove ended sessions from the list (and their logs, here and on the server):
+        those named, or with ``ended`` every ended one.  A running one is refused."""
+        chosen = [self.session(n) for n in names]
+        running = [s.name for s in chosen if s.running]
+        if running:
+            raise UsageError(f"session {running[0]} is still running; `tunnelctl kill "
+                             f"{running[0]}` first")
+        if ended:
+            chosen += [s for s in self.sessions.values() if not s.running and s not in chosen]
+        for sess in chosen:
+            del self.sessions[sess.name]
+            self._session_states.pop(sess.name, None)
+            self._forget_remote(sess)
+            try:
+                sess.log_path.unlink()
+            except OSError:
+                pass
+        if chosen:
+            log.info("forgot session(s) %s", " ".join(s.name for s in chosen))
+            self.save_sessions()
+        return {"forgotten": [s.name for s in chosen]}
+
     async def kill(self, name: Any) -> dict[str, Any]:
         sess = self.session(name)
+        if not sess.running:
+            raise UsageError(f"session {sess.name} had already ended ({sess.state}); "
+                             f"`tunnelctl forget {sess.name}` removes it from the list")
         said = await sess.kill()
         return {"name": sess.name, "state": sess.state, "said": said}
 
@@ -716,9 +843,10 @@ class Manager:
         self.events.publish("session", host=sess.host.name, name=sess.name, event="ended",
                             state=sess.state, exit_status=sess.exit_status)
         await sess.settle(self.config.defaults.ready_timeout + 30)
-        if sess.port is not None:
-            await self._drop_session_forward(sess)
-        await self.release_host(sess.host.name)
+        async with self._lock:
+            if sess.port is not None:
+                await self._drop_session_forward(sess)
+            await self._release_host(sess.host.name)
 
     async def _drop_session_forward(self, sess: Session) -> None:
         for fwd in list(sess.host.forwards.values()):
@@ -728,15 +856,22 @@ class Manager:
 
     # -- persistence and reporting -----------------------------------------------------------
 
-    def save(self) -> None:
+    def _write_state(self, without: list[Forward] = []) -> None:
+        """Write the state file: every forward of origin "added" (less ``without``).
+        Raises StateError (the file on disk is unchanged then)."""
+        gone = {id(f) for f in without}
         hosts = {name: [str(f.spec) for f in sorted(sup.forwards.values(), key=lambda f: f.spec)
-                        if f.origin == "added"]
+                        if f.origin == "added" and id(f) not in gone]
                  for name, sup in sorted(self.hosts.items())}
         try:
             save_state(self.state_path, StateFile(hosts={h: v for h, v in hosts.items() if v}))
         except OSError as exc:
-            log.error("could not write the state file %s: %s; forwards added now will not "
-                      "survive a restart", self.state_path, exc.strerror or exc)
+            log.error("could not write the state file %s: %s", self.state_path,
+                      exc.strerror or exc)
+            raise StateError(f"could not save the forwards to {self.state_path}: "
+                             f"{exc.strerror or exc}"
+                             + (" (the disk is full)" if exc.errno == errno.ENOSPC else ""))
+
 
     def snapshot(self) -> dict[str, Any]:
         return {"version": __version__,
@@ -766,7 +901,7 @@ class Manager:
                 return (host, "remote", s.bind_host, str(s.bind_port))
             return ("here", s.bind_host, str(s.bind_port))
 
-        async with self._reload_lock:
+        async with self._lock:
             current = {(name, fwd.spec): fwd for name, sup in self.hosts.items()
                        for fwd in sup.forwards.values() if fwd.origin == "config"}
             wanted: list[tuple[str, ForwardSpec]] = []

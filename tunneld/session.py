@@ -62,6 +62,9 @@ REATTACH_DELAY = 1.0
 REATTACH_DELAY_MAX = 10.0
 #: a limit: attempts to learn whether a start whose answer was lost happened
 PROBE_TRIES = 5
+#: a limit: lines (and bytes) of output shown when a command fails at once
+START_ERROR_LINES = 10
+START_ERROR_BYTES = 4096
 #: a limit: bytes of a follower's stderr kept (it holds one status line)
 MAX_FOLLOW_STDERR = 64 * 1024
 
@@ -134,6 +137,8 @@ class Session:
         self._open_tasks: set[asyncio.Task[None]] = set()
         #: set once the session has ended (any final state)
         self.done = asyncio.Event()
+        #: set once the command runs on the server (its pid is known), or the session ended
+        self.up = asyncio.Event()
 
     @property
     def running(self) -> bool:
@@ -265,6 +270,7 @@ class Session:
                                f"on the server: {said[-1] if said else 'no answer'}")
         self.pid, self.server, self.remote_dir = started.pid, started.server, started.dir
         self.state = "running"
+        self.up.set()
         log.info("%s: session %s started (detached, pid %d, %s): %s", self.host.name,
                  self.name, self.pid, self.remote_dir, self.command)
         self._changed()
@@ -425,6 +431,7 @@ class Session:
             text, encoding=None, request_pty=False, term_type=None)
         self._proc.stdin.write_eof()
         self.state = "running"
+        self.up.set()
         log.info("%s: session %s started: %s", self.host.name, self.name, self.command)
         await asyncio.gather(self._pump(self._proc.stdout, first=True),
                              self._pump(self._proc.stderr))
@@ -455,6 +462,7 @@ class Session:
         for q in self._followers:
             _offer(q, None)
         self.done.set()
+        self.up.set()
         self._changed()
 
     async def _pump(self, stream: asyncssh.SSHReader[bytes], first: bool = False) -> None:
@@ -576,6 +584,42 @@ class Session:
             if self._task is not None:
                 self._task.cancel()
         return said
+
+    async def wait_started(self, up_timeout: float, check: float) -> str | None:
+        """Wait until the command runs on the server (at most ``up_timeout`` s), then
+        ``check`` s more; why it did not start (it could not be started, or it failed at
+        once), or None (it runs, or it ended well, or it is still starting)."""
+        try:
+            await asyncio.wait_for(self.up.wait(), up_timeout)
+        except asyncio.TimeoutError:
+            return None
+        if self.running:
+            try:
+                await asyncio.wait_for(asyncio.shield(self.done.wait()), check)
+            except asyncio.TimeoutError:
+                return None
+        elif self.state == "exited" and check == 0:
+            return None   # it started (the caller follows its output and end)
+        if self.state == "exited" and self.exit_status == 0:
+            return None
+        if self.state == "exited":
+            why = f"it exited at once with status {self.exit_status}"
+        elif self.state == "killed":
+            return None
+        else:
+            why = self.error or f"it ended at once ({self.state})"
+        head = self.output_head()
+        return why + (f"; its output:\n{head}" if head else "; it printed nothing")
+
+    def output_head(self, lines: int = START_ERROR_LINES) -> str:
+        """The first ``lines`` lines of the local log (bounded)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                data = f.read(START_ERROR_BYTES)
+        except OSError:
+            return ""
+        text = data.decode("utf-8", "replace").rstrip("\n")
+        return "\n".join(text.split("\n")[:lines])
 
     async def settle(self, timeout: float) -> None:
         """Wait (bounded) for marker actions and a kill still under way after the output

@@ -56,7 +56,7 @@ PROMPT_KINDS = frozenset({"password", "kbdint", "passphrase"})
 #: every command the daemon serves; tunnelctl's verbs are these names
 COMMANDS = frozenset({
     "add", "remove", "list", "status", "stop", "reconnect", "login",
-    "run", "sessions", "logs", "kill", "open", "reload", "events",
+    "run", "sessions", "logs", "kill", "open", "reload", "events", "forget",
 })
 
 

@@ -818,8 +818,15 @@ def test_wrongly_typed_flags_and_failed_runs_leave_nothing_behind(daemon, free_p
                                     command=["echo"], port=bad), "UsageError")
         assert err["message"] == f"--port takes 'auto' or a port number, not {bad!r}", err
     err = assert_error(_request(daemon, "run", host="nosuchhost.invalid", command=["echo"],
+                                port="auto"), "UsageError")
+    assert "no host 'nosuchhost.invalid'" in err["message"], err   # a typo, say
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    daemon.server.add_host_alias("downhost", Port=str(dead))
+    err = assert_error(_request(daemon, "run", host="downhost", command=["echo"],
                                 port="auto"), "ConnectError")
-    assert "nosuchhost.invalid" in err["message"], err
+    assert "connection refused" in err["message"], err
     assert daemon.list()["hosts"] == [], daemon.list()
     assert json.loads(daemon.ctl("sessions", "--json").stdout)["sessions"] == []
 
