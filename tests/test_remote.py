@@ -130,6 +130,31 @@ def test_browser_helper_names_the_host_and_python_webbrowser_uses_it(sh):
     assert ev.node == s.server and ev.node
 
 
+def test_an_attached_session_uses_the_same_browser_helper(sh):
+    """``run --no-detach``: a marker printed by webbrowser names the host it ran on, as in a
+    detached session, so a URL printed on a compute node is routed to that node."""
+    r = sh(remote.session_command(shlex_join([
+        sys.executable, "-c", "import webbrowser; webbrowser.open_new('http://0.0.0.0:8200/')"]),
+        {"PORT": "8200"}))
+    assert r.returncode == 0, r.stderr
+    pid_line, _, out = r.stdout.partition("\n")
+    assert remote.parse_pid_line(pid_line.encode()) is not None
+    helper = sh.home / ".tunneld" / "bin" / "open-on-local"
+    assert helper.stat().st_mode & 0o777 == 0o700
+    scanner = Scanner()
+    (ev,) = scanner.feed(out.encode()) + scanner.close()
+    host = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
+    assert ev.url == "http://0.0.0.0:8200/" and ev.node == host, ev
+
+
+def test_an_attached_session_keeps_the_users_umask_and_env(sh):
+    r = sh(remote.session_command('umask; printf "%s\\n" "$PORT"', {"PORT": "8200"}))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[1:-1] == [subprocess.run(
+        [sh.env["SHELL"], "-c", "umask"], capture_output=True, text=True).stdout.strip(),
+        "8200"]
+
+
 def test_a_home_with_a_colon_falls_back_to_the_echo_browser(sh, tmp_path):
     home = tmp_path / "odd:home"
     home.mkdir()

@@ -31,13 +31,15 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 def session_command(command: str, env: dict[str, str] | None = None) -> str:
-    """The text sshd's shell runs for a session: report our pid, export ``BROWSER`` (so
-    Python's webbrowser, xdg-open and Jupyter print a marker) and ``env``, run ``command``.
+    """The text sshd's shell runs for an attached session: report our pid, install the
+    BROWSER helper and export ``BROWSER`` (so Python's webbrowser, xdg-open and Jupyter print
+    a marker naming the host they ran on, as in a detached session) and ``env``, run
+    ``command``.
 
     ``command`` is used as ssh uses its arguments: the remote shell interprets it."""
-    parts = [f"printf '%s%s\\n' {shlex.quote(PID_TAG)} \"$$\"",
-             *_exports({"BROWSER": BROWSER_ENV, **(env or {})}), command]
-    return "; ".join(parts)
+    return "\n".join([f"printf '%s%s\\n' {shlex.quote(PID_TAG)} \"$$\"",
+                      "um=$(umask)", "umask 077", 'base="$HOME"/.tunneld',
+                      *_BROWSER_HELPER, 'umask "$um"', *_exports(env), command])
 
 
 def kill_tree_command(pid: int, grace: float = KILL_GRACE) -> str:
@@ -126,6 +128,20 @@ if [ -n "$h" ]; then printf 'OPEN_ON_LOCAL(%s)[%s]\\n' "$h" "$1"
 else printf 'OPEN_ON_LOCAL[%s]\\n' "$1"; fi
 """
 
+# installs the BROWSER helper (in "$base"/bin, with umask 077) and exports BROWSER: the helper's
+# path, or the plain marker command where the helper cannot be written or named
+_BROWSER_HELPER = [
+    f'helper="$HOME"/{HELPER_PATH}',
+    f'if mkdir -p "$base/bin" 2>/dev/null && chmod 700 "$base" "$base/bin" && '
+    f'printf %s {shlex.quote(HELPER_SCRIPT)} > "$helper.$$" && chmod 700 "$helper.$$" '
+    '&& mv -f "$helper.$$" "$helper"; then',
+    # webbrowser splits BROWSER at ':' and shlex-splits each part: a plain path only
+    '  case $helper in *[!A-Za-z0-9_./-]*) BROWSER=' + shlex.quote(BROWSER_ENV) + ';; '
+    '*) BROWSER=$helper;; esac',
+    'else BROWSER=' + shlex.quote(BROWSER_ENV) + '; fi',
+    'export BROWSER',
+]
+
 _RUNNER = """dir=$1
 trap : TERM INT HUP
 echo $$ > "$dir/pid.tmp" && mv -f "$dir/pid.tmp" "$dir/pid"
@@ -165,13 +181,7 @@ def detached_start_command(session_id: str, command: str,
         _dir(session_id),
         'mkdir -p "$base/bin" "$base/sessions" && chmod 700 "$base" "$base/bin" '
         '"$base/sessions" && mkdir "$dir" || { echo "cannot create $dir" >&2; exit 125; }',
-        f'helper="$HOME"/{HELPER_PATH}',
-        f'printf %s {shlex.quote(HELPER_SCRIPT)} > "$helper.$$" && chmod 700 "$helper.$$" '
-        '&& mv -f "$helper.$$" "$helper"',
-        # webbrowser splits BROWSER at ':' and shlex-splits each part: a plain path only
-        'case $helper in *[!A-Za-z0-9_./-]*) BROWSER=' + shlex.quote(BROWSER_ENV) + ';; '
-        '*) BROWSER=$helper;; esac',
-        'export BROWSER',
+        *_BROWSER_HELPER,
         *_exports(env),
         ': > "$dir/log"',
         f"cmd={shlex.quote(command)}",

@@ -344,28 +344,31 @@ def compute_node(login_ns: str):
         subprocess.run(["ip", "link", "del", a], capture_output=True)
 
 
+@pytest.mark.parametrize("mode", ["detached", "attached"])
 def test_a_loopback_url_printed_on_a_compute_node_goes_to_that_node(netns_daemon, netns_sshd,
-                                                                   opened, tmp_path):
+                                                                   opened, tmp_path, mode):
     """The login node is netns_sshd; the "compute node" a second namespace that only the
     login node reaches.  The program runs there as `srun` would put it, in its own UTS
     namespace whose host name is the node's address (so that the name the BROWSER helper
     reports is one the login node can connect to, as a cluster node's name is); it listens
-    on all addresses and prints http://127.0.0.1:PORT/."""
+    on all addresses and prints http://127.0.0.1:PORT/.  The same with `run --no-detach`,
+    whose sessions get the same BROWSER helper."""
     d = with_recorder(netns_daemon, opened, tmp_path)
     try:
-        compute_test(d, netns_sshd, opened, tmp_path)
+        compute_test(d, netns_sshd, opened, tmp_path,
+                     ["--no-detach"] if mode == "attached" else [])
     finally:
         d.close()
         reap_detached(d)
 
 
-def compute_test(d, netns_sshd, opened, tmp_path) -> None:
+def compute_test(d, netns_sshd, opened, tmp_path, options: list[str] = []) -> None:
     prog = script(tmp_path, COMPUTE_PROG)
     page = tmp_path / "jpserver-77-open.html"
     with compute_node(netns_sshd.netns) as (node, node_ip):
         inner = f"hostname {node_ip} && exec {sys.executable} {prog} {page}"
-        d.ctl("run", netns_sshd.host, "--name", "srun", "--", "ip", "netns", "exec", node,
-              "unshare", "--uts", "sh", "-c", shlex.quote(inner))
+        d.ctl("run", netns_sshd.host, "--name", "srun", *options, "--", "ip", "netns", "exec",
+              node, "unshare", "--uts", "sh", "-c", shlex.quote(inner))
         urls = wait_opened(opened, 2)
         by_path = {u.split("/", 3)[3]: u for u in urls}
         assert set(by_path) == {"lab?token=t0k", "tree?token=t0k"}, urls
