@@ -151,3 +151,27 @@ def test_session_line_names_how_a_session_ended():
     assert _session_line({"state": "exited", "exit_signal": "KILL"}) == "killed by signal KILL"
     assert _session_line({"state": "failed", "error": "host is needs-auth"}) == \
         "host is needs-auth"
+
+
+def test_run_without_the_separator_says_where_the_command_goes(env):
+    r = ctl(env, "run", "hpc", "jupyter", "lab", "--no-browser")
+    assert r.returncode == 2
+    assert "put the command after --: tunnelctl run hpc -- jupyter lab --no-browser" in r.stderr
+
+
+def test_a_table_is_cut_to_the_terminal_width(capsys):
+    from tunnelctl.__main__ import _table
+    rows = [("NAME", "EXIT", "COMMAND"), ("a", "x" * 200, "y" * 200), ("bb", "ok", "short")]
+    _table(rows, squeeze=(2, 1), width=60)
+    out = capsys.readouterr().out.splitlines()
+    assert all(len(line) <= 60 for line in out), out
+    assert out[1].startswith("a   ") and out[1].endswith("…")
+    assert out[2].split() == ["bb", "ok", "short"]
+    _table(rows[:1] + rows[2:], squeeze=(2, 1), width=60)   # fits: untouched
+    assert capsys.readouterr().out.splitlines()[1].split() == ["bb", "ok", "short"]
+
+
+def test_help_into_a_closed_pipe_is_quiet(env):
+    r = subprocess.run(["sh", "-c", f"{sys.executable} -m tunnelctl --help | true"], env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr

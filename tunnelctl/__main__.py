@@ -21,10 +21,14 @@ if TYPE_CHECKING:
     import subprocess
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+#: the status of a Unix tool whose output pipe closed (killed by SIGPIPE: 128 + 13)
+EXIT_PIPE = 141
 #: seconds to wait for an auto-started daemon's socket
 START_TIMEOUT = 15.0
 #: seconds to wait for a stopped daemon to exit
 STOP_TIMEOUT = 20.0
+#: a limit: a column cut to fit the terminal keeps at least this many characters
+MIN_SQUEEZED = 12
 #: verbs that run in the client itself → the wire command they send (house rule 8)
 LOCAL_VERBS = {"watch": "open", "ssh": "open", "service": "status", "completion": "list"}
 
@@ -57,7 +61,9 @@ def _start_daemon(path: str) -> socket.socket:
     import subprocess   # here, not at the top: every other command starts faster without it
     import tempfile
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([sys.executable, "-m", "tunneld", "--detach-stderr"],
+        # -P: the current directory is not put on sys.path, so a `tunneld/` folder there (a
+        # clone of this project, say) cannot shadow the installed package
+        proc = subprocess.Popen([sys.executable, "-P", "-m", "tunneld", "--detach-stderr"],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=err, start_new_session=True, close_fds=True)
         deadline = time.monotonic() + START_TIMEOUT
@@ -254,11 +260,29 @@ def _ago(since: str) -> str:
     return f"{s // 86400}d"
 
 
-def _table(rows: list[tuple[str, ...]], indent: str = "") -> None:
-    """Columns padded to their widest cell; the last column is not padded."""
+def _table(rows: list[tuple[str, ...]], indent: str = "", squeeze: tuple[int, ...] = (),
+           width: int | None = None) -> None:
+    """Columns padded to their widest cell; the last column is not padded.  The columns
+    ``squeeze`` (indexes; e.g. an error, a command) are cut with "…" so that rows fit the
+    terminal's width (``COLUMNS``, else the terminal, else 80); ``--json`` has them whole."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    if width is None:
+        import shutil
+        width = shutil.get_terminal_size().columns
+    over = len(indent) + sum(widths) + 2 * (len(widths) - 1) - width
+    for i in sorted(squeeze, key=lambda i: -widths[i]):
+        if over <= 0:
+            break
+        floor = max(len(rows[0][i]), MIN_SQUEEZED)
+        cut = min(over, max(0, widths[i] - floor))
+        widths[i] -= cut
+        over -= cut
     for r in rows:
-        print(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print(indent + "  ".join(_fit(c, w).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _fit(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:max(0, width - 1)] + "…"
 
 
 def print_list(data: dict[str, Any]) -> None:
@@ -270,7 +294,8 @@ def print_list(data: dict[str, Any]) -> None:
         print(f"{h['name']}  {h['state']} for {_ago(h.get('since', ''))}")
         if h.get("last_error"):
             print(f"  ! {h['last_error']}")
-        rows = [("SPEC", "LISTEN", "TARGET", "STATE", "ACTIVE", "TOTAL", "IN", "OUT")]
+        rows = [("SPEC", "LISTEN", "TARGET", "STATE", "ACTIVE", "TOTAL", "IN", "OUT",
+                 "ORIGIN")]
         for f in h.get("forwards", []):
             listen, target = f["listen"], f["target"]
             if f.get("kind") == "remote":  # the server listens; the target is reached from here
@@ -278,7 +303,8 @@ def print_list(data: dict[str, Any]) -> None:
             elif f.get("kind") == "socks":
                 target = f"SOCKS via {h['name']}"
             rows.append((f["spec"], listen, target, f["state"], str(f["active"]),
-                         str(f["total"]), _size(f["bytes_in"]), _size(f["bytes_out"])))
+                         str(f["total"]), _size(f["bytes_in"]), _size(f["bytes_out"]),
+                         f.get("origin", "")))
         _table(rows, indent="  ")
         for f in h.get("forwards", []):
             if f.get("last_error"):
@@ -301,9 +327,14 @@ def cmd_add(a: argparse.Namespace) -> int:
         args["socks"] = a.socks
     if can_prompt(a):
         args["interactive"] = True
+    if a.force:
+        args["force"] = True
     r = call("add", host=a.host, public=a.public, **args)
     if r["added"]:
         print(f"{a.host}: added {', '.join(r['added'])}")
+    for s in r.get("saved", []):
+        print(f"{a.host}: {s} was an automatic forward; it is now saved (it stays, and comes "
+              "back after a restart)")
     for s in r.get("existing", []):
         print(f"{a.host}: {s} is already forwarded (nothing to do)")
     if r.get("state") == "connected":
@@ -454,6 +485,8 @@ def cmd_run(a: argparse.Namespace) -> int:
                   file=sys.stderr)
             return EXIT_USAGE
     extra: dict[str, Any] = {} if a.detach else {"detach": False}
+    if a.follow:
+        extra["follow"] = True   # we see how it ends: no start check in the daemon
     if can_prompt(a):
         extra["interactive"] = True
     r = call("run", host=a.host, command=command, name=a.name, port=port, **extra)
@@ -471,6 +504,8 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_sessions(a: argparse.Namespace) -> int:
+    if a.prune:
+        return _forget([], ended=True)
     r = call("sessions")
     if a.json:
         print(json.dumps(r, indent=1))
@@ -484,8 +519,21 @@ def cmd_sessions(a: argparse.Namespace) -> int:
         mode = "detached" if x.get("detached", False) else "attached"
         rows.append((x["name"], x["host"], x["state"], ex, mode, str(x["port"] or ""),
                      _ago(x["started"]) + " ago", x["command"]))
-    _table(rows)
+    _table(rows, squeeze=(7, 3))
     return EXIT_OK
+
+
+def _forget(names: list[str], ended: bool = False) -> int:
+    r = call("forget", names=names, ended=ended)
+    if r["forgotten"]:
+        print(f"forgot {' '.join(r['forgotten'])}")
+    else:
+        print("no ended sessions to forget")
+    return EXIT_OK
+
+
+def cmd_forget(a: argparse.Namespace) -> int:
+    return _forget(a.sessions)
 
 
 def cmd_logs(a: argparse.Namespace) -> int:
@@ -675,6 +723,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "server")
     p.add_argument("--public", action="store_true",
                    help="allow a non-loopback listen address (reachable from other machines)")
+    p.add_argument("--force", "--offline", dest="force", action="store_true",
+                   help="add a host that is not in ~/.ssh/config and does not resolve now "
+                        "(e.g. one reached only through a VPN that is down)")
     _no_prompt(p)
     p.set_defaults(func=cmd_add)
 
@@ -730,7 +781,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sessions", help="sessions with state and exit status")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--prune", action="store_true",
+                   help="forget every ended session (and its logs)")
     p.set_defaults(func=cmd_sessions)
+
+    p = sub.add_parser("forget", help="remove ended sessions from the list (and their logs)")
+    p.add_argument("sessions", nargs="+", metavar="SESSION")
+    p.set_defaults(func=cmd_forget)
 
     p = sub.add_parser("logs", help="a session's output, or the daemon's log (--daemon)",
                        usage="tunnelctl logs SESSION [-f] [--all] | "
@@ -799,7 +856,21 @@ def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        try:
+            return _main(sys.argv[1:] if argv is None else argv)
+        finally:
+            sys.stdout.flush()   # here (also after --help), where a closed pipe is caught
+    except BrokenPipeError:
+        # the reader of our output went away (`tunnelctl list | head -1`): end quietly, as a
+        # Unix tool does; stdout goes to /dev/null so that the exit's flush cannot fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_PIPE
+
+
+def _main(argv: list[str]) -> int:
     argv, command = _split_command(argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -808,12 +879,16 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "func", None) in (cmd_add, cmd_remove) and \
                 not any(x.startswith("-") for x in extra):
             args.specs = list(args.specs) + extra
+        elif getattr(args, "func", None) is cmd_run and command is None:
+            print(f"tunnelctl run: put the command after --: tunnelctl run {args.host} -- "
+                  f"{' '.join(extra)}", file=sys.stderr)
+            return EXIT_USAGE
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if command is not None:
         args.command = command
     try:
-        return args.func(args)
+        return int(args.func(args))
     except Unreachable as exc:
         print(f"tunnelctl: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE

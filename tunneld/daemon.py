@@ -30,7 +30,28 @@ LOG_BACKUPS = 3
 
 class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
     """Log files are created 0600 (and an older one is made so): hosts, ports and errors
-    are nobody else's business."""
+    are nobody else's business.  A file that cannot be written (a full disk) is said once on
+    stderr, not with a traceback per line; stderr keeps every line meanwhile."""
+
+    #: True while writing the file fails (until a line is written again)
+    _failing = False
+    #: True iff the line being emitted could not be written
+    _failed_now = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._failed_now = False
+        super().emit(record)
+        if not self._failed_now:
+            self._failing = False
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's
+        self._failed_now = True
+        if not self._failing:
+            self._failing = True
+            exc = sys.exc_info()[1]
+            sys.stderr.write(f"tunneld: cannot write the log file {self.baseFilename}: "
+                             f"{getattr(exc, 'strerror', None) or exc}; logging to stderr "
+                             "only until it can\n")
 
     def _open(self):  # type: ignore[override]
         old = os.umask(0o077)
