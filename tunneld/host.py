@@ -5,12 +5,10 @@ to end, and reconnects with backoff; states and transitions come from ``state.py
 of a forward ask ``connection_for_client()`` for the live connection; while the host is down
 they are held for ``hold_timeout`` seconds and their arrival cuts the backoff wait short.
 
-Logins that need a person (a password, the server's keyboard-interactive prompts such as a
-verification code, a key passphrase) are answered by a *prompter*: the ``ask`` coroutine of a
-tunnelctl client with a terminal that waits for this host's connection attempt.  With none
-attached nothing is asked (asyncssh does not even send those methods, so the server counts no
-failed try), the attempt fails with ``LoginNeeded``, the host goes to needs-auth without a retry,
-and a desktop notification says `tunnelctl login HOST`.  Answers live only in the attempt.
+Logins that need a person are answered by the *prompter* attached to the host (``prompting``;
+see ``login.py``).  With none attached the attempt fails with ``LoginNeeded``, the host goes to
+needs-auth without a retry, and a desktop notification says `tunnelctl login HOST`.  The
+connection itself is opened by ``sshconnect.connect``.
 """
 
 from __future__ import annotations
@@ -18,196 +16,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import shutil
 import time
-from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import asyncssh
 
 from .config import Defaults
-from .errors import (AuthError, ConfigError, ConnectError, HostKeyError, LoginAbandoned,
-                     LoginNeeded, TunneldError)
+from .errors import AuthError, ConfigError, ConnectError, HostKeyError, LoginNeeded
 from .events import EventHub
 from .forward import LocalForward
+from .login import LoginClient, Prompter
+from .notify import notify
 from .spec import ForwardSpec
+from .sshconnect import connect
 from .state import Backoff, HostState, Repeats, check_host, state_phrase
 
 log = logging.getLogger("tunneld")
 
-#: ciphers tried first unless the user's ~/.ssh/config sets ``Ciphers``: AES-GCM is markedly
-#: faster than chacha20-poly1305 in asyncssh on CPUs with AES instructions (design.md §9)
-PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
-                     "chacha20-poly1305@openssh.com", "aes128-ctr", "aes192-ctr", "aes256-ctr")
-#: longest ProxyJump chain followed
-MAX_JUMPS = 8
 #: after a wake, keepalives this often (s) and this many unanswered declare the link dead...
 LIVENESS_INTERVAL = 2.0
 LIVENESS_COUNT_MAX = 2
 #: ... for this long (s), then the configured keepalive settings return
 LIVENESS_WINDOW = 15.0
-#: a limit: a person's tries (password and keyboard-interactive together) in one connection
-#: attempt, as OpenSSH's NumberOfPasswordPrompts; the server may allow fewer.  Wrong answers
-#: lock accounts at many sites: tunneld never retries them on its own
-MAX_ANSWER_TRIES = 3
-#: a limit: passphrase tries per encrypted key in one connection attempt
-MAX_PASSPHRASE_TRIES = 3
-#: key files OpenSSH (and asyncssh) use when ~/.ssh/config names no IdentityFile
-DEFAULT_KEY_FILES = ("id_ed25519_sk", "id_ecdsa_sk", "id_ed448", "id_ed25519", "id_ecdsa",
-                     "id_rsa", "id_dsa")
-#: seconds a desktop notification command may run before it is killed
-NOTIFY_TIMEOUT = 10.0
-
-#: asks the person at a waiting tunnelctl: a prompt (wire.prompt's fields without the id) →
-#: one response per prompt; raises LoginAbandoned when nobody answers
-Prompter = Callable[[dict[str, Any]], Awaitable[list[str]]]
-
-
-class _Client(asyncssh.SSHClient):
-    """Records why the connection ended, and the host key a server offered that known_hosts
-    does not trust (for the error message; it is never accepted).  Answers the server's
-    password / keyboard-interactive questions and unlocks encrypted keys through the
-    supervisor's prompter, if one is attached; records what was needed when none is."""
-
-    def __init__(self, sup: "HostSupervisor | None" = None, target: str = "",
-                 who: str = "", key_files: list[str] | None = None) -> None:
-        self.lost: asyncio.Future[Exception | None] = \
-            asyncio.get_running_loop().create_future()
-        #: "ssh-ed25519 SHA256:…" of an untrusted host key the server offered, if any
-        self.offered_key: str | None = None
-        self._sup = sup
-        #: the alias or hop this login is for (shown with the prompts), and "user@host"
-        self._target, self._who = target, who
-        #: what the server wanted that nobody could answer: "password", "kbdint", "passphrase"
-        self.needed: list[str] = []
-        #: encrypted keys that stayed locked because nobody could give their passphrase
-        self.locked_keys: list[str] = []
-        #: the key whose passphrase was wrong every time, if any
-        self.wrong_passphrase: str | None = None
-        #: encrypted keys in OpenSSH's format while the bcrypt module is missing (no unlocking)
-        self.unusable_keys: list[str] = []
-        #: True once a person's password / kbdint answers were sent to the server
-        self.answered = False
-        #: why the person's login was abandoned, if it was; nothing is asked after that
-        self.abandoned: str | None = None
-        #: password / kbdint tries in this attempt (bounded by MAX_ANSWER_TRIES)
-        self._tries = 0
-        #: IdentityFile paths; the encrypted ones are offered by public_key_auth_requested
-        self._key_files = list(key_files or [])
-
-    # -- answers from a person (asyncssh calls these during authentication) -------------------
-
-    def _prompter(self, kind: str) -> Prompter | None:
-        """The prompter to ask for ``kind``, or None (noting that ``kind`` was needed)."""
-        if self.abandoned is not None:
-            return None
-        ask = self._sup.prompter if self._sup is not None else None
-        if ask is None and kind not in self.needed:
-            self.needed.append(kind)
-        return ask
-
-    async def _ask(self, ask: Prompter, kind: str, prompts: list[tuple[str, bool]],
-                   attempt: int, name: str = "", instructions: str = "") -> list[str] | None:
-        assert self._sup is not None
-        try:
-            with self._sup.asking():
-                responses = await ask({"host": self._target, "kind": kind, "name": name,
-                                       "instructions": instructions, "attempt": attempt,
-                                       "prompts": prompts})
-        except LoginAbandoned as exc:
-            self.abandoned = str(exc)
-            return None
-        return responses if len(responses) == len(prompts) else None
-
-    def _next_try(self) -> int | None:
-        self._tries += 1
-        return self._tries if self._tries <= MAX_ANSWER_TRIES else None
-
-    def kbdint_auth_requested(self) -> str | None:
-        if self._prompter("kbdint") is None or self._next_try() is None:
-            return None   # asyncssh moves on without sending the method
-        return ""         # let the server choose its submethods
-
-    async def kbdint_challenge_received(self, name: str, instructions: str, lang: str,
-                                        prompts: list[tuple[str, bool]]) -> list[str] | None:
-        ask = self._prompter("kbdint")
-        if ask is None:
-            return None
-        if not prompts and not name and not instructions:
-            return []
-        answers = await self._ask(ask, "kbdint", list(prompts), max(self._tries, 1), name,
-                                  instructions)
-        if answers is not None and prompts:
-            self.answered = True
-        return answers
-
-    async def password_auth_requested(self) -> str | None:  # type: ignore[override]
-        ask = self._prompter("password")
-        n = self._next_try() if ask is not None else None
-        if ask is None or n is None:
-            return None
-        answers = await self._ask(ask, "password", [(f"{self._who}'s password: ", False)], n)
-        if not answers:
-            return None
-        self.answered = True
-        return answers[0]
-
-    async def public_key_auth_requested(  # type: ignore[override]
-            self) -> list[asyncssh.SSHKey] | None:
-        """After the agent's keys and the unencrypted IdentityFile keys: the encrypted ones,
-        unlocked this daemon run, or unlocked now with a passphrase from the prompter."""
-        while self._key_files:
-            path = self._key_files.pop(0)
-            found = _encrypted_key(path)
-            if found is None:
-                continue
-            ident, data = found
-            key = HostSupervisor.unlocked_keys.get(ident)
-            if key is not None:
-                return [key]
-            if data.lstrip().startswith(b"-----BEGIN OPENSSH PRIVATE KEY") and not _bcrypt():
-                self.unusable_keys.append(path)
-                continue
-            ask = self._prompter("passphrase")
-            if ask is None:
-                self.locked_keys.append(path)
-                continue
-            shown = _home_path(path)
-            for n in range(1, MAX_PASSPHRASE_TRIES + 1):
-                answers = await self._ask(
-                    ask, "passphrase", [(f"Enter passphrase for key '{shown}': ", False)], n)
-                if answers is None:
-                    return None
-                try:   # the KDF takes a moment of CPU: not on the event loop
-                    key = await asyncio.get_running_loop().run_in_executor(
-                        None, asyncssh.import_private_key, data, answers[0])
-                except (asyncssh.KeyEncryptionError, asyncssh.KeyImportError):
-                    continue
-                finally:
-                    answers = None
-                HostSupervisor.unlocked_keys[ident] = key
-                log.info("%s: unlocked key %s (held in memory until the daemon stops)",
-                         self._sup.name if self._sup else self._target, shown)
-                return [key]
-            self.wrong_passphrase = shown
-        return None
-
-    def validate_host_public_key(self, host: str, addr: str, port: int,
-                                 key: asyncssh.SSHKey) -> bool:
-        self.offered_key = f"{key.get_algorithm()} {key.get_fingerprint()}"
-        return False   # known_hosts alone decides; there is no trust on first use
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.lost.done():
-            self.lost.set_result(exc)
 
 
 class HostSupervisor:
-    #: private keys unlocked with a passphrase, by (path, mtime, size): shared by every host of
-    #: this daemon run, held in memory only (never written anywhere), gone when it stops
-    unlocked_keys: dict[tuple[str, int, int], asyncssh.SSHKey] = {}
-
     def __init__(self, name: str, settings: Defaults,
                  on_change: Callable[["HostSupervisor"], None] | None = None,
                  events: EventHub | None = None):
@@ -572,10 +405,10 @@ class HostSupervisor:
 
     # -- connecting --------------------------------------------------------------------------
 
-    async def _connect(self) -> _Client:
+    async def _connect(self) -> LoginClient:
         """One connection attempt, bounded by ``connect_timeout`` of the machine's time (the
         time a person takes to answer a prompt is bounded by the prompter)."""
-        task = asyncio.ensure_future(self._open(self.name, None, 0))
+        task = asyncio.ensure_future(connect(self, self.settings))
         deadline = self._machine_clock() + self.settings.connect_timeout
         try:
             while not task.done():
@@ -588,161 +421,9 @@ class HostSupervisor:
             if not task.done():
                 task.cancel()
                 await asyncio.wait({task}, timeout=5)
-        conn, client, hops = task.result()
-        self.conn, self._hops = conn, hops
-        return client
-
-    async def _open(self, target: str, tunnel: asyncssh.SSHClientConnection | None,
-                    depth: int) -> tuple[asyncssh.SSHClientConnection, _Client,
-                                         list[asyncssh.SSHClientConnection]]:
-        """Connect to ``target`` (an alias or ``[user@]host[:port]``), following its
-        ProxyJump hops ourselves so that our options apply to every hop (design.md §9)."""
-        user, host, port = _split_target(target)
-        try:
-            # config=() loads ~/.ssh/config (the default, None, loads nothing)
-            options = asyncssh.SSHClientConnectionOptions(
-                config=(), host=host, port=port if port else (), username=user or ())
-        except (ValueError, asyncssh.Error) as exc:
-            raise ConfigError(f"{self.name}: bad ssh configuration for {host}: {exc}") from None
-        cfg = options.config
-        hops: list[asyncssh.SSHClientConnection] = []
-        jump = options.tunnel if tunnel is None else None
-        if isinstance(jump, str) and jump.lower() != "none":
-            if depth >= MAX_JUMPS:
-                raise ConfigError(f"{self.name}: ProxyJump chain longer than {MAX_JUMPS} hops")
-            for hop in jump.split(","):
-                hop_conn, _, hop_hops = await self._open(hop.strip(), tunnel, depth + 1)
-                hops.extend(hop_hops)
-                hops.append(hop_conn)
-                tunnel = hop_conn
-        kwargs: dict[str, Any] = {}
-        if cfg.get("Ciphers") is None:
-            kwargs["encryption_algs"] = _available(PREFERRED_CIPHERS)
-        # the user's ServerAlive* settings win over ours
-        kwargs["keepalive_interval"] = cfg.get("ServerAliveInterval",
-                                               self.settings.keepalive_interval)
-        kwargs["keepalive_count_max"] = cfg.get("ServerAliveCountMax",
-                                                self.settings.keepalive_count_max)
-        if depth == 0:
-            self._keepalive = (kwargs["keepalive_interval"], kwargs["keepalive_count_max"])
-        client_box: list[_Client] = []
-        who = f"{options.username}@{options.host}"
-        keys = _identity_files(cfg)
-
-        def factory() -> _Client:
-            client_box.append(_Client(self, target, who, keys))
-            return client_box[-1]
-
-        try:
-            conn = await asyncssh.connect(
-                host, port=port if port else (), username=user or (),
-                tunnel=tunnel if tunnel is not None else (), client_factory=factory,
-                request_pty=False, x11_forwarding=False, agent_forwarding=False,
-                # our own deadline bounds the attempt, less the time a person takes to answer
-                login_timeout=0, **kwargs)
-        except BaseException as exc:
-            for h in reversed(hops):
-                h.close()
-            if isinstance(exc, Exception):
-                client = client_box[-1] if client_box else None
-                raise self._map_error(exc, options, target,
-                                      client.offered_key if client else None, client) from None
-            raise
-        return conn, client_box[-1], hops
-
-    def _map_error(self, exc: Exception, options: Any, target: str,
-                   offered: str | None = None, client: _Client | None = None) -> TunneldError:
-        """Foreign error → a TunneldError whose message a user can act on.  ``offered``: the
-        untrusted host key the server showed ("ssh-ed25519 SHA256:…"), if any; ``client``:
-        what the login needed and got."""
-        via = "" if target == self.name else f" (via {target})"
-        addr = f"{options.host}:{options.port}"
-        name = f"{self.name}{via}"
-        if isinstance(exc, TunneldError):
-            return exc
-        if isinstance(exc, asyncssh.HostKeyNotVerifiable):
-            files = _known_hosts_files(options)
-            known = _has_known_key(files, options.host, options.port)
-            entry = options.host if options.port == 22 else f"[{options.host}]:{options.port}"
-            shown = ", ".join(str(f) for f in files) or "~/.ssh/known_hosts"
-            now = f"; the server offers {offered}" if offered else ""
-            # the fingerprint without trusting anything (not through a jump host: use ssh)
-            scan = "" if via else (
-                f" (`ssh-keyscan {'' if options.port == 22 else f'-p {options.port} '}"
-                f"{options.host} | ssh-keygen -lf -` shows it too)")
-            if known is not None:
-                return HostKeyError(
-                    f"{name}: the host key of {addr} does NOT match the one in {known} "
-                    f"(it changed, or someone is intercepting the connection){now}. "
-                    f"`ssh-keygen -lF '{entry}' -f {known}` shows the key on record. Check the "
-                    f"new fingerprint with the server's admin{scan}, then run "
-                    f"`ssh-keygen -R '{entry}' -f {known}` and `ssh {target}` to accept it; "
-                    f"then `tunnelctl reconnect {self.name}`")
-            return HostKeyError(
-                f"{name}: the host key of {addr} is unknown (not in {shown}){now}. Check "
-                f"that fingerprint with the server's admin{scan}, then run `ssh {target}` "
-                f"once to accept it, then `tunnelctl reconnect {self.name}`")
-        if isinstance(exc, asyncssh.PermissionDenied) and client is not None:
-            login = self._login_error(client, name, addr, exc.reason or "permission denied")
-            if login is not None:
-                return login
-        if isinstance(exc, asyncssh.PermissionDenied):
-            return AuthError(
-                f"{name}: authentication failed at {addr} ({exc.reason or 'permission denied'})"
-                f". Check that `ssh {target}` logs in without a prompt (key in "
-                f"~/.ssh/config IdentityFile or loaded with ssh-add), then "
-                f"`tunnelctl reconnect {self.name}`")
-        if isinstance(exc, asyncssh.DisconnectError):
-            return ConnectError(f"{name}: the server at {addr} closed the connection: "
-                                f"{exc.reason or exc}")
-        if isinstance(exc, asyncssh.Error):
-            return ConnectError(f"{name}: SSH error from {addr}: {exc}")
-        import socket as _socket
-        if isinstance(exc, _socket.gaierror):
-            return ConnectError(f"{name}: cannot resolve host name {options.host!r} "
-                                f"({exc.strerror}); check the Host/HostName in ~/.ssh/config "
-                                "or your network/VPN")
-        if isinstance(exc, ConnectionRefusedError):
-            return ConnectError(f"{name}: connection refused by {addr}; is sshd running there "
-                                "and is the Port right?")
-        if isinstance(exc, OSError):
-            return ConnectError(f"{name}: cannot connect to {addr}: {exc.strerror or exc}")
-        if isinstance(exc, ValueError):
-            return ConfigError(f"{name}: bad ssh configuration: {exc}")
-        return ConnectError(f"{name}: {type(exc).__name__}: {exc}")
-
-    def _login_error(self, client: _Client, name: str, addr: str,
-                     reason: str) -> AuthError | None:
-        """The error for a refused login that involved (or needed) a person; None if it did
-        not.  Never contains an answer."""
-        again = f"run `tunnelctl login {self.name}` to try again"
-        if client.abandoned is not None:
-            return LoginAbandoned(f"{name}: login abandoned ({client.abandoned}); {again}")
-        if client.answered:
-            return AuthError(f"{name}: the server at {addr} rejected the answers ({reason}); "
-                             f"{again}")
-        if client.wrong_passphrase:
-            return AuthError(f"{name}: wrong passphrase for key '{client.wrong_passphrase}' "
-                             f"({MAX_PASSPHRASE_TRIES} tries); {again}")
-        unusable = ", ".join(f"'{_home_path(p)}'" for p in client.unusable_keys)
-        if unusable and not client.needed:
-            return AuthError(
-                f"{name}: authentication failed at {addr} ({reason}); key {unusable} is "
-                "encrypted in OpenSSH's format, which tunneld unlocks only with the Python "
-                "module bcrypt installed (`pip install bcrypt` where tunneld runs); or load it "
-                f"into your agent: `ssh-add {_home_path(client.unusable_keys[0])}`")
-        if not client.needed:
-            return None
-        what = {"password": "a password",
-                "kbdint": "answers to the server's prompts (password, verification code)",
-                "passphrase": "the passphrase of key " + ", ".join(
-                    f"'{_home_path(p)}'" for p in client.locked_keys)}
-        needs = " or ".join(what[k] for k in client.needed
-                            if not (k == "password" and "kbdint" in client.needed))
-        hint = "".join(f", or load the key into your agent: `ssh-add {_home_path(p)}`"
-                       for p in client.locked_keys[:1])
-        return LoginNeeded(f"{name}: login needs {needs} and no terminal is waiting; run "
-                           f"`tunnelctl login {self.name}`{hint}")
+        done = task.result()
+        self.conn, self._hops, self._keepalive = done.conn, done.hops, done.keepalive
+        return done.client
 
     # -- reporting ---------------------------------------------------------------------------
 
@@ -764,120 +445,3 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _identity_files(cfg: Any) -> list[str]:
-    """The private key files a login may use: IdentityFile, else OpenSSH's defaults."""
-    files = cfg.get("IdentityFile") or [os.path.join("~", ".ssh", f) for f in DEFAULT_KEY_FILES]
-    return [os.path.expanduser(str(f)) for f in files]
-
-
-def _encrypted_key(path: str) -> tuple[tuple[str, int, int], bytes] | None:
-    """(identity, contents) of ``path`` if it is a private key that needs a passphrase."""
-    try:
-        st = os.stat(path)
-        with open(path, "rb") as f:
-            data = f.read(1 << 20)
-    except OSError:
-        return None
-    try:
-        asyncssh.import_private_key(data)
-    except asyncssh.KeyImportError as exc:
-        if "passphrase" in str(exc).lower():
-            return (path, st.st_mtime_ns, st.st_size), data
-        return None
-    except (ValueError, asyncssh.Error):
-        return None
-    return None   # not encrypted: asyncssh loaded it already
-
-
-def _bcrypt() -> bool:
-    """True if asyncssh can decrypt keys in OpenSSH's format (it needs bcrypt's KDF)."""
-    try:
-        import bcrypt
-    except ImportError:
-        return False
-    return hasattr(bcrypt, "kdf")
-
-
-def _home_path(path: str) -> str:
-    home = os.path.expanduser("~")
-    return "~" + path[len(home):] if home and path.startswith(home + os.sep) else path
-
-
-#: desktop notifications still running (a reference keeps their task alive)
-_notifying: set[asyncio.Task[None]] = set()
-
-
-def notify_argv(title: str, text: str) -> list[str] | None:
-    """The command that shows a desktop notification here, or None if there is none."""
-    if shutil.which("notify-send"):
-        return ["notify-send", "--app-name=tunneld", title, text]
-    if shutil.which("osascript"):
-        def q(x: str) -> str:
-            return '"' + x.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        return ["osascript", "-e", f"display notification {q(text)} with title {q(title)}"]
-    return None
-
-
-def notify(title: str, text: str) -> None:
-    """Show a desktop notification if this machine can; fire and forget, never blocks."""
-    argv = notify_argv(title, text)
-    if argv is None:
-        return
-
-    async def run() -> None:
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
-        except OSError as exc:
-            log.debug("notification failed: %s", exc)
-            return
-        try:
-            await asyncio.wait_for(proc.wait(), NOTIFY_TIMEOUT)
-        except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
-
-    task = asyncio.get_running_loop().create_task(run())
-    _notifying.add(task)
-    task.add_done_callback(_notifying.discard)
-
-
-def _split_target(target: str) -> tuple[str | None, str, int | None]:
-    """``[user@]host[:port]`` (IPv6 in brackets) → (user, host, port)."""
-    user, _, rest = target.rpartition("@")
-    port: int | None = None
-    if rest.startswith("["):
-        host, _, tail = rest[1:].partition("]")
-        if tail.startswith(":") and tail[1:].isdigit():
-            port = int(tail[1:])
-    elif rest.count(":") == 1:
-        host, _, p = rest.partition(":")
-        if p.isdigit():
-            port = int(p)
-    else:
-        host = rest
-    return (user or None), host, port
-
-
-def _available(preferred: tuple[str, ...]) -> list[str]:
-    have = {a.decode() for a in asyncssh.encryption.get_encryption_algs()}
-    return [a for a in preferred if a in have]
-
-
-def _known_hosts_files(options: Any) -> list[Path]:
-    files = options.config.get("UserKnownHostsFile") or ["~/.ssh/known_hosts"]
-    return [Path(os.path.expanduser(f)) for f in files]
-
-
-def _has_known_key(files: list[Path], host: str, port: int) -> Path | None:
-    """The first of ``files`` that holds a key for ``host``:``port``, or None."""
-    for f in files:
-        try:
-            known = asyncssh.read_known_hosts(str(f))
-        except (OSError, ValueError, asyncssh.Error):
-            continue
-        keys = known.match(host, host, port)
-        if keys[0] or keys[1]:
-            return f
-    return None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tunneld import host
+from tunneld import notify as host
 
 
 def test_notify_send_first(monkeypatch):
