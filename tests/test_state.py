@@ -1,55 +1,90 @@
-"""The transition table and the backoff policy."""
+"""The transition tables (every (state, event) pair: in the table or illegal) and the backoff
+policy."""
 
+import itertools
 import random
 
 import pytest
 
-from tunneld.state import (FORWARD_TRANSITIONS, HOST_TRANSITIONS, Backoff, ForwardState,
-                           HostState, IllegalTransition, check_forward, check_host,
-                           forward_state_for)
+from tunneld.state import (FORWARD_TABLE, HOST_TABLE, SESSION_ENDED, SESSION_TABLE, Backoff,
+                           ForwardEvent, ForwardState, HostEvent, HostState, IllegalTransition,
+                           SessionEvent, SessionState, forward_follow, forward_next, host_next,
+                           is_connected, session_next)
 
-H, F = HostState, ForwardState
+H, F, S = HostState, ForwardState, SessionState
+HE, FE, SE = HostEvent, ForwardEvent, SessionEvent
 
-LEGAL = [
-    (H.STOPPED, H.CONNECTING), (H.CONNECTING, H.CONNECTED), (H.CONNECTING, H.BACKOFF),
-    (H.CONNECTING, H.NEEDS_AUTH), (H.CONNECTING, H.FAILED), (H.CONNECTED, H.BACKOFF),
-    (H.BACKOFF, H.CONNECTING), (H.NEEDS_AUTH, H.CONNECTING), (H.FAILED, H.CONNECTING),
-    (H.CONNECTED, H.STOPPED), (H.BACKOFF, H.STOPPED),
+#: the whole host table, written out: (state, event) -> new state
+HOST_EXPECTED = {
+    (H.STOPPED, HE.ATTEMPT): H.CONNECTING, (H.BACKOFF, HE.ATTEMPT): H.CONNECTING,
+    (H.NEEDS_AUTH, HE.ATTEMPT): H.CONNECTING, (H.FAILED, HE.ATTEMPT): H.CONNECTING,
+    (H.CONNECTING, HE.UP): H.CONNECTED, (H.CONNECTING, HE.RETRY): H.BACKOFF,
+    (H.CONNECTING, HE.NEEDS_PERSON): H.NEEDS_AUTH, (H.CONNECTING, HE.FATAL): H.FAILED,
+    (H.CONNECTED, HE.LOST): H.BACKOFF,
+    (H.CONNECTING, HE.STOP): H.STOPPED, (H.CONNECTED, HE.STOP): H.STOPPED,
+    (H.BACKOFF, HE.STOP): H.STOPPED, (H.NEEDS_AUTH, HE.STOP): H.STOPPED,
+    (H.FAILED, HE.STOP): H.STOPPED,
+}
+FORWARD_EXPECTED = {
+    (F.CLOSED, FE.BIND): F.WAITING, (F.WAITING, FE.UP): F.LISTENING,
+    (F.LISTENING, FE.DOWN): F.WAITING, (F.WAITING, FE.CLOSE): F.CLOSED,
+    (F.LISTENING, FE.CLOSE): F.CLOSED,
+}
+_LIVE = (S.STARTING, S.RUNNING, S.DISCONNECTED)
+SESSION_EXPECTED = {
+    (S.STARTING, SE.STARTED): S.RUNNING, (S.DISCONNECTED, SE.STARTED): S.RUNNING,
+    (S.STARTING, SE.DISCONNECTED): S.DISCONNECTED, (S.RUNNING, SE.DISCONNECTED): S.DISCONNECTED,
+    (S.DISCONNECTED, SE.REATTACHED): S.RUNNING,
+    **{(s, e): end for s in _LIVE for e, end in ((SE.EXITED, S.EXITED), (SE.KILLED, S.KILLED),
+                                                  (SE.FAILED, S.FAILED), (SE.LOST, S.LOST))},
+}
+
+MACHINES = [
+    pytest.param(HostState, HostEvent, host_next, HOST_EXPECTED, HOST_TABLE, id="host"),
+    pytest.param(ForwardState, ForwardEvent, forward_next, FORWARD_EXPECTED, FORWARD_TABLE,
+                 id="forward"),
+    pytest.param(SessionState, SessionEvent, session_next, SESSION_EXPECTED, SESSION_TABLE,
+                 id="session"),
 ]
-ILLEGAL = [
-    (H.STOPPED, H.CONNECTED), (H.BACKOFF, H.CONNECTED), (H.CONNECTED, H.NEEDS_AUTH),
-    (H.FAILED, H.CONNECTED), (H.NEEDS_AUTH, H.BACKOFF), (H.STOPPED, H.STOPPED),
-    (H.CONNECTED, H.CONNECTED),
-]
 
 
-@pytest.mark.parametrize("old,new", LEGAL)
-def test_legal_host_transitions(old, new):
-    assert check_host(old, new) is new
+@pytest.mark.parametrize("states,events,step,expected,table", MACHINES)
+def test_every_state_and_event(states, events, step, expected, table):
+    """Every (state, event) pair: the written-out transition, or IllegalTransition."""
+    assert table == expected
+    for state, event in itertools.product(states, events):
+        if (state, event) in expected:
+            assert step(state, event) is expected[state, event]
+        else:
+            with pytest.raises(IllegalTransition, match=f"{event}.*{state}"):
+                step(state, event)
 
 
-@pytest.mark.parametrize("old,new", ILLEGAL)
-def test_illegal_host_transitions_raise(old, new):
-    with pytest.raises(IllegalTransition, match=f"{old} -> {new}"):
-        check_host(old, new)
-
-
-def test_every_state_has_a_row_and_can_stop():
-    assert set(HOST_TRANSITIONS) == set(HostState)
-    assert set(FORWARD_TRANSITIONS) == set(ForwardState)
+def test_every_state_is_reachable_and_every_live_state_can_end():
+    for states, table, start in ((HostState, HOST_TABLE, H.STOPPED),
+                                 (ForwardState, FORWARD_TABLE, F.CLOSED),
+                                 (SessionState, SESSION_TABLE, S.STARTING)):
+        seen, todo = {start}, [start]
+        while todo:
+            s = todo.pop()
+            for (a, _), b in table.items():
+                if a is s and b not in seen:
+                    seen.add(b)
+                    todo.append(b)
+        assert seen == set(states)
     for s in HostState:
-        if s is not H.STOPPED:
-            assert H.STOPPED in HOST_TRANSITIONS[s]
+        assert s is H.STOPPED or host_next(s, HE.STOP) is H.STOPPED
+    for s in set(SessionState) - SESSION_ENDED:
+        assert session_next(s, SE.LOST) is S.LOST
+    assert not [k for k in SESSION_TABLE if k[0] in SESSION_ENDED]   # no way out of an end
 
 
-def test_forward_transitions():
-    assert check_forward(F.WAITING, F.LISTENING) is F.LISTENING
-    with pytest.raises(IllegalTransition):
-        check_forward(F.CLOSED, F.LISTENING)
-    assert forward_state_for(H.CONNECTED) is F.LISTENING
-    for s in HostState:
-        if s is not H.CONNECTED:
-            assert forward_state_for(s) is F.WAITING
+def test_forwards_follow_their_host():
+    assert forward_follow(F.WAITING, True) is F.LISTENING
+    assert forward_follow(F.LISTENING, False) is F.WAITING
+    assert forward_follow(F.LISTENING, True) is F.LISTENING
+    assert forward_follow(F.CLOSED, True) is F.CLOSED     # a closed listener stays closed
+    assert [is_connected(s) for s in HostState] == [s is H.CONNECTED for s in HostState]
 
 
 def test_state_values_are_the_wire_names():

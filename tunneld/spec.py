@@ -39,6 +39,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import SpecError
+from .names import has_host_chars
 
 DEFAULT_BIND = "127.0.0.1"
 DEFAULT_TARGET = "localhost"
@@ -50,10 +51,7 @@ SOCKS_TARGET = ("*", 0)
 KIND_PREFIX = {"local": "", "remote": "-R", "socks": "-D"}
 #: a security limit: one spec may not open more listeners than this
 MAX_RANGE = 1024
-#: longest host name accepted (DNS limit)
-MAX_HOST_LEN = 253
 
-_HOST_RE = re.compile(r"^[A-Za-z0-9_.-]+\Z")
 _PORT_RE = re.compile(r"^([0-9]{1,5})(?:-([0-9]{1,5}))?\Z")
 _LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
 
@@ -182,7 +180,7 @@ def _host(field: str, text: str, what: str) -> str:
     if ":" in field:
         raise SpecError(f"{what} {field!r} in forward spec {text!r}: write IPv6 addresses in "
                         "brackets, e.g. [::1]")
-    if len(field) > MAX_HOST_LEN or not _HOST_RE.match(field):
+    if not has_host_chars(field):
         raise SpecError(f"{what} {field!r} in forward spec {text!r} is not a valid host name "
                         "or address")
     return field

@@ -1,12 +1,20 @@
-"""Host and forward states, the one table of legal transitions, and the backoff policy.
+"""Every state machine of the daemon (host, forward, session), each one table of legal
+transitions keyed by (state, event) as h11's ``_state.py`` does, and the backoff policy.
 
-Pure: no I/O.  An illegal transition raises ``IllegalTransition`` (a bug, not a user error).
+Pure: no I/O.  A transition the table does not have raises ``IllegalTransition`` (a bug, not
+a user error); everything that changes one of these states goes through ``*_next``.
 
 Host states (design.md §6)::
 
     stopped ──► connecting ──► connected ──(lost)──► backoff ──(wait)──► connecting …
                     │  └──► needs-auth   (a person must act: `tunnelctl reconnect HOST`)
                     └─────► failed       (host key / config: never retried silently)
+
+Forward states: closed ──bind──► waiting ⇄ listening (the host connects, or the server grants a
+remote forward's listener; and back) ──close──► closed.
+
+Session states: starting ──► running ⇄ disconnected (detached only) ──► exited | killed |
+failed | lost (the ended states, which have no way out).
 """
 
 from __future__ import annotations
@@ -16,7 +24,19 @@ import random
 from dataclasses import dataclass
 
 
-class HostState(str, enum.Enum):
+class IllegalTransition(RuntimeError):
+    """A state change the table does not allow: a programming error."""
+
+
+class _Named(str, enum.Enum):
+    def __str__(self) -> str:
+        return self.value
+
+
+# -- hosts ------------------------------------------------------------------------------------
+
+
+class HostState(_Named):
     CONNECTING = "connecting"
     CONNECTED = "connected"
     BACKOFF = "backoff"
@@ -24,64 +44,161 @@ class HostState(str, enum.Enum):
     FAILED = "failed"
     STOPPED = "stopped"
 
-    def __str__(self) -> str:
-        return self.value
+
+class HostEvent(_Named):
+    #: a connection attempt starts
+    ATTEMPT = "attempt"
+    #: the attempt logged in
+    UP = "up"
+    #: the attempt failed in a way worth retrying (refused, timed out, unresolvable…)
+    RETRY = "retry"
+    #: the live connection ended
+    LOST = "lost"
+    #: the login needs a person (or was refused): no retry on its own
+    NEEDS_PERSON = "needs-person"
+    #: a host key or configuration problem: no retry on its own
+    FATAL = "fatal"
+    #: the supervisor stops
+    STOP = "stop"
 
 
-class ForwardState(str, enum.Enum):
+H, HE = HostState, HostEvent
+
+HOST_TABLE: dict[tuple[HostState, HostEvent], HostState] = {
+    (H.STOPPED, HE.ATTEMPT): H.CONNECTING,
+    (H.BACKOFF, HE.ATTEMPT): H.CONNECTING,
+    (H.NEEDS_AUTH, HE.ATTEMPT): H.CONNECTING,
+    (H.FAILED, HE.ATTEMPT): H.CONNECTING,
+    (H.CONNECTING, HE.UP): H.CONNECTED,
+    (H.CONNECTING, HE.RETRY): H.BACKOFF,
+    (H.CONNECTING, HE.NEEDS_PERSON): H.NEEDS_AUTH,
+    (H.CONNECTING, HE.FATAL): H.FAILED,
+    (H.CONNECTED, HE.LOST): H.BACKOFF,
+    **{(s, HE.STOP): H.STOPPED for s in HostState if s is not H.STOPPED},
+}
+
+
+def host_next(state: HostState, event: HostEvent) -> HostState:
+    """The host's state after ``event`` in ``state``."""
+    try:
+        return HOST_TABLE[state, event]
+    except KeyError:
+        raise IllegalTransition(f"host: no transition for {event} in state {state}") from None
+
+
+def is_connected(state: HostState) -> bool:
+    """The one way to ask whether a host is connected (its connection usable)."""
+    return state is H.CONNECTED
+
+
+# -- forwards ---------------------------------------------------------------------------------
+
+
+class ForwardState(_Named):
     #: bound, and the host is connected: clients are served at once
     LISTENING = "listening"
     #: bound, the host is not connected: clients are held (bounded) until it is
     WAITING = "waiting"
-    #: the listener is closed (forward removed or daemon stopping)
+    #: the listener is closed (not bound yet, forward removed or daemon stopping)
     CLOSED = "closed"
 
-    def __str__(self) -> str:
-        return self.value
+
+class ForwardEvent(_Named):
+    #: the listener is bound (a remote forward: accepted, to be requested)
+    BIND = "bind"
+    #: clients can be served now (the host connected; the server granted the listener)
+    UP = "up"
+    #: they cannot any more (the host is not connected; the listener is gone)
+    DOWN = "down"
+    #: the listener is closed for good
+    CLOSE = "close"
 
 
-H = HostState
-F = ForwardState
+F, FE = ForwardState, ForwardEvent
 
-HOST_TRANSITIONS: dict[HostState, frozenset[HostState]] = {
-    H.STOPPED: frozenset({H.CONNECTING}),
-    H.CONNECTING: frozenset({H.CONNECTED, H.BACKOFF, H.NEEDS_AUTH, H.FAILED, H.STOPPED}),
-    H.CONNECTED: frozenset({H.BACKOFF, H.CONNECTING, H.STOPPED}),
-    H.BACKOFF: frozenset({H.CONNECTING, H.STOPPED}),
-    H.NEEDS_AUTH: frozenset({H.CONNECTING, H.STOPPED}),
-    H.FAILED: frozenset({H.CONNECTING, H.STOPPED}),
+FORWARD_TABLE: dict[tuple[ForwardState, ForwardEvent], ForwardState] = {
+    (F.CLOSED, FE.BIND): F.WAITING,
+    (F.WAITING, FE.UP): F.LISTENING,
+    (F.LISTENING, FE.DOWN): F.WAITING,
+    (F.WAITING, FE.CLOSE): F.CLOSED,
+    (F.LISTENING, FE.CLOSE): F.CLOSED,
 }
 
-FORWARD_TRANSITIONS: dict[ForwardState, frozenset[ForwardState]] = {
-    F.WAITING: frozenset({F.LISTENING, F.CLOSED}),
-    F.LISTENING: frozenset({F.WAITING, F.CLOSED}),
-    F.CLOSED: frozenset(),
+
+def forward_next(state: ForwardState, event: ForwardEvent) -> ForwardState:
+    """The forward's state after ``event`` in ``state``."""
+    try:
+        return FORWARD_TABLE[state, event]
+    except KeyError:
+        raise IllegalTransition(f"forward: no transition for {event} in state {state}") \
+            from None
+
+
+def forward_follow(state: ForwardState, up: bool) -> ForwardState:
+    """An open listener's state once it can (``up``) or cannot serve clients: unchanged, or
+    the UP / DOWN transition; a closed one stays closed."""
+    if state is F.WAITING and up:
+        return forward_next(state, FE.UP)
+    if state is F.LISTENING and not up:
+        return forward_next(state, FE.DOWN)
+    return state
+
+
+# -- sessions ---------------------------------------------------------------------------------
+
+
+class SessionState(_Named):
+    STARTING = "starting"
+    RUNNING = "running"
+    #: detached: the connection is down, the command runs on
+    DISCONNECTED = "disconnected"
+    EXITED = "exited"
+    KILLED = "killed"
+    FAILED = "failed"
+    LOST = "lost"
+
+
+class SessionEvent(_Named):
+    #: the command runs on the server (its pid is known)
+    STARTED = "started"
+    #: detached: the connection went away (the command runs on)
+    DISCONNECTED = "disconnected"
+    #: detached: following again on a new connection
+    REATTACHED = "reattached"
+    #: the command ended with an exit status (or a signal, attached)
+    EXITED = "exited"
+    #: it ended after `tunnelctl kill`
+    KILLED = "killed"
+    #: it could not be started or followed (the reason is the session's error)
+    FAILED = "failed"
+    #: it ended without an exit status (the connection, or the runner, was lost)
+    LOST = "lost"
+
+
+S, SE = SessionState, SessionEvent
+
+#: the states a session ends in (they have no way out)
+SESSION_ENDED = frozenset({S.EXITED, S.KILLED, S.FAILED, S.LOST})
+
+SESSION_TABLE: dict[tuple[SessionState, SessionEvent], SessionState] = {
+    (S.STARTING, SE.STARTED): S.RUNNING,
+    (S.STARTING, SE.DISCONNECTED): S.DISCONNECTED,
+    (S.RUNNING, SE.DISCONNECTED): S.DISCONNECTED,
+    (S.DISCONNECTED, SE.REATTACHED): S.RUNNING,
+    (S.DISCONNECTED, SE.STARTED): S.RUNNING,   # a start whose answer was lost, found
+    **{(s, e): end for s in (S.STARTING, S.RUNNING, S.DISCONNECTED)
+       for e, end in ((SE.EXITED, S.EXITED), (SE.KILLED, S.KILLED), (SE.FAILED, S.FAILED),
+                      (SE.LOST, S.LOST))},
 }
 
 
-class IllegalTransition(RuntimeError):
-    """A state change the table does not allow: a programming error."""
-
-
-def check_host(old: HostState, new: HostState) -> HostState:
-    if new not in HOST_TRANSITIONS[old]:
-        raise IllegalTransition(f"host state {old} -> {new} is not allowed")
-    return new
-
-
-def check_forward(old: ForwardState, new: ForwardState) -> ForwardState:
-    if new not in FORWARD_TRANSITIONS[old]:
-        raise IllegalTransition(f"forward state {old} -> {new} is not allowed")
-    return new
-
-
-def forward_state_for(host: HostState) -> ForwardState:
-    """What an open listener's state is while its host is in ``host``."""
-    return F.LISTENING if host is H.CONNECTED else F.WAITING
-
-
-#: retry states: the supervisor retries on its own only from these
-RETRYING = frozenset({H.CONNECTING, H.BACKOFF})
+def session_next(state: SessionState, event: SessionEvent) -> SessionState:
+    """The session's state after ``event`` in ``state``."""
+    try:
+        return SESSION_TABLE[state, event]
+    except KeyError:
+        raise IllegalTransition(f"session: no transition for {event} in state {state}") \
+            from None
 
 
 @dataclass

@@ -36,11 +36,10 @@ from dataclasses import dataclass
 from urllib.parse import quote, unquote, unquote_plus, urlsplit
 
 from .errors import TunneldError
+from .names import MAX_HOST_LEN, is_host_name
 
 #: a security limit: longest URL (characters) accepted
 MAX_URL = 8192
-#: longest host name accepted (DNS limit)
-MAX_HOST_LEN = 253
 #: a limit: characters of a Jupyter redirect page that are parsed
 MAX_REDIRECT_HTML = 64 * 1024
 
@@ -57,7 +56,6 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 
 _SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
 _AUTHORITY_END = re.compile(r"[/?#]")
-_HOST_RE = re.compile(r"[a-z0-9_.-]+")
 #: query keys (or parts of keys split at ``-``, ``_``, ``.``) whose values ``redact`` hides
 SECRET_KEYS = frozenset({"token", "password", "passwd", "pwd", "key", "apikey", "secret",
                          "auth", "access_token", "code", "signature", "sig", "session",
@@ -204,8 +202,7 @@ def on_node(p: Plan, node: str | None, server: str | None) -> Plan:
     if node is None or not server or not p.is_loopback or same_host(node, server):
         return p
     name = node.lower().rstrip(".")
-    if not name or len(name) > MAX_HOST_LEN or name.startswith("-") or \
-            not _HOST_RE.fullmatch(name):
+    if not is_host_name(name):
         raise Refused(f"the node name {_show(node)} is not a host name")
     return Plan(p.scheme, name, p.remote_port, p.path, False)
 
@@ -261,7 +258,7 @@ def _remote_host(host: str, is_ip6: bool) -> tuple[str, bool]:
         pass
     else:
         return str(ip4), ip4.is_loopback
-    if len(name) > MAX_HOST_LEN or not _HOST_RE.fullmatch(name) or name.startswith("-"):
+    if not is_host_name(name):
         raise Refused(f"host {_show(host)} in the URL is not a valid host name (letters, "
                       f"digits, '.', '-', '_'; at most {MAX_HOST_LEN} characters)")
     return name, False

@@ -30,9 +30,11 @@ Answers are secrets: they are never logged, stored, or echoed in an error messag
 from __future__ import annotations
 
 import json
-from typing import Any
+import time
+from typing import Any, Callable
 
-from .errors import ProtocolError, TunneldError
+from .errors import ProtocolError, TunneldError, UsageError
+from .names import check_host_alias, check_session_name
 
 #: bumped when a request or reply changes incompatibly
 PROTOCOL_VERSION = 1
@@ -53,7 +55,8 @@ MAX_RESPONSE = 4096
 #: what a login prompt may ask for
 PROMPT_KINDS = frozenset({"password", "kbdint", "passphrase"})
 
-#: every command the daemon serves; tunnelctl's verbs are these names
+#: every command the daemon serves; tunnelctl's verbs are these names (their arguments:
+#: ``ARGS`` below)
 COMMANDS = frozenset({
     "add", "remove", "list", "status", "stop", "reconnect", "login",
     "run", "sessions", "logs", "kill", "open", "reload", "events", "forget",
@@ -113,6 +116,132 @@ def parse_request(msg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     if not isinstance(args, dict):
         raise ProtocolError("request 'args' must be a JSON object")
     return cmd, args
+
+
+# -- the arguments of each command --------------------------------------------------------------
+#
+# Each command declares its arguments: name → a checker that returns the typed value (or the
+# default for a missing / null one) or raises UsageError naming the argument.  Only the *types*
+# are checked here (a host alias, a list of strings, a flag...); what a value means (a spec's
+# grammar, whether a session exists) is the services' business.  A request with an argument
+# its command does not take is refused: a typo must not be ignored.
+
+Checker = Callable[[str, Any], Any]
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:79] + "…"
+
+
+def flag(default: bool = False) -> Checker:
+    def check(name: str, value: Any) -> bool:
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise UsageError(f"{name!r} must be true or false, not {_show(value)}")
+        return value
+    return check
+
+
+def text(required: bool = True) -> Checker:
+    def check(name: str, value: Any) -> str | None:
+        if value is None and not required:
+            return None
+        if not isinstance(value, str):
+            raise UsageError(f"{name!r} must be a string, not {_show(value)}")
+        return value
+    return check
+
+
+def texts(name: str, value: Any) -> list[str]:
+    """A list of strings (a missing one: empty)."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise UsageError(f"{name!r} must be a list of strings, not {_show(value)}")
+    return list(value)
+
+
+def host(required: bool = True) -> Checker:
+    def check(name: str, value: Any) -> str | None:
+        if value is None and not required:
+            return None
+        return check_host_alias(value)
+    return check
+
+
+def session_name(required: bool = True) -> Checker:
+    def check(name: str, value: Any) -> str | None:
+        if value is None and not required:
+            return None
+        return check_session_name(value)
+    return check
+
+
+def port_choice(name: str, value: Any) -> int | str | None:
+    """``run --port``: none, "auto" or a port number."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise UsageError(f"--port takes 'auto' or a port number, not {value!r}")
+    return value
+
+
+def command_words(name: str, value: Any) -> list[str]:
+    """A session's command: its words (a string is one word)."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or \
+            not all(isinstance(a, str) for a in value) or not "".join(value).strip():
+        raise UsageError("run needs a command, e.g. `tunnelctl run HOST -- jupyter lab`")
+    return list(value)
+
+
+_FORWARDS = {"specs": texts, "remote": texts, "socks": texts}
+#: every command's arguments (see above); ``interactive``: the client can answer login prompts
+ARGS: dict[str, dict[str, Checker]] = {
+    "add": {"host": host(), **_FORWARDS, "public": flag(), "force": flag(),
+            "interactive": flag()},
+    "remove": {"host": host(), **_FORWARDS},
+    "list": {},
+    "status": {},
+    "stop": {},
+    "reconnect": {"host": host(required=False), "interactive": flag()},
+    "login": {"host": host(), "interactive": flag()},
+    "run": {"host": host(), "command": command_words, "name": session_name(required=False),
+            "port": port_choice, "detach": flag(True), "follow": flag(),
+            "interactive": flag()},
+    "sessions": {},
+    "logs": {"name": text(), "follow": flag(), "all": flag()},
+    "kill": {"name": text()},
+    "forget": {"names": texts, "ended": flag()},
+    "open": {"host": host(), "url": text(), "node": text(required=False),
+             "interactive": flag()},
+    "reload": {},
+    "events": {},
+}
+
+
+def parse_args(cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+    """The typed arguments of a request (``parse_request``'s): every argument of ``cmd``,
+    checked, with its default when missing.  Raises UsageError naming the bad one."""
+    spec = ARGS[cmd]
+    unknown = sorted(set(args) - set(spec))
+    if unknown:
+        takes = ", ".join(sorted(spec)) or "no arguments"
+        raise UsageError(f"{cmd} takes no argument {unknown[0]!r} (it takes: {takes})")
+    return {name: check(name, args.get(name)) for name, check in spec.items()}
+
+
+assert set(ARGS) == COMMANDS
+
+
+def iso_time(t: float, ms: bool = False) -> str:
+    """A wall-clock time as the wire writes it: UTC, ``2026-11-21T21:00:00Z`` (``ms``: with
+    milliseconds, ``…:00.123Z``)."""
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t))
+    return text + (f".{int(t % 1 * 1000):03d}Z" if ms else "Z")
 
 
 def ok(version: str, result: Any = None) -> dict[str, Any]:
