@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from tunneld.config import Config, StateFile, load_config, load_state
+from tunneld.config import Config, load_config
+from tunneld.store import StateFile, load_state
 from tunneld.errors import ConfigError
 
 FILE_SETTINGS = settings(max_examples=250, deadline=None,

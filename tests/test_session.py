@@ -15,6 +15,7 @@ import pytest
 
 from tunneld import remote
 from tunneld.session import Session
+from tunneld.session_detached import DetachedSession
 from tunneld.state import HostState
 
 pytestmark = pytest.mark.timeout(60)
@@ -93,6 +94,9 @@ class LocalHost:
     async def connection_for_client(self) -> LocalConn:
         return self.conn
 
+    def live_connection(self) -> LocalConn:
+        return self.conn
+
     async def wait_change(self, timeout: float | None = None) -> None:
         await asyncio.sleep(0.05)
 
@@ -107,8 +111,8 @@ def run_session(tmp_path: Path, command: str, **losses: int) -> Session:
     conn = LocalConn(home, **losses)
 
     async def main() -> Session:
-        sess = Session("s1", LocalHost(conn), command, tmp_path / "local" / "s1.log",  # type: ignore[arg-type]
-                       no_open)
+        sess = DetachedSession("s1", LocalHost(conn), command,  # type: ignore[arg-type]
+                               tmp_path / "local" / "s1.log", no_open)
         sess.start()
         try:
             await asyncio.wait_for(sess.done.wait(), 30)
@@ -156,8 +160,8 @@ def test_taken_up_while_it_was_starting(tmp_path):
 
     async def main() -> Session:
         await conn.run(remote.detached_start_command("s1-0001", "echo hi; exit 6"))
-        sess = Session("s1", LocalHost(conn), "echo hi; exit 6",  # type: ignore[arg-type]
-                       tmp_path / "local" / "s1.log", no_open)
+        sess = DetachedSession("s1", LocalHost(conn), "echo hi; exit 6",  # type: ignore[arg-type]
+                               tmp_path / "local" / "s1.log", no_open)
         sess.resume({"remote_id": "s1-0001", "pid": None, "started": 1.0})
         await asyncio.wait_for(sess.done.wait(), 30)
         return sess

@@ -11,18 +11,12 @@ config.toml (optional)::
     [hosts.barhal]
     forwards = ["8090-8092", "18888:node42:8888"]
 
-The state file keeps the forwards added at run time (``tunnelctl add``) so they come back
-when the daemon starts; it is written atomically (temp file, fsync, rename) with mode 0600.
+The files the daemon writes itself (saved forwards, detached sessions) are ``store.py``'s.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 import re
-import tempfile
-import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -32,16 +26,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from . import spec as specmod
 from .errors import ConfigError, SpecError
 
-log = logging.getLogger("tunneld")
 
-STATE_VERSION = 1
+class Strict(BaseModel):
+    """Unknown keys are errors; values are frozen."""
 
-
-class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Defaults(_Strict):
+class Defaults(Strict):
     bind: str = specmod.DEFAULT_BIND
     #: seconds between keepalives; with count_max 2 a black-holed link is dead within 27 s
     keepalive_interval: float = Field(9.0, ge=0, le=3600)
@@ -68,7 +60,7 @@ class Defaults(_Strict):
             raise ValueError(str(exc)) from None
 
 
-class HostConfig(_Strict):
+class HostConfig(Strict):
     forwards: list[str] = []
 
     @field_validator("forwards")
@@ -82,19 +74,13 @@ class HostConfig(_Strict):
         return v
 
 
-class Config(_Strict):
+class Config(Strict):
     defaults: Defaults = Defaults()
     hosts: dict[str, HostConfig] = {}
 
     def forwards(self) -> dict[str, list[specmod.ForwardSpec]]:
         return {name: specmod.parse_all(h.forwards, self.defaults.bind)
                 for name, h in self.hosts.items()}
-
-
-class StateFile(_Strict):
-    version: int = STATE_VERSION
-    #: host → canonical specs added at run time
-    hosts: dict[str, list[str]] = {}
 
 
 _KEY_PART = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|'[^']*')"""
@@ -111,7 +97,7 @@ def _key_parts(path: str) -> list[str]:
 
 def _fmt_loc(loc: tuple[Any, ...]) -> str:
     """A pydantic error location as a TOML key path (dotted names quoted)."""
-    out = []
+    out: list[str] = []
     for k in loc:
         if isinstance(k, int):
             out[-1] += f"[{k}]"
@@ -167,103 +153,10 @@ def load_config(path: Path) -> Config:
         for err in exc.errors():
             loc = err["loc"]
             key = _fmt_loc(loc)
-            line = _line_of(text, loc)
-            where = f"{path}:{line}" if line else str(path)
+            at = _line_of(text, loc)
+            where = f"{path}:{at}" if at else str(path)
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
             problems.append(f"{where}: {key}: {msg}")
         raise ConfigError("; ".join(problems)) from None
-
-
-def load_state(path: Path) -> StateFile:
-    """Read the state file.  Missing or empty → empty state.  Corrupt → set aside, logged."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return StateFile()
-    except OSError as exc:
-        log.error("state file %s cannot be read (%s); starting with no saved forwards",
-                  path, exc.strerror)
-        return StateFile()
-    if not data.strip():
-        log.warning("state file %s is empty; starting with no saved forwards", path)
-        return StateFile()
-    try:
-        state = StateFile.model_validate(json.loads(data))
-        if state.version > STATE_VERSION:
-            raise ValueError(f"it was written by a newer tunneld (format {state.version}, "
-                             f"this one reads {STATE_VERSION})")
-        for host, texts in state.hosts.items():
-            specmod.parse_all(texts)
-        return state
-    except (ValueError, ValidationError, SpecError, RecursionError) as exc:
-        if isinstance(exc, RecursionError):
-            exc = ValueError("nested too deeply")
-        aside = set_aside(path)
-        first = str(exc).splitlines()[0]
-        log.error("state file %s is corrupt (%s); kept it as %s and started with no saved "
-                  "forwards", path, first, aside)
-        return StateFile()
-
-
-def set_aside(path: Path) -> Path:
-    """Move an unreadable file out of the way, kept for the user as
-    ``NAME.corrupt-STAMP`` (``-N`` added if that exists); returns the new path."""
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
-    n = 1
-    while aside.exists():
-        n += 1
-        aside = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
-    os.replace(path, aside)
-    return aside
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` atomically: temp file, fsync, rename, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-#: the files atomic_write() writes in the state directory (their temp files: ``.NAME.*``)
-STATE_FILES = ("forwards.json", "sessions.json")
-
-
-def remove_stale_temp_files(directory: Path, names: tuple[str, ...] = STATE_FILES) -> int:
-    """Remove the temp files of ``atomic_write`` that a killed daemon left behind (call only
-    while holding the daemon lock: no other writer exists).  Returns how many it removed."""
-    removed = 0
-    for name in names:
-        for tmp in directory.glob(f".{name}.*"):
-            try:
-                tmp.unlink()
-                removed += 1
-            except OSError:
-                continue
-    if removed:
-        log.info("removed %d temp file(s) left in %s by a daemon that was killed", removed,
-                 directory)
-    return removed
-
-
-def save_state(path: Path, state: StateFile) -> None:
-    atomic_write(path, (state.model_dump_json(indent=2) + "\n").encode())

@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from .errors import UsageError
+from .wire import iso_time
 
 log = logging.getLogger("tunneld")
 
@@ -34,8 +35,7 @@ MAX_SUBSCRIBERS = 64
 
 
 def _now() -> str:
-    t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+    return iso_time(time.time(), ms=True)
 
 
 class Subscription:

@@ -34,7 +34,8 @@ from . import fastpath, openfail
 from .channel import CHANNEL_HIGH_WATER, TCPChannel
 from .errors import BindError, TunneldError
 from .spec import ForwardSpec, join_host_port
-from .state import ForwardState, HostState, Repeats, check_forward, forward_state_for
+from .state import (ForwardEvent, ForwardState, HostState, Repeats, forward_follow,
+                    forward_next, is_connected)
 
 if TYPE_CHECKING:
     from .host import HostSupervisor
@@ -153,7 +154,7 @@ class LocalForward(ForwardReport):
         if self.spec.bind_port == 0:  # the OS chose the port
             port = self._server.sockets[0].getsockname()[1]
             self.spec = dataclasses.replace(self.spec, bind_port=port)
-        self.state = ForwardState.WAITING
+        self.state = forward_next(self.state, ForwardEvent.BIND)
         self.follow_host()
 
     def _protocol(self) -> "_LocalProtocol":
@@ -165,14 +166,12 @@ class LocalForward(ForwardReport):
         if self.state is ForwardState.CLOSED:
             return
         self.host_changed()
-        new = forward_state_for(self.host.state)
-        if new is not self.state:
-            self.state = check_forward(self.state, new)
+        self.state = forward_follow(self.state, is_connected(self.host.state))
 
     async def close(self, abort_clients: bool = True) -> None:
         """Close the listener (and, by default, every open client connection)."""
         if self.state is not ForwardState.CLOSED:
-            self.state = check_forward(self.state, ForwardState.CLOSED)
+            self.state = forward_next(self.state, ForwardEvent.CLOSE)
         server, self._server = self._server, None
         if server is not None:
             server.close()

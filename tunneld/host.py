@@ -17,19 +17,20 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import asyncssh
 
 from .config import Defaults
 from .errors import AuthError, ConfigError, ConnectError, HostKeyError, LoginNeeded
 from .events import EventHub
-from .forward import LocalForward
 from .login import LoginClient, Prompter
 from .notify import notify
 from .spec import ForwardSpec
 from .sshconnect import connect
-from .state import Backoff, HostState, Repeats, check_host, state_phrase
+from .wire import iso_time
+from .state import (Backoff, ForwardState, HostEvent, HostState, Repeats, host_next,
+                    is_connected, state_phrase)
 
 log = logging.getLogger("tunneld")
 
@@ -38,6 +39,22 @@ LIVENESS_INTERVAL = 2.0
 LIVENESS_COUNT_MAX = 2
 #: ... for this long (s), then the configured keepalive settings return
 LIVENESS_WINDOW = 15.0
+
+
+class HostForward(Protocol):
+    """What the host calls on its forwards (``forward.LocalForward``, ``RemoteForward``)."""
+
+    spec: ForwardSpec
+    origin: str
+    state: ForwardState
+    conns: set[Any]
+    last_error: str | None
+
+    def follow_host(self) -> None: ...
+
+    async def close(self, abort_clients: bool = True) -> None: ...
+
+    def snapshot(self) -> dict[str, Any]: ...
 
 
 class HostSupervisor:
@@ -63,7 +80,7 @@ class HostSupervisor:
         self.conn: asyncssh.SSHClientConnection | None = None
         #: jump-host connections under ``conn``, closed with it
         self._hops: list[asyncssh.SSHClientConnection] = []
-        self.forwards: dict[ForwardSpec, LocalForward] = {}
+        self.forwards: dict[ForwardSpec, HostForward] = {}
         #: set and replaced on every transition; waiters wake on any change
         self._changed = asyncio.Event()
         #: set to make the backoff wait look again (a client was held, or an attempt was
@@ -101,14 +118,14 @@ class HostSupervisor:
 
     # -- state -------------------------------------------------------------------------------
 
-    def _set(self, new: HostState, why: str | None = None, key: str | None = None) -> None:
-        """Make the transition to ``new``; ``why`` says why (shown and logged).  ``key``: a
-        failed attempt's error without the retry delay; a run of attempts failing with the
-        same ``key`` is logged once, then as a count (``state.Repeats``)."""
-        if self._stopping and new is not HostState.STOPPED:
+    def _set(self, event: HostEvent, why: str | None = None, key: str | None = None) -> None:
+        """Make the transition ``event`` (``state.HOST_TABLE``); ``why`` says why (shown and
+        logged).  ``key``: a failed attempt's error without the retry delay; a run of
+        attempts failing with the same ``key`` is logged once, then as a count."""
+        if self._stopping and event is not HostEvent.STOP:
             return  # after stop() the only transition left is to STOPPED
         old = self.state
-        self.state = check_host(old, new)
+        self.state = new = host_next(old, event)
         self.since = time.time()
         if new is HostState.CONNECTED:
             self.last_error = None
@@ -183,7 +200,7 @@ class HostSupervisor:
         for fwd in list(self.forwards.values()):
             await fwd.close()
         if self.state is not HostState.STOPPED:
-            self._set(HostState.STOPPED)
+            self._set(HostEvent.STOP)
 
     def reconnect(self) -> None:
         """Drop the connection (if any) and try again now, whatever the state."""
@@ -210,7 +227,7 @@ class HostSupervisor:
         """Find out soon whether the link survived (after a sleep or a network change):
         a connected host gets quick keepalives for a while; a host in backoff retries now."""
         conn = self.conn
-        if conn is not None and self.state is HostState.CONNECTED:
+        if conn is not None and is_connected(self.state):
             conn.set_keepalive(LIVENESS_INTERVAL, LIVENESS_COUNT_MAX)
             loop = asyncio.get_running_loop()
             loop.call_later(LIVENESS_WINDOW, self._restore_keepalive, conn)
@@ -288,15 +305,15 @@ class HostSupervisor:
 
     async def _run(self) -> None:
         while not self._stopping:
-            self._set(HostState.CONNECTING)
+            self._set(HostEvent.ATTEMPT)
             self._asked = False
             self._retry.clear()
             try:
                 client = await self._connect()
             except (AuthError, HostKeyError, ConfigError) as exc:
                 self._attempted()
-                self._set(HostState.FAILED if not isinstance(exc, AuthError)
-                          else HostState.NEEDS_AUTH, str(exc))
+                self._set(HostEvent.FATAL if not isinstance(exc, AuthError)
+                          else HostEvent.NEEDS_PERSON, str(exc))
                 if isinstance(exc, LoginNeeded):
                     notify("tunneld", str(exc))
                 await self._retry.wait()
@@ -306,14 +323,14 @@ class HostSupervisor:
                 now = self._attempted()
                 if now >= self._due:   # a scheduled attempt: the schedule moves on
                     self._due = now + self.backoff.next_delay()
-                self._set(HostState.BACKOFF, f"{exc}; retrying in {self._due - now:.1f}s",
+                self._set(HostEvent.RETRY, f"{exc}; retrying in {self._due - now:.1f}s",
                           key=str(exc))
                 await self._wait_retry()
                 continue
             up = self._attempted()
             self.failure = None
-            self._set(HostState.CONNECTED)
-            exc = await client.lost
+            self._set(HostEvent.UP)
+            lost = await client.lost
             await self._close_conn()
             if self._stopping:
                 return
@@ -324,10 +341,10 @@ class HostSupervisor:
                 why = "reconnect requested"
                 self._due = now
             else:
-                why = f"connection lost: {_describe(exc)}" if exc else "connection closed"
+                why = f"connection lost: {_describe(lost)}" if lost else "connection closed"
                 self._due = now + self.backoff.next_delay()
             self.failure = why
-            self._set(HostState.BACKOFF, f"{why}; retrying in {self._due - now:.1f}s")
+            self._set(HostEvent.LOST, f"{why}; retrying in {self._due - now:.1f}s")
             await self._wait_retry()
 
     def _attempted(self) -> float:
@@ -371,8 +388,11 @@ class HostSupervisor:
         return text[len(self.name) + 2:] if text.startswith(f"{self.name}: ") else text
 
     def live_connection(self) -> asyncssh.SSHClientConnection | None:
-        """The connection, if the host is connected now."""
-        return self.conn if self.state is HostState.CONNECTED else None
+        """The connection, if the host is connected now (the one way to ask)."""
+        conn = self.conn
+        if is_connected(self.state) and conn is not None and not conn.is_closed():
+            return conn
+        return None
 
     async def connection_for_client(self) -> asyncssh.SSHClientConnection:
         """The live connection for a new client.  While the host is down the client is held
@@ -430,7 +450,7 @@ class HostSupervisor:
     def snapshot(self) -> dict[str, Any]:
         return {
             "name": self.name, "state": self.state.value,
-            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since)),
+            "since": iso_time(self.since),
             "last_error": self.last_error,
             "attempts": self.attempts,
             "cipher": self.conn.get_extra_info("send_cipher") if self.conn else None,

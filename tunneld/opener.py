@@ -13,37 +13,54 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import shlex
 import time
 import webbrowser
-from typing import TYPE_CHECKING, Any
+from typing import Any, Awaitable, Callable, Protocol
 
 import asyncssh
 
-from . import urls
+from . import sshrun, urls
+from .desktop import GRAPHICAL_ENV
 from .errors import ConnectError, UsageError
-
-if TYPE_CHECKING:
-    from .host import HostSupervisor
-    from .manager import Manager
+from .events import EventHub
+from .names import reduce_host_name
+from .spec import ForwardSpec
 
 log = logging.getLogger("tunneld")
+
+
+class OpenHost(Protocol):
+    """What an open needs of its host: a live connection (held while it is down)."""
+
+    name: str
+
+    async def connection_for_client(self) -> asyncssh.SSHClientConnection: ...
+
+
+class HasSpec(Protocol):
+    spec: ForwardSpec
+
+
+#: the forward of a host to a target: an existing one, or a new automatic one
+EnsureForward = Callable[[str, str, int], Awaitable[HasSpec]]
 
 #: a limit: bytes of a Jupyter redirect file read from the server
 MAX_REDIRECT_FILE = 64 * 1024
 #: seconds between readiness probes of the remote port, and the cap of its growth
 PROBE_INTERVAL = 0.2
 PROBE_INTERVAL_MAX = 1.0
-#: what a browser needs from the graphical session, and seconds allowed to ask systemd for it
-GRAPHICAL_ENV = ("DISPLAY", "WAYLAND_DISPLAY", "XAUTHORITY")
+#: seconds allowed to ask systemd's user manager for the graphical session's environment
 SHOW_ENV_TIMEOUT = 2.0
 
 
 class Opener:
-    def __init__(self, manager: "Manager", browser: list[str] | str | None = None,
+    def __init__(self, host_for: Callable[[str], OpenHost], ensure_forward: EnsureForward,
+                 events: EventHub, browser: list[str] | str | None = None,
                  ready_timeout: float = 60.0):
-        self.manager = manager
+        self.host_for = host_for
+        self.ensure_forward = ensure_forward
+        self.events = events
         self.configure(browser, ready_timeout)
         self.policy = urls.OpenPolicy()
         #: host → (connection, its server's host name) for markers that name a node
@@ -60,7 +77,7 @@ class Opener:
         local browser.  ``server``: ``host``'s own host name if known (else it is asked for
         when ``node`` is given).  Raises UsageError (refused URL) or ConnectError (host down,
         port never ready)."""
-        sup = self.manager.host_for(host)
+        sup = self.host_for(host)
         where = f" ({source})" if source else ""
         path = urls.jupyter_redirect_path(url)
         if path is not None:
@@ -77,7 +94,7 @@ class Opener:
         except urls.Refused as exc:
             log.warning("%s: refused to open a URL%s: %s", host, where, exc)
             raise UsageError(f"{host}: not opened: {exc}") from None
-        fwd = await self.manager.ensure_forward(host, plan.remote_host, plan.remote_port)
+        fwd = await self.ensure_forward(host, plan.remote_host, plan.remote_port)
         local = plan.local_url(fwd.spec.bind_port, _url_host(fwd.spec.bind_host))
         shown = urls.redact(local)
         await self._wait_ready(sup, plan)
@@ -91,11 +108,11 @@ class Opener:
             return {"url": local, "opened": False, "reason": why, "forward": str(fwd.spec)}
         log.info("%s: opening %s%s", host, shown, where)
         await self._launch(local)
-        self.manager.events.publish("open", host=host, url=shown, source=source,
-                                    forward=str(fwd.spec))
+        self.events.publish("open", host=host, url=shown, source=source,
+                            forward=str(fwd.spec))
         return {"url": local, "opened": True, "forward": str(fwd.spec)}
 
-    async def _server_name(self, sup: "HostSupervisor") -> str | None:
+    async def _server_name(self, sup: OpenHost) -> str | None:
         """``sup``'s server's host name (as the BROWSER helper reports it), asked once per
         connection; None if it cannot be learnt (the URL is then taken as the server's)."""
         conn = await sup.connection_for_client()
@@ -103,32 +120,29 @@ class Opener:
         if cached is not None and cached[0] is conn:
             return cached[1]
         try:
-            result = await asyncio.wait_for(conn.run(
-                "(hostname || uname -n) 2>/dev/null", check=False, request_pty=False,
-                term_type=None), 15)
+            result = await sshrun.run(conn, "(hostname || uname -n) 2>/dev/null", 15)
             # as the BROWSER helper reduces it (remote.HELPER_SCRIPT)
-            name = re.sub(r"[^A-Za-z0-9_.-]", "", str(result.stdout or ""))[:253] or None
+            name = reduce_host_name(str(result.stdout or ""))
         except (asyncio.TimeoutError, asyncssh.Error, OSError):
             name = None
         self._server_names[sup.name] = (conn, name)
         return name
 
-    async def _read_redirect(self, sup: "HostSupervisor", path: str) -> str:
+    async def _read_redirect(self, sup: OpenHost, path: str) -> str:
         conn = await sup.connection_for_client()
         try:
-            result = await asyncio.wait_for(conn.run(
-                f"head -c {MAX_REDIRECT_FILE} -- {shlex.quote(path)}", check=False,
-                request_pty=False, term_type=None), 15)
+            result = await sshrun.run(
+                conn, f"head -c {MAX_REDIRECT_FILE} -- {shlex.quote(path)}", 15)
         except (asyncio.TimeoutError, asyncssh.Error, OSError) as exc:
             raise ConnectError(f"{sup.name}: could not read Jupyter's redirect file {path}: "
                                f"{exc}") from None
-        target = urls.jupyter_redirect_target(result.stdout or "")
+        target = urls.jupyter_redirect_target(str(result.stdout or ""))
         if result.exit_status != 0 or target is None:
             raise UsageError(f"{sup.name}: not opened: {path} on the server holds no URL "
-                             f"({(result.stderr or '').strip() or 'no link found'})")
+                             f"({str(result.stderr or '').strip() or 'no link found'})")
         return target
 
-    async def _wait_ready(self, sup: "HostSupervisor", plan: urls.Plan) -> None:
+    async def _wait_ready(self, sup: OpenHost, plan: urls.Plan) -> None:
         """Until the server can connect to the target (bounded by ``ready_timeout``)."""
         deadline = time.monotonic() + self.ready_timeout
         delay = PROBE_INTERVAL

@@ -33,7 +33,7 @@ from .errors import BindError
 from .forward import (CHANNEL_MAX_PKTSIZE, CHANNEL_WINDOW, LINGER_RESET, ForwardReport,
                       _ChannelSession, _LocalSide, set_linger)
 from .spec import ForwardSpec, join_host_port
-from .state import ForwardState, HostState, check_forward
+from .state import ForwardEvent, ForwardState, forward_follow, forward_next
 
 if TYPE_CHECKING:
     from .host import HostSupervisor
@@ -107,7 +107,7 @@ class RemoteForward(ForwardReport):
                     self._conn, self._listener = conn, listener
                     log.info("%s: the server listens on %s for %s", self.host.name,
                              self.spec.listen, self.spec.target)
-        self.state = ForwardState.WAITING
+        self.state = forward_next(self.state, ForwardEvent.BIND)
         self.follow_host()
 
     def follow_host(self) -> None:
@@ -123,13 +123,12 @@ class RemoteForward(ForwardReport):
             if conn is not None:
                 self._task = asyncio.get_running_loop().create_task(
                     self._establish(conn), name=f"remote:{self.host.name}:{self.spec.bind_port}")
-        self._to(ForwardState.LISTENING if self._listener is not None
-                 else ForwardState.WAITING, publish=False)
+        self._to(self._listener is not None, publish=False)
 
     async def close(self, abort_clients: bool = True) -> None:
         """Cancel the listener on the server (and, by default, every open connection)."""
         if self.state is not ForwardState.CLOSED:
-            self.state = check_forward(self.state, ForwardState.CLOSED)
+            self.state = forward_next(self.state, ForwardEvent.CLOSE)
         if not self._asking:
             self._stop_task()
         else:
@@ -163,10 +162,7 @@ class RemoteForward(ForwardReport):
     # -- internals -----------------------------------------------------------------------------
 
     def _live_conn(self) -> asyncssh.SSHClientConnection | None:
-        conn = self.host.conn
-        if self.host.state is HostState.CONNECTED and conn is not None and not conn.is_closed():
-            return conn
-        return None
+        return self.host.live_connection()
 
     async def _request(self, conn: asyncssh.SSHClientConnection) -> asyncssh.SSHListener:
         self._asking = True
@@ -187,13 +183,12 @@ class RemoteForward(ForwardReport):
         if task is not None and task is not asyncio.current_task():
             task.cancel()
 
-    def _to(self, new: ForwardState, publish: bool = True) -> None:
+    def _to(self, up: bool, publish: bool = True) -> None:
+        """LISTENING iff ``up`` (the server holds our listener), else WAITING."""
         old = self.state
-        if new is old or old is ForwardState.CLOSED:
-            return
-        self.state = check_forward(old, new)
+        self.state = new = forward_follow(old, up)
         events = self.host.events
-        if publish and events is not None:
+        if new is not old and publish and events is not None:
             events.publish("forward", host=self.host.name, spec=str(self.spec), event="state",
                            origin=self.origin, old=old.value, new=new.value)
 
@@ -255,7 +250,7 @@ class RemoteForward(ForwardReport):
                 log.info("%s: the server listens on %s for %s%s", self.host.name,
                          self.spec.listen, self.spec.target,
                          f" (after {refused} refusals)" if refused else "")
-                self._to(ForwardState.LISTENING)
+                self._to(True)
                 return
         finally:
             if self._task is asyncio.current_task():
@@ -320,5 +315,5 @@ class _RemoteSession(_ChannelSession):
         super().__init__(target)
         self.target = target
 
-    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:  # type: ignore
+    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         self.target.attach(chan)
