@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__, paths
+from . import clock as sleepclock
 from .config import Config, load_config
 from .control import ControlServer
 from .errors import ConfigError, DaemonUnavailable, TunneldError
@@ -53,7 +54,7 @@ class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
                              f"{getattr(exc, 'strerror', None) or exc}; logging to stderr "
                              "only until it can\n")
 
-    def _open(self):  # type: ignore[override]
+    def _open(self) -> Any:
         old = os.umask(0o077)
         try:
             stream = super()._open()
@@ -213,12 +214,14 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
             # SIGUSR1: the network changed (a hook can send it): check every link now
-            loop.add_signal_handler(signal.SIGUSR1, self.manager.check_liveness, "SIGUSR1")
+            loop.add_signal_handler(signal.SIGUSR1, self.manager.hosts.check_liveness,
+                                    "SIGUSR1")
             # SIGHUP: re-read the config (what `systemctl reload` and `tunnelctl reload` do)
             loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
             await self.control.start()
             await self.manager.restore()
-            clock = asyncio.get_running_loop().create_task(self.manager.watch_clock())
+            clock = asyncio.get_running_loop().create_task(
+                sleepclock.watch(self.manager.hosts.check_liveness))
             log.info("tunneld %s ready (pid %d, socket %s)", __version__, os.getpid(),
                      self.socket_path)
             sd_notify("READY=1")

@@ -235,6 +235,41 @@ def test_add_during_the_restore_after_kill_9_keeps_every_forward(sshd, daemon, e
         d.ctl("stop", check=False)
 
 
+def test_a_saved_forward_that_cannot_be_bound_at_start_stays_saved(sshd, daemon, free_port):
+    """Its port is taken by another program when the daemon starts: it is not restored, but
+    an unrelated `add` must not drop it from the state file; it comes back once the port is
+    free again, and `remove` of it works meanwhile."""
+    d = daemon
+    a, b, c = free_port(), free_port(), free_port()
+    d.ctl("add", sshd.host, str(a), str(b))
+    assert d.stop() == 0
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", a))
+    squatter.listen(1)
+    try:
+        d.start()
+        assert [f["spec"] for f in d.host()["forwards"]] == [str(b)]
+        d.ctl("add", sshd.host, str(c))
+        assert sorted(_saved(d, sshd.host)) == sorted([str(a), str(b), str(c)])
+    finally:
+        squatter.close()
+    assert d.stop() == 0
+    d.start()
+    assert sorted(f["spec"] for f in d.host()["forwards"]) == sorted([str(a), str(b), str(c)])
+    # and while it is not bound, `remove` of it takes it out of the file
+    assert d.stop() == 0
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", b))
+    squatter.listen(1)
+    try:
+        d.start()
+        r = d.ctl("remove", sshd.host, str(b))
+        assert f"removed {b}" in r.stdout, r.stdout
+        assert str(b) not in _saved(d, sshd.host)
+    finally:
+        squatter.close()
+
+
 # -- 3. a cut transfer is a reset ------------------------------------------------------------------
 
 

@@ -810,9 +810,16 @@ def test_wrongly_typed_flags_and_failed_runs_leave_nothing_behind(daemon, free_p
     daemon.start()
     port = free_port("0.0.0.0")
     for flag in ("false", "no", 1, [True], {"x": 1}):
+        # refused at the boundary: a flag is true or false (wire.ARGS), never "truthy"
         err = assert_error(_request(daemon, "add", host="nosuchhost.invalid",
                                     specs=[f"0.0.0.0:{port}:x:1"], public=flag), "UsageError")
-        assert "Pass --public" in err["message"], err
+        assert err["message"] == f"'public' must be true or false, not {flag!r}", err
+    err = assert_error(_request(daemon, "add", host="nosuchhost.invalid",
+                                specs=[f"0.0.0.0:{port}:x:1"], public=False), "UsageError")
+    assert "Pass --public" in err["message"], err
+    err = assert_error(_request(daemon, "add", host="testhost", specs=["1"], pubilc=True),
+                       "UsageError")
+    assert err["message"].startswith("add takes no argument 'pubilc'"), err
     for bad in (True, False, 0, 65536, "80", 1.5, [80]):
         err = assert_error(_request(daemon, "run", host="nosuchhost.invalid",
                                     command=["echo"], port=bad), "UsageError")
