@@ -324,7 +324,10 @@ def test_scan_line_is_the_per_line_function():
 def test_browser_env_value():
     assert ":" not in BROWSER_ENV and os.pathsep not in BROWSER_ENV
     assert BROWSER_ENV.count("%s") == 1
-    assert scan((BROWSER_ENV % "http://x/?a=1&b=2").encode()) != []
+    # what the shell prints for it is the marker, its URL whole
+    out = subprocess.run(["sh", "-c", BROWSER_ENV % "'http://x/?a=1&b=2'"], capture_output=True,
+                         timeout=10).stdout
+    assert scan(out) == [("http://x/?a=1&b=2", None)]
 
 
 @pytest.mark.timeout(30)

@@ -190,7 +190,9 @@ def test_daemon_restart_reattaches_and_kill_leaves_no_survivor(sdaemon, sshd, op
     assert os.stat(saved).st_mode & 0o777 == 0o600
     assert [r["name"] for r in json.loads(saved.read_text())["sessions"]] == ["lab"]
     second_half.touch()                             # "it]" is printed while no one listens
-    time.sleep(0.5)
+    remote_log = Path(s["remote_dir"]) / "log"
+    d.wait_for(lambda: b"/split]\n" in remote_log.read_bytes(),
+               what="the second half printed while the daemon is stopped")
     d.start()
 
     s = wait_state(d, "lab", "running")
@@ -212,6 +214,8 @@ def test_daemon_restart_reattaches_and_kill_leaves_no_survivor(sdaemon, sshd, op
     s = sessions(d)["lab"]
     assert s["state"] == "killed"
     assert Path(s["log"]).read_bytes() == (Path(s["remote_dir"]) / "log").read_bytes()
+    # every byte was scanned: a marker acted on again would have started by now; give its
+    # browser launch a moment (a negative check cannot wait for a condition)
     time.sleep(0.5)
     assert len(opened.read_text().splitlines()) == 2
 
