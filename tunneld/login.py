@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 import asyncssh
 
@@ -116,8 +116,9 @@ class LoginClient(asyncssh.SSHClient):
             return None   # asyncssh moves on without sending the method
         return ""         # let the server choose its submethods
 
-    async def kbdint_challenge_received(self, name: str, instructions: str, lang: str,
-                                        prompts: list[tuple[str, bool]]) -> list[str] | None:
+    async def kbdint_challenge_received(
+            self, name: str, instructions: str, lang: str,
+            prompts: Sequence[tuple[str, bool]]) -> list[str] | None:
         ask = self._prompter("kbdint")
         if ask is None:
             return None
@@ -129,7 +130,7 @@ class LoginClient(asyncssh.SSHClient):
             self.answered = True
         return answers
 
-    async def password_auth_requested(self) -> str | None:  # type: ignore[override]
+    async def password_auth_requested(self) -> str | None:
         ask = self._prompter("password")
         n = self._next_try() if ask is not None else None
         if ask is None or n is None:
@@ -140,8 +141,7 @@ class LoginClient(asyncssh.SSHClient):
         self.answered = True
         return answers[0]
 
-    async def public_key_auth_requested(  # type: ignore[override]
-            self) -> list[asyncssh.SSHKey] | None:
+    async def public_key_auth_requested(self) -> list[asyncssh.SSHKey] | None:
         """After the agent's keys and the unencrypted IdentityFile keys: the encrypted ones,
         unlocked this daemon run, or unlocked now with a passphrase from the prompter."""
         while self._key_files:

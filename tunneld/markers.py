@@ -163,6 +163,7 @@ def scan_line(line: bytes) -> list[BrowserOpen]:
             pos = m.start() + len(MARKER)   # an inner marker may still be whole
         else:
             events.append(event)
+            assert close_at is not None   # (an event needs its closing bracket)
             pos = close_at + 1
 
 

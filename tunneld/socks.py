@@ -225,8 +225,8 @@ class Handshake:
             return None
         msg = self._take(size)
         if cmd != _CONNECT:
-            name = _COMMANDS.get(cmd, f"{cmd:#04x}")
-            return self._fail(f"SOCKS5 command {name} is not supported (only CONNECT)",
+            what = _COMMANDS.get(cmd, f"{cmd:#04x}")
+            return self._fail(f"SOCKS5 command {what} is not supported (only CONNECT)",
                               reply(SOCKS5, COMMAND_NOT_SUPPORTED))
         if rsv != 0:
             return self._fail("bad SOCKS5 request: reserved byte is not zero",
@@ -238,10 +238,11 @@ class Handshake:
             host = str(ipaddress.IPv6Address(msg[4:20]))
         else:
             raw = msg[5:-2]
-            host = _domain(raw)
-            if host is None:
+            name = _domain(raw)
+            if name is None:
                 return self._fail(f"SOCKS5 request names a bad host name {raw[:64]!r}",
                                   reply(SOCKS5, HOST_UNREACHABLE))
+            host = name
         return self._finish(Request(SOCKS5, host, port))
 
     def _socks4(self) -> Event | None:

@@ -46,7 +46,8 @@ def config_aliases(path: Path | None = None) -> list[str]:
     of the files it includes (relative paths are relative to ``~/.ssh``, as for ssh)."""
     names: list[str] = []
     path = path or default_path()
-    todo, seen = [path], set()
+    todo: list[Path] = [path]
+    seen: set[Path] = set()
     ssh_dir = default_path().parent
     while todo and len(seen) < MAX_CONFIG_FILES:
         f = todo.pop(0)
