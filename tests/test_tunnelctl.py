@@ -130,26 +130,24 @@ def test_help_lists_commands(env):
 
 def test_cli_verbs_are_wire_commands():
     """House rule 8: CLI verbs = wire commands."""
-    from tunnelctl.__main__ import build_parser
     from tunneld import wire
+    from tunnelctl import cli, commands
 
-    from tunnelctl.__main__ import LOCAL_VERBS
-
-    ap = build_parser()
-    sub = next(a for a in ap._actions if a.dest == "cmd")
+    verbs = set(cli.verbs(cli.build_parser()))
     # verbs that run in the client itself say which wire command they use
-    assert set(sub.choices) - set(LOCAL_VERBS) <= wire.COMMANDS
-    assert set(LOCAL_VERBS.values()) <= wire.COMMANDS
-    assert set(LOCAL_VERBS) <= set(sub.choices)
+    assert verbs - set(cli.LOCAL_VERBS) <= wire.COMMANDS
+    assert set(cli.LOCAL_VERBS.values()) <= wire.COMMANDS
+    assert set(cli.LOCAL_VERBS) <= verbs
+    assert set(commands.HANDLERS) == verbs  # every verb runs a function
 
 
 def test_session_line_names_how_a_session_ended():
-    from tunnelctl.__main__ import _session_line
-    assert _session_line({"state": "exited", "exit_status": 3}) == "exit status 3"
+    from tunnelctl.render import session_line
+    assert session_line({"state": "exited", "exit_status": 3}) == "exit status 3"
     # `tunnelctl kill`: the shell reports 143 (SIGTERM); the user asked for a kill
-    assert _session_line({"state": "killed", "exit_status": 143}) == "killed"
-    assert _session_line({"state": "exited", "exit_signal": "KILL"}) == "killed by signal KILL"
-    assert _session_line({"state": "failed", "error": "host is needs-auth"}) == \
+    assert session_line({"state": "killed", "exit_status": 143}) == "killed"
+    assert session_line({"state": "exited", "exit_signal": "KILL"}) == "killed by signal KILL"
+    assert session_line({"state": "failed", "error": "host is needs-auth"}) == \
         "host is needs-auth"
 
 
@@ -160,14 +158,14 @@ def test_run_without_the_separator_says_where_the_command_goes(env):
 
 
 def test_a_table_is_cut_to_the_terminal_width(capsys):
-    from tunnelctl.__main__ import _table
+    from tunnelctl.render import table
     rows = [("NAME", "EXIT", "COMMAND"), ("a", "x" * 200, "y" * 200), ("bb", "ok", "short")]
-    _table(rows, squeeze=(2, 1), width=60)
+    table(rows, squeeze=(2, 1), width=60)
     out = capsys.readouterr().out.splitlines()
     assert all(len(line) <= 60 for line in out), out
     assert out[1].startswith("a   ") and out[1].endswith("…")
     assert out[2].split() == ["bb", "ok", "short"]
-    _table(rows[:1] + rows[2:], squeeze=(2, 1), width=60)   # fits: untouched
+    table(rows[:1] + rows[2:], squeeze=(2, 1), width=60)   # fits: untouched
     assert capsys.readouterr().out.splitlines()[1].split() == ["bb", "ok", "short"]
 
 
