@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tunneld import __version__
+from tunneld import __version__, wire
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -130,7 +131,6 @@ def test_help_lists_commands(env):
 
 def test_cli_verbs_are_wire_commands():
     """House rule 8: CLI verbs = wire commands."""
-    from tunneld import wire
     from tunnelctl import cli, commands
 
     verbs = set(cli.verbs(cli.build_parser()))
@@ -173,3 +173,36 @@ def test_help_into_a_closed_pipe_is_quiet(env):
     r = subprocess.run(["sh", "-c", f"{sys.executable} -m tunnelctl --help | true"], env=env,
                        capture_output=True, text=True, timeout=30)
     assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+
+# -- the request loop, against a socket pair standing in for the daemon --------------------------
+
+def _daemon_says(*msgs: dict) -> tuple[socket.socket, socket.socket]:
+    """(our end, the daemon's end) of a connection on which the daemon has sent ``msgs``."""
+    ours, theirs = socket.socketpair()
+    theirs.sendall(b"".join(wire.encode(m) for m in msgs))
+    theirs.shutdown(socket.SHUT_WR)
+    return ours, theirs
+
+
+def test_the_daemons_error_type_is_kept(capsys):
+    from tunneld.errors import BindError
+    from tunnelctl import client
+    ours, theirs = _daemon_says(wire.progress("barhal: connecting"),
+                                wire.error(__version__, BindError("port 8090 is in use")))
+    with ours, theirs, pytest.raises(client.Failed) as e:
+        client.exchange(ours, "add", {"host": "barhal", "specs": ["8090"]})
+    assert (e.value.type, str(e.value)) == ("BindError", "port 8090 is in use")
+    assert capsys.readouterr().err == "barhal: connecting\n"
+
+
+def test_a_quiet_request_shows_nothing(capsys):
+    from tunnelctl import client
+    seen: list[dict] = []
+    ours, theirs = _daemon_says({"output": "some output\n"}, wire.ok("0.0.1", {"pid": 7}))
+    with ours, theirs:
+        assert client.exchange(ours, "status", {}, on_progress=seen.append, quiet=True) == \
+            {"pid": 7}
+        assert wire.decode(theirs.makefile("rb").readline()) == wire.request("status")
+    assert seen == [{"output": "some output\n"}]
+    assert capsys.readouterr() == ("", "")  # not the output, nor the other version's warning
