@@ -6,6 +6,7 @@ disabled, so no test here can reach or start a real daemon.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -53,15 +54,49 @@ print(json.dumps({"rc": rc, "loaded": [n for n in %r if n in sys.modules]}))
 """ % (HEAVY,)
 
 
-@pytest.mark.parametrize("argv", [["status"], ["list"], ["add", "barhal", "8090"],
-                                  ["stop"]])
-def test_thin_client_imports_nothing_heavy(env, argv):
+#: values for the positional arguments of a verb, by their dest (any other: "x"); a choice
+#: takes its first value unless named here
+SAMPLES = {"host": "barhal", "specs": "8090", "url": "http://127.0.0.1:8090/",
+           "action": "status"}
+
+
+def _verb_argv(verb: str, parser) -> list[str]:
+    """A command line that runs ``verb`` (rather than failing on its usage)."""
+    argv = [verb]
+    for act in parser._actions:
+        if act.option_strings or act.nargs == argparse.REMAINDER:
+            continue
+        argv.append(SAMPLES.get(act.dest) or (act.choices[0] if act.choices else "x"))
+    return argv + (["--", "true"] if verb == "run" else [])
+
+
+def _every_verb() -> list:
+    from tunnelctl import cli
+    return [pytest.param(_verb_argv(verb, p), id=verb)
+            for verb, (_, p) in cli.verbs(cli.build_parser()).items()]
+
+
+@pytest.mark.parametrize("argv", _every_verb())
+def test_thin_client_imports_nothing_heavy(env, tmp_path, argv):
+    # no ssh or systemctl on PATH: `ssh` and `service` end at once, touching nothing here
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    env["PATH"] = str(empty)
     r = subprocess.run([sys.executable, "-c", PROBE, *argv], env=env, stdin=subprocess.DEVNULL,
                        capture_output=True, text=True, timeout=30)
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["loaded"] == [], f"tunnelctl imported {out['loaded']}"
-    expected = 0 if argv == ["stop"] else 3  # stopping a daemon that is not running is fine
-    assert out["rc"] == expected, r.stderr
+    assert out["loaded"] == [], f"tunnelctl {' '.join(argv)} imported {out['loaded']}"
+    assert out["rc"] != 2, f"{argv} is a usage error: {r.stderr}"  # the verb itself ran
+    assert "Traceback" not in r.stderr, r.stderr
+
+
+def test_without_a_daemon_verbs_exit_3_but_stop(env):
+    """Those that need the daemon exit 3; stopping a daemon that is not running is fine."""
+    for argv, expected in ((["status"], 3), (["list"], 3), (["add", "barhal", "8090"], 3),
+                           (["stop"], 0)):
+        r = subprocess.run([sys.executable, "-c", PROBE, *argv], env=env,
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+        assert json.loads(r.stdout.strip().splitlines()[-1])["rc"] == expected, r.stderr
 
 
 def test_status_without_daemon_exits_3(env):
@@ -186,8 +221,8 @@ def _daemon_says(*msgs: dict) -> tuple[socket.socket, socket.socket]:
 
 
 def test_the_daemons_error_type_is_kept(capsys):
-    from tunneld.errors import BindError
     from tunnelctl import client
+    from tunneld.errors import BindError
     ours, theirs = _daemon_says(wire.progress("barhal: connecting"),
                                 wire.error(__version__, BindError("port 8090 is in use")))
     with ours, theirs, pytest.raises(client.Failed) as e:
