@@ -204,6 +204,28 @@ def test_a_table_is_cut_to_the_terminal_width(capsys):
     assert capsys.readouterr().out.splitlines()[1].split() == ["bb", "ok", "short"]
 
 
+#: Europe/Berlin's rule spelled out (CET; CEST from the last Sunday of March to the last one of
+#: October), so that the test needs no tzdata
+BERLIN = "CET-1CEST,M3.5.0,M10.5.0/3"
+AGO = """
+import calendar, sys, time
+from tunnelctl import render
+then = calendar.timegm(time.strptime(sys.argv[1], "%Y-%m-%dT%H:%M:%SZ"))
+time.time = lambda: then + 600
+print(render.ago(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("when", [pytest.param("2026-07-21T21:00:00Z", id="summer"),
+                                  pytest.param("2026-11-21T21:00:00Z", id="winter")])
+def test_an_age_is_right_under_daylight_saving_time(env, when):
+    """A wire time is UTC: ten minutes ago is 10m in any zone, in any season."""
+    env["TZ"] = BERLIN
+    r = subprocess.run([sys.executable, "-c", AGO, when], env=env, capture_output=True,
+                       text=True, timeout=30)
+    assert r.stdout.strip() == "10m", r.stderr
+
+
 def test_help_into_a_closed_pipe_is_quiet(env):
     r = subprocess.run(["sh", "-c", f"{sys.executable} -m tunnelctl --help | true"], env=env,
                        capture_output=True, text=True, timeout=30)

@@ -1,5 +1,8 @@
 """What tunnelctl shows a person: sizes, ages, tables cut to the terminal's width, and the
 text of `list`, `sessions`, `status` and `events`.  The daemon's JSON in, lines out.
+
+Times on the wire are UTC (``2026-11-21T21:00:00Z``); they are shown as ages or as the local
+clock.
 """
 
 from __future__ import annotations
@@ -20,12 +23,21 @@ def _size(n: float) -> str:
     return f"{n:.1f}T"
 
 
+def _utc(iso: str) -> int | None:
+    """A wire time as seconds since the epoch (fractions of a second dropped), None if it is
+    not one."""
+    import calendar  # here: only the commands that show a time pay for it
+    try:
+        return calendar.timegm(time.strptime(iso[:19], "%Y-%m-%dT%H:%M:%S"))
+    except (TypeError, ValueError):
+        return None
+
+
 def ago(since: str) -> str:
     """How long ago the wire time ``since`` was: ``42s``, ``5m``, ``3h``, ``2d`` (``?``: not
     a time)."""
-    try:
-        t = time.mktime(time.strptime(since, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
-    except (ValueError, TypeError):
+    t = _utc(since)
+    if t is None:
         return "?"
     s = max(0, int(time.time() - t))
     if s < 120:
@@ -39,10 +51,8 @@ def ago(since: str) -> str:
 
 def _clock(iso: str) -> str:
     """An event's UTC time as local HH:MM:SS."""
-    import calendar
-    try:
-        t = calendar.timegm(time.strptime(iso[:19], "%Y-%m-%dT%H:%M:%S"))
-    except (TypeError, ValueError):
+    t = _utc(iso)
+    if t is None:
         return "--:--:--"
     return time.strftime("%H:%M:%S", time.localtime(t))
 
