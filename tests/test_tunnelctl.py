@@ -263,3 +263,22 @@ def test_a_quiet_request_shows_nothing(capsys):
         assert wire.decode(theirs.makefile("rb").readline()) == wire.request("status")
     assert seen == [{"output": "some output\n"}]
     assert capsys.readouterr() == ("", "")  # not the output, nor the other version's warning
+
+
+STATUS = {"version": __version__, "pid": 42, "uptime": 12.6, "socket": "/run/t.sock",
+          "hosts": 2, "forwards": 3}
+STATUS_LINE = (f"tunneld {__version__} running, pid 42, up 13s, socket /run/t.sock, "
+               "2 host(s), 3 forward(s)")
+
+
+@pytest.mark.parametrize("fastpath, part", [
+    pytest.param(None, "", id="older-daemon"),
+    pytest.param({"active": True, "reason": "asyncssh 2.24.0"}, ", fast path: on", id="on"),
+    pytest.param({"active": False, "reason": "asyncssh 2.25.0 not tested"},
+                 ", fast path: off (asyncssh 2.25.0 not tested)", id="off"),
+    pytest.param({"active": False}, ", fast path: off", id="off-no-reason"),
+])
+def test_status_line_shows_the_fast_path(fastpath, part):
+    from tunnelctl.render import status_line
+    r = dict(STATUS) if fastpath is None else dict(STATUS, fastpath=fastpath)
+    assert status_line(r) == STATUS_LINE + part

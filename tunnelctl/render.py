@@ -135,9 +135,17 @@ def print_sessions(sessions: list[dict[str, Any]]) -> None:
 
 
 def status_line(r: dict[str, Any]) -> str:
-    """`tunnelctl status`: one line."""
-    return (f"tunneld {r['version']} running, pid {r['pid']}, up {r['uptime']:.0f}s, "
+    """`tunnelctl status`: one line.  The fast path's state is a part of it when the daemon
+    reports one (``fastpath``; a daemon older than that key gets no such part)."""
+    line = (f"tunneld {r['version']} running, pid {r['pid']}, up {r['uptime']:.0f}s, "
             f"socket {r['socket']}, {r['hosts']} host(s), {r['forwards']} forward(s)")
+    fast = r.get("fastpath")
+    if isinstance(fast, dict):
+        if fast.get("active"):
+            line += ", fast path: on"
+        else:
+            line += ", fast path: off" + (f" ({fast['reason']})" if fast.get("reason") else "")
+    return line
 
 
 def format_event(ev: dict[str, Any]) -> str:
