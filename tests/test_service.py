@@ -424,7 +424,7 @@ def test_logs_daemon_without_a_log_file(env):
 # -- events, as printed ---------------------------------------------------------------------------
 
 def test_format_event():
-    from tunnelctl.__main__ import format_event
+    from tunnelctl.render import format_event
     t = "2026-11-21T21:00:03.120Z"
     assert format_event({"time": t, "kind": "host", "host": "barhal", "old": "connecting",
                          "new": "connected", "error": None}).endswith(

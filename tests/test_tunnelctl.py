@@ -6,8 +6,10 @@ disabled, so no test here can reach or start a real daemon.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tunneld import __version__
+from tunneld import __version__, wire
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -52,15 +54,49 @@ print(json.dumps({"rc": rc, "loaded": [n for n in %r if n in sys.modules]}))
 """ % (HEAVY,)
 
 
-@pytest.mark.parametrize("argv", [["status"], ["list"], ["add", "barhal", "8090"],
-                                  ["stop"]])
-def test_thin_client_imports_nothing_heavy(env, argv):
+#: values for the positional arguments of a verb, by their dest (any other: "x"); a choice
+#: takes its first value unless named here
+SAMPLES = {"host": "barhal", "specs": "8090", "url": "http://127.0.0.1:8090/",
+           "action": "status"}
+
+
+def _verb_argv(verb: str, parser) -> list[str]:
+    """A command line that runs ``verb`` (rather than failing on its usage)."""
+    argv = [verb]
+    for act in parser._actions:
+        if act.option_strings or act.nargs == argparse.REMAINDER:
+            continue
+        argv.append(SAMPLES.get(act.dest) or (act.choices[0] if act.choices else "x"))
+    return argv + (["--", "true"] if verb == "run" else [])
+
+
+def _every_verb() -> list:
+    from tunnelctl import cli
+    return [pytest.param(_verb_argv(verb, p), id=verb)
+            for verb, (_, p) in cli.verbs(cli.build_parser()).items()]
+
+
+@pytest.mark.parametrize("argv", _every_verb())
+def test_thin_client_imports_nothing_heavy(env, tmp_path, argv):
+    # no ssh or systemctl on PATH: `ssh` and `service` end at once, touching nothing here
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    env["PATH"] = str(empty)
     r = subprocess.run([sys.executable, "-c", PROBE, *argv], env=env, stdin=subprocess.DEVNULL,
                        capture_output=True, text=True, timeout=30)
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["loaded"] == [], f"tunnelctl imported {out['loaded']}"
-    expected = 0 if argv == ["stop"] else 3  # stopping a daemon that is not running is fine
-    assert out["rc"] == expected, r.stderr
+    assert out["loaded"] == [], f"tunnelctl {' '.join(argv)} imported {out['loaded']}"
+    assert out["rc"] != 2, f"{argv} is a usage error: {r.stderr}"  # the verb itself ran
+    assert "Traceback" not in r.stderr, r.stderr
+
+
+def test_without_a_daemon_verbs_exit_3_but_stop(env):
+    """Those that need the daemon exit 3; stopping a daemon that is not running is fine."""
+    for argv, expected in ((["status"], 3), (["list"], 3), (["add", "barhal", "8090"], 3),
+                           (["stop"], 0)):
+        r = subprocess.run([sys.executable, "-c", PROBE, *argv], env=env,
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+        assert json.loads(r.stdout.strip().splitlines()[-1])["rc"] == expected, r.stderr
 
 
 def test_status_without_daemon_exits_3(env):
@@ -130,26 +166,23 @@ def test_help_lists_commands(env):
 
 def test_cli_verbs_are_wire_commands():
     """House rule 8: CLI verbs = wire commands."""
-    from tunnelctl.__main__ import build_parser
-    from tunneld import wire
+    from tunnelctl import cli, commands
 
-    from tunnelctl.__main__ import LOCAL_VERBS
-
-    ap = build_parser()
-    sub = next(a for a in ap._actions if a.dest == "cmd")
+    verbs = set(cli.verbs(cli.build_parser()))
     # verbs that run in the client itself say which wire command they use
-    assert set(sub.choices) - set(LOCAL_VERBS) <= wire.COMMANDS
-    assert set(LOCAL_VERBS.values()) <= wire.COMMANDS
-    assert set(LOCAL_VERBS) <= set(sub.choices)
+    assert verbs - set(cli.LOCAL_VERBS) <= wire.COMMANDS
+    assert set(cli.LOCAL_VERBS.values()) <= wire.COMMANDS
+    assert set(cli.LOCAL_VERBS) <= verbs
+    assert set(commands.HANDLERS) == verbs  # every verb runs a function
 
 
 def test_session_line_names_how_a_session_ended():
-    from tunnelctl.__main__ import _session_line
-    assert _session_line({"state": "exited", "exit_status": 3}) == "exit status 3"
+    from tunnelctl.render import session_line
+    assert session_line({"state": "exited", "exit_status": 3}) == "exit status 3"
     # `tunnelctl kill`: the shell reports 143 (SIGTERM); the user asked for a kill
-    assert _session_line({"state": "killed", "exit_status": 143}) == "killed"
-    assert _session_line({"state": "exited", "exit_signal": "KILL"}) == "killed by signal KILL"
-    assert _session_line({"state": "failed", "error": "host is needs-auth"}) == \
+    assert session_line({"state": "killed", "exit_status": 143}) == "killed"
+    assert session_line({"state": "exited", "exit_signal": "KILL"}) == "killed by signal KILL"
+    assert session_line({"state": "failed", "error": "host is needs-auth"}) == \
         "host is needs-auth"
 
 
@@ -160,18 +193,92 @@ def test_run_without_the_separator_says_where_the_command_goes(env):
 
 
 def test_a_table_is_cut_to_the_terminal_width(capsys):
-    from tunnelctl.__main__ import _table
+    from tunnelctl.render import table
     rows = [("NAME", "EXIT", "COMMAND"), ("a", "x" * 200, "y" * 200), ("bb", "ok", "short")]
-    _table(rows, squeeze=(2, 1), width=60)
+    table(rows, squeeze=(2, 1), width=60)
     out = capsys.readouterr().out.splitlines()
     assert all(len(line) <= 60 for line in out), out
     assert out[1].startswith("a   ") and out[1].endswith("…")
     assert out[2].split() == ["bb", "ok", "short"]
-    _table(rows[:1] + rows[2:], squeeze=(2, 1), width=60)   # fits: untouched
+    table(rows[:1] + rows[2:], squeeze=(2, 1), width=60)   # fits: untouched
     assert capsys.readouterr().out.splitlines()[1].split() == ["bb", "ok", "short"]
+
+
+#: Europe/Berlin's rule spelled out (CET; CEST from the last Sunday of March to the last one of
+#: October), so that the test needs no tzdata
+BERLIN = "CET-1CEST,M3.5.0,M10.5.0/3"
+AGO = """
+import calendar, sys, time
+from tunnelctl import render
+then = calendar.timegm(time.strptime(sys.argv[1], "%Y-%m-%dT%H:%M:%SZ"))
+time.time = lambda: then + 600
+print(render.ago(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("when", [pytest.param("2026-07-21T21:00:00Z", id="summer"),
+                                  pytest.param("2026-11-21T21:00:00Z", id="winter")])
+def test_an_age_is_right_under_daylight_saving_time(env, when):
+    """A wire time is UTC: ten minutes ago is 10m in any zone, in any season."""
+    env["TZ"] = BERLIN
+    r = subprocess.run([sys.executable, "-c", AGO, when], env=env, capture_output=True,
+                       text=True, timeout=30)
+    assert r.stdout.strip() == "10m", r.stderr
 
 
 def test_help_into_a_closed_pipe_is_quiet(env):
     r = subprocess.run(["sh", "-c", f"{sys.executable} -m tunnelctl --help | true"], env=env,
                        capture_output=True, text=True, timeout=30)
     assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+
+# -- the request loop, against a socket pair standing in for the daemon --------------------------
+
+def _daemon_says(*msgs: dict) -> tuple[socket.socket, socket.socket]:
+    """(our end, the daemon's end) of a connection on which the daemon has sent ``msgs``."""
+    ours, theirs = socket.socketpair()
+    theirs.sendall(b"".join(wire.encode(m) for m in msgs))
+    theirs.shutdown(socket.SHUT_WR)
+    return ours, theirs
+
+
+def test_the_daemons_error_type_is_kept(capsys):
+    from tunnelctl import client
+    from tunneld.errors import BindError
+    ours, theirs = _daemon_says(wire.progress("barhal: connecting"),
+                                wire.error(__version__, BindError("port 8090 is in use")))
+    with ours, theirs, pytest.raises(client.Failed) as e:
+        client.exchange(ours, "add", {"host": "barhal", "specs": ["8090"]})
+    assert (e.value.type, str(e.value)) == ("BindError", "port 8090 is in use")
+    assert capsys.readouterr().err == "barhal: connecting\n"
+
+
+def test_a_quiet_request_shows_nothing(capsys):
+    from tunnelctl import client
+    seen: list[dict] = []
+    ours, theirs = _daemon_says({"output": "some output\n"}, wire.ok("0.0.1", {"pid": 7}))
+    with ours, theirs:
+        assert client.exchange(ours, "status", {}, on_progress=seen.append, quiet=True) == \
+            {"pid": 7}
+        assert wire.decode(theirs.makefile("rb").readline()) == wire.request("status")
+    assert seen == [{"output": "some output\n"}]
+    assert capsys.readouterr() == ("", "")  # not the output, nor the other version's warning
+
+
+STATUS = {"version": __version__, "pid": 42, "uptime": 12.6, "socket": "/run/t.sock",
+          "hosts": 2, "forwards": 3}
+STATUS_LINE = (f"tunneld {__version__} running, pid 42, up 13s, socket /run/t.sock, "
+               "2 host(s), 3 forward(s)")
+
+
+@pytest.mark.parametrize("fastpath, part", [
+    pytest.param(None, "", id="older-daemon"),
+    pytest.param({"active": True, "reason": "asyncssh 2.24.0"}, ", fast path: on", id="on"),
+    pytest.param({"active": False, "reason": "asyncssh 2.25.0 not tested"},
+                 ", fast path: off (asyncssh 2.25.0 not tested)", id="off"),
+    pytest.param({"active": False}, ", fast path: off", id="off-no-reason"),
+])
+def test_status_line_shows_the_fast_path(fastpath, part):
+    from tunnelctl.render import status_line
+    r = dict(STATUS) if fastpath is None else dict(STATUS, fastpath=fastpath)
+    assert status_line(r) == STATUS_LINE + part

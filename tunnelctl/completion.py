@@ -1,4 +1,5 @@
-"""`tunnelctl completion bash|zsh`: shell completion scripts.  Standard library only.
+"""`tunnelctl completion bash|zsh`: shell completion scripts.  Standard library, tunneld.sshconfig
+and tunnelctl.client only.
 
 The scripts complete commands and their options from tunnelctl's own parser (rendered in),
 host names and session names by asking ``tunnelctl completion --names hosts|sessions`` at
@@ -13,10 +14,10 @@ Load them with ``source <(tunnelctl completion bash)`` in ~/.bashrc, or
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
-from tunneld import paths, sshconfig, wire
+from tunnelctl import client
+from tunneld import sshconfig
 
 #: seconds a TAB may wait for the daemon's answer
 NAMES_TIMEOUT = 1.0
@@ -37,16 +38,9 @@ def ssh_config_hosts(path: Path | None = None) -> list[str]:
 def _ask_daemon(cmd: str) -> dict | None:
     """One request to a running daemon (never starts one); None if it does not answer."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(NAMES_TIMEOUT)
-            s.connect(str(paths.socket_path()))
-            s.sendall(wire.encode(wire.request(cmd)))
-            f = s.makefile("rb")
-            while True:
-                msg = wire.decode(f.readline(wire.MAX_LINE + 1))
-                if wire.is_final(msg):
-                    return msg.get("result") if msg.get("ok") else None
-    except (OSError, wire.ProtocolError, ValueError):
+        with client.open_socket(autostart=False, timeout=NAMES_TIMEOUT) as s:
+            return client.exchange(s, cmd, {}, quiet=True)
+    except (OSError, client.Unreachable, client.Failed):
         return None
 
 

@@ -1,0 +1,178 @@
+"""What tunnelctl shows a person: sizes, ages, tables cut to the terminal's width, and the
+text of `list`, `sessions`, `status` and `events`.  The daemon's JSON in, lines out.
+
+Times on the wire are UTC (``2026-11-21T21:00:00Z``); they are shown as ages or as the local
+clock.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Sequence
+
+#: a limit: a column cut to fit the terminal keeps at least this many characters
+MIN_SQUEEZED = 12
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "K", "M", "G"):
+        if n < 1024:
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}T"
+
+
+def _utc(iso: str) -> int | None:
+    """A wire time as seconds since the epoch (fractions of a second dropped), None if it is
+    not one."""
+    import calendar  # here: only the commands that show a time pay for it
+    try:
+        return calendar.timegm(time.strptime(iso[:19], "%Y-%m-%dT%H:%M:%S"))
+    except (TypeError, ValueError):
+        return None
+
+
+def ago(since: str) -> str:
+    """How long ago the wire time ``since`` was: ``42s``, ``5m``, ``3h``, ``2d`` (``?``: not
+    a time)."""
+    t = _utc(since)
+    if t is None:
+        return "?"
+    s = max(0, int(time.time() - t))
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m"
+    if s < 172800:
+        return f"{s // 3600}h"
+    return f"{s // 86400}d"
+
+
+def _clock(iso: str) -> str:
+    """An event's UTC time as local HH:MM:SS."""
+    t = _utc(iso)
+    if t is None:
+        return "--:--:--"
+    return time.strftime("%H:%M:%S", time.localtime(t))
+
+
+def table(rows: Sequence[tuple[str, ...]], indent: str = "", squeeze: tuple[int, ...] = (),
+          width: int | None = None) -> None:
+    """Columns padded to their widest cell; the last column is not padded.  The columns
+    ``squeeze`` (indexes; e.g. an error, a command) are cut with "…" so that rows fit the
+    terminal's width (``COLUMNS``, else the terminal, else 80); ``--json`` has them whole."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    if width is None:
+        import shutil
+        width = shutil.get_terminal_size().columns
+    over = len(indent) + sum(widths) + 2 * (len(widths) - 1) - width
+    for i in sorted(squeeze, key=lambda i: -widths[i]):
+        if over <= 0:
+            break
+        floor = max(len(rows[0][i]), MIN_SQUEEZED)
+        cut = min(over, max(0, widths[i] - floor))
+        widths[i] -= cut
+        over -= cut
+    for r in rows:
+        print(indent + "  ".join(_fit(c, w).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _fit(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:max(0, width - 1)] + "…"
+
+
+def print_list(data: dict[str, Any]) -> None:
+    """`tunnelctl list`: each host with its state, then its forwards as a table."""
+    hosts = data.get("hosts", [])
+    if not hosts:
+        print("no forwards; add one with `tunnelctl add HOST PORT`")
+        return
+    for h in hosts:
+        print(f"{h['name']}  {h['state']} for {ago(h.get('since', ''))}")
+        if h.get("last_error"):
+            print(f"  ! {h['last_error']}")
+        rows = [("SPEC", "LISTEN", "TARGET", "STATE", "ACTIVE", "TOTAL", "IN", "OUT",
+                 "ORIGIN")]
+        for f in h.get("forwards", []):
+            listen, target = f["listen"], f["target"]
+            if f.get("kind") == "remote":  # the server listens; the target is reached from here
+                listen, target = f"{h['name']}:{listen}", f"here:{target}"
+            elif f.get("kind") == "socks":
+                target = f"SOCKS via {h['name']}"
+            rows.append((f["spec"], listen, target, f["state"], str(f["active"]),
+                         str(f["total"]), _size(f["bytes_in"]), _size(f["bytes_out"]),
+                         f.get("origin", "")))
+        table(rows, indent="  ")
+        for f in h.get("forwards", []):
+            if f.get("last_error"):
+                print(f"  ! {f['spec']}: {f['last_error']}")
+
+
+def session_line(r: dict[str, Any]) -> str:
+    """How a session ended, in a few words (``exit status 3``, ``killed``…)."""
+    if r.get("state") == "killed":   # by `tunnelctl kill`: its exit status is the signal's
+        return "killed"
+    if r.get("exit_status") is not None:
+        return f"exit status {r['exit_status']}"
+    if r.get("exit_signal"):
+        return f"killed by signal {r['exit_signal']}"
+    return r.get("error") or r.get("state", "?")
+
+
+def print_sessions(sessions: list[dict[str, Any]]) -> None:
+    """`tunnelctl sessions`: a table cut to the terminal's width."""
+    if not sessions:
+        print("no sessions; start one with `tunnelctl run HOST -- COMMAND`")
+        return
+    rows = [("NAME", "HOST", "STATE", "EXIT", "MODE", "PORT", "STARTED", "COMMAND")]
+    for x in sessions:
+        ex = "" if x["state"] in ("starting", "running", "disconnected") else session_line(x)
+        mode = "detached" if x.get("detached", False) else "attached"
+        rows.append((x["name"], x["host"], x["state"], ex, mode, str(x["port"] or ""),
+                     ago(x["started"]) + " ago", x["command"]))
+    table(rows, squeeze=(7, 3))
+
+
+def status_line(r: dict[str, Any]) -> str:
+    """`tunnelctl status`: one line.  The fast path's state is a part of it when the daemon
+    reports one (``fastpath``; a daemon older than that key gets no such part)."""
+    line = (f"tunneld {r['version']} running, pid {r['pid']}, up {r['uptime']:.0f}s, "
+            f"socket {r['socket']}, {r['hosts']} host(s), {r['forwards']} forward(s)")
+    fast = r.get("fastpath")
+    if isinstance(fast, dict):
+        if fast.get("active"):
+            line += ", fast path: on"
+        else:
+            line += ", fast path: off" + (f" ({fast['reason']})" if fast.get("reason") else "")
+    return line
+
+
+def format_event(ev: dict[str, Any]) -> str:
+    """One event as one line for a person: ``21:00:03 barhal: connecting -> connected``."""
+    kind, host = ev.get("kind"), ev.get("host")
+    head = f"{_clock(ev.get('time', ''))} {host or 'tunneld'}:"
+    if kind == "host":
+        why = f" ({ev['error']})" if ev.get("error") else ""
+        return f"{head} {ev.get('old')} -> {ev.get('new')}{why}"
+    if kind == "forward":
+        if ev.get("event") == "state":
+            return f"{head} forward {ev.get('spec')}: {ev.get('old')} -> {ev.get('new')}"
+        return f"{head} forward {ev.get('spec')} {ev.get('event')} ({ev.get('origin')})"
+    if kind == "session":
+        if ev.get("event") == "ended":
+            how = ev.get("state")
+            if ev.get("exit_status") is not None:
+                how = f"{how}, exit status {ev['exit_status']}"
+            return f"{head} session {ev.get('name')} ended ({how})"
+        return f"{head} session {ev.get('name')} {ev.get('event')}"
+    if kind == "open":
+        src = f" ({ev['source']})" if ev.get("source") else ""
+        return f"{head} opened {ev.get('url')}{src}"
+    if kind == "daemon":
+        if ev.get("event") == "reloaded":
+            return (f"{head} config reloaded (added {' '.join(ev.get('added') or []) or '-'}"
+                    f"; removed {' '.join(ev.get('removed') or []) or '-'})")
+        return f"{head} {ev.get('event')}"
+    return f"{head} {kind} " + json.dumps({k: v for k, v in ev.items()
+                                           if k not in ("time", "kind", "host")})
