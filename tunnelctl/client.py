@@ -136,7 +136,11 @@ def exchange(s: socket.socket, cmd: str, args: dict[str, Any],
     nothing is shown (no progress, no version warning).  Returns the result; raises
     ``Failed`` (the daemon's error, its type kept) or ``Unreachable``."""
     try:
-        s.sendall(wire.encode(wire.request(cmd, **args)))
+        line = wire.encode(wire.request(cmd, **args))
+    except wire.ProtocolError as exc:   # e.g. a command line of more than MAX_LINE bytes
+        raise Failed(f"the request cannot be sent: {exc}", "ProtocolError") from None
+    try:
+        s.sendall(line)
     except (BrokenPipeError, ConnectionResetError):
         pass  # the daemon already closed (it refused us): its reply is still readable
     f = s.makefile("rb")

@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tunneld import paths
+from tunneld.desktop import GRAPHICAL_ENV
 
 #: the launchd label, and the plist's file name without ".plist"
 LABEL = "org.tunneld.tunneld"
 UNIT_NAME = "tunneld.service"
-#: what a browser needs from the graphical session (imported into systemd's user manager)
-GRAPHICAL_ENV = ("DISPLAY", "WAYLAND_DISPLAY", "XAUTHORITY")
 #: seconds allowed for one systemctl / launchctl command
 COMMAND_TIMEOUT = 30.0
 #: PATH of the LaunchAgent (launchd's default is /usr/bin:/bin:/usr/sbin:/sbin): a

@@ -15,12 +15,11 @@ test failed before its fix.
 
 from __future__ import annotations
 
-import hashlib
+import calendar
 import json
 import os
 import random
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -139,8 +138,13 @@ def test_the_first_retry_after_a_stable_connection_starts_at_the_bottom(sshd, da
                what="the schedule to climb")
     fault_proxy.open_listener()
     assert roundtrip(port) == b"ping"   # a held client: served at once
-    up = time.monotonic()
-    d.wait_for(lambda: time.monotonic() - up > 10.5, timeout=15, what="a stable connection")
+
+    def stable() -> bool:
+        """Connected for more than stable_after (10 s): ``since`` is the last transition."""
+        h = d.host("flaky")
+        since = calendar.timegm(time.strptime(h["since"], "%Y-%m-%dT%H:%M:%SZ"))
+        return h["state"] == "connected" and time.time() - since > 11
+    d.wait_for(stable, timeout=30, what="a stable connection")
     fault_proxy.reset()
     d.wait_for(lambda: d.host("flaky")["state"] != "connected", what="the loss")
     err = d.host("flaky")["last_error"] or ""
