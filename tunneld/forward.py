@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import errno
 import logging
-import os
 import socket
 import struct
 import time
@@ -31,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from . import fastpath, openfail
+from .bindfail import bind_failure
 from .channel import CHANNEL_HIGH_WATER, TCPChannel
 from .errors import BindError, TunneldError
 from .spec import ForwardSpec, join_host_port
@@ -149,7 +148,7 @@ class LocalForward(ForwardReport):
                 self._protocol, self.spec.bind_host, self.spec.bind_port,
                 family=family, reuse_address=True, backlog=LISTEN_BACKLOG)
         except OSError as exc:
-            raise BindError(bind_error_message(self.spec, exc)) from None
+            raise BindError(await bind_failure(self.spec, exc)) from None
         if self.spec.bind_port == 0:  # the OS chose the port
             port = self._server.sockets[0].getsockname()[1]
             self.spec = dataclasses.replace(self.spec, bind_port=port)
@@ -490,70 +489,3 @@ def set_linger(transport: asyncio.BaseTransport, value: bytes) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, value)
         except (OSError, ValueError):
             pass
-
-
-# -- bind errors -------------------------------------------------------------------------------
-
-def bind_error_message(spec: ForwardSpec, exc: OSError) -> str:
-    where = spec.listen
-    if exc.errno == errno.EADDRINUSE:
-        holder = who_listens(spec.bind_port)
-        by = f" by {holder}" if holder else " by another program"
-        alt = spec.bind_port + 10000
-        other = (f"-D {alt}" if spec.kind == "socks" else
-                 f"{alt}:{spec.target_host}:{spec.target_port}")
-        return (f"cannot listen on {where}: the port is already in use{by}; choose another "
-                f"local port (e.g. {other})"
-                if spec.bind_port < 55536 else
-                f"cannot listen on {where}: the port is already in use{by}")
-    if exc.errno == errno.EACCES and spec.bind_port < 1024:
-        other = (f"-D 1{spec.bind_port:04d}" if spec.kind == "socks" else
-                 f"1{spec.bind_port:04d}:{spec.target}")
-        return (f"cannot listen on {where}: ports below 1024 are privileged; use a port of "
-                f"1024 or more (e.g. {other})")
-    if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
-        return (f"cannot listen on {where}: {spec.bind_host} is not an address of this "
-                "machine")
-    return f"cannot listen on {where}: {exc.strerror or exc}"
-
-
-def who_listens(port: int) -> str | None:
-    """Best effort (Linux /proc): ``"pid 1234 (python3)"`` of the process listening on
-    ``port``, or None when the OS does not tell us."""
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f, None)
-                for line in f:
-                    parts = line.split()
-                    if len(parts) > 9 and parts[3] == "0A" and \
-                            int(parts[1].rsplit(":", 1)[1], 16) == port:
-                        inodes.add(parts[9])
-        except OSError:
-            continue
-    if not inodes:
-        return None
-    targets = {f"socket:[{i}]" for i in inodes}
-    deadline = time.monotonic() + 1.0
-    try:
-        pids = [p for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return None
-    for pid in pids:
-        if time.monotonic() > deadline:
-            break
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") in targets:
-                    with open(f"/proc/{pid}/comm") as f:
-                        comm = f.read().strip()
-                    return f"pid {pid} ({comm})"
-            except OSError:
-                continue
-    return None
-
