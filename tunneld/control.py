@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from . import __version__, wire
+from . import __version__, fastpath, wire
 from .errors import LoginAbandoned, ProtocolError, TunneldError, UsageError
 from .host import HostSupervisor, Prompter
 from .manager import Manager, check_host_name
@@ -270,7 +270,8 @@ class ControlServer:
                 "hosts": len(self.manager.hosts),
                 "forwards": sum(len(h.forwards) for h in self.manager.hosts.values()),
                 # for leak checks: both return to their baseline after outages
-                "tasks": len(asyncio.all_tasks()), "fds": _open_fds()}
+                "tasks": len(asyncio.all_tasks()), "fds": _open_fds(),
+                "fastpath": fastpath.status()}
 
     async def _stop(self, args: dict[str, Any], emit: Emit) -> Any:
         asyncio.get_running_loop().call_soon(self.on_stop)
