@@ -447,6 +447,9 @@ def test_server_initiated_rekeys_under_bulk_traffic_both_ways(sshd, free_port, p
     sshd.start()
     d = Daemon(sshd, extra_env={**_path_env(path), "TUNNELD_LOG_LEVEL": "DEBUG"})
     d.start()
+    fastpath = json.loads(d.ctl("status", "--json").stdout)["fastpath"]
+    assert fastpath == ({"active": True, "reason": gate.current.reason} if path == "fastpath"
+                        else {"active": False, "reason": "TUNNELD_STOCK_ASYNCSSH=1"})
     target = _BothWays(down)
     try:
         port = free_port()
