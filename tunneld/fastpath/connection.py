@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import time
 import types
-from typing import Any, Protocol
+from typing import Any
 
 from asyncssh.channel import SSHChannel
 from asyncssh.connection import SSHConnection
@@ -95,14 +95,6 @@ _stock_add_channel = SSHConnection.add_channel
 _stock_log_packet = SSHConnection._log_packet
 
 
-class LeanChannel(Protocol):
-    """What the receive hook gives a lean channel's messages to (``channel.TCPChannel``)."""
-
-    def fast_data(self, data: memoryview) -> None: ...
-
-    def fast_packet(self, pkttype: int, body: bytes) -> None: ...
-
-
 class _QuietLogger(SSHLogger):
     """asyncssh's logger, converting a message's arguments only if it will be logged (its
     children, the loggers of the connection's channels, are of this class too)."""
@@ -124,8 +116,8 @@ class FastConnection:
         self.conn = conn
         self.sender = Sender(conn)
         self.opener = Opener()
-        #: the keepalive interval the connection's timer was set with, and when data last
-        #: arrived (None: not noted since the timer was set)
+        #: the keepalive interval the connection's timer was set with (None: not set by us
+        #: yet), and when data last arrived (None: none since then)
         self.ka_interval: float | None = None
         self.ka_received: float | None = None
 
@@ -200,7 +192,8 @@ class FastConnection:
 
     def recv_pkthdr(self) -> bool:
         """asyncssh's ``_recv_pkthdr`` (the start of each packet), taking the messages of lean
-        channels on AES-GCM first (see the module)."""
+        channels (those with ``fast_packet`` and ``fast_data``) first on AES-GCM (see the
+        module)."""
         conn = self.conn
         opener = self.opener
         if conn._recv_encryption is not opener.enc:
