@@ -191,3 +191,75 @@ def test_every_host_state_reads_as_a_sentence():
     for s in (H.BACKOFF, H.FAILED, H.NEEDS_AUTH):
         assert not phrases[s].startswith(f"is {s.value}"), phrases[s]
         assert phrases[s].endswith(f"({s.value})"), phrases[s]   # the name `list` shows
+
+
+# -- TCP channel states (fastpath.channel.TCPChannel) ---------------------------------------------
+
+def _channel_tables():
+    from tunneld.state import ChanEvent as E
+    from tunneld.state import ChanState as S
+    gone = (S.CLOSE_PENDING, S.CLOSED, S.ABANDONED)
+    send = {
+        (S.OPENING, E.CONFIRMED): S.OPEN, (S.ABANDONED, E.CONFIRMED): S.CLOSE_PENDING,
+        (S.OPENING, E.REFUSED): S.CLOSED, (S.ABANDONED, E.REFUSED): S.CLOSED,
+        (S.OPEN, E.EOF): S.EOF_PENDING, (S.EOF_PENDING, E.DRAINED): S.EOF,
+        (S.OPENING, E.CLOSE): S.ABANDONED,
+        (S.OPEN, E.CLOSE): S.CLOSE_PENDING, (S.EOF_PENDING, E.CLOSE): S.CLOSE_PENDING,
+        (S.EOF, E.CLOSE): S.CLOSE_PENDING, (S.CLOSE_PENDING, E.DRAINED): S.CLOSED,
+        # ignored: an EOF once the channel is not open for it, a close once it is closing
+        **{(s, E.EOF): s for s in S if s is not S.OPEN},
+        **{(s, E.CLOSE): s for s in gone},
+        **{(s, E.PEER_CLOSE): S.CLOSED
+           for s in (S.OPEN, S.EOF_PENDING, S.EOF, S.CLOSE_PENDING, S.CLOSED)},
+        **{(s, E.LOST): S.CLOSED for s in S},
+    }
+    recv = {
+        (S.OPENING, E.CONFIRMED): S.OPEN, (S.OPENING, E.REFUSED): S.CLOSED,
+        (S.OPEN, E.EOF): S.EOF_PENDING, (S.EOF_PENDING, E.DRAINED): S.EOF,
+        (S.OPEN, E.CLOSE): S.CLOSE_PENDING, (S.EOF_PENDING, E.CLOSE): S.CLOSE_PENDING,
+        (S.EOF, E.CLOSE): S.CLOSE_PENDING, (S.CLOSE_PENDING, E.DRAINED): S.CLOSED,
+        **{(s, E.LOST): S.CLOSED for s in S if s not in (S.CLOSED, S.ABANDONED)},
+    }
+    return send, recv
+
+
+def test_the_whole_channel_tables():
+    """Every (state, event) pair of both directions: the legal ones lead where the machine
+    says, every other one raises."""
+    from tunneld.state import (
+        CHAN_RECV_TRANSITIONS,
+        CHAN_SEND_TRANSITIONS,
+        ChanEvent,
+        ChanState,
+        check_chan_recv,
+        check_chan_send,
+    )
+    send, recv = _channel_tables()
+    assert CHAN_SEND_TRANSITIONS == send and CHAN_RECV_TRANSITIONS == recv
+    for table, check in ((send, check_chan_send), (recv, check_chan_recv)):
+        for state in ChanState:
+            for event in ChanEvent:
+                if (state, event) in table:
+                    assert check(state, event) is table[(state, event)]
+                else:
+                    with pytest.raises(IllegalTransition, match=f"{state} on {event}"):
+                        check(state, event)
+
+
+def test_every_channel_state_reached_can_end_and_closed_is_final():
+    from tunneld.state import CHAN_RECV_TRANSITIONS, CHAN_SEND_TRANSITIONS, ChanState
+    for table in (CHAN_SEND_TRANSITIONS, CHAN_RECV_TRANSITIONS):
+        reached, todo = {ChanState.OPENING}, [ChanState.OPENING]
+        while todo:
+            state = todo.pop()
+            for (old, _), new in table.items():
+                if old is state and new not in reached:
+                    reached.add(new)
+                    todo.append(new)
+        assert ChanState.CLOSED in reached
+        for (old, _), new in table.items():
+            if old is ChanState.CLOSED:
+                assert new is ChanState.CLOSED, "closed is final"
+    assert ChanState.ABANDONED not in {s for s, _ in CHAN_RECV_TRANSITIONS}
+    assert [str(s) for s in ChanState] == ["opening", "open", "eof_pending", "eof",
+                                           "close_pending", "closed", "abandoned"]

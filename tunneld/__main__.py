@@ -34,9 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import TunneldError
 
     setup_logging(args.log_level)
-    if os.environ.get("TUNNELD_STOCK_ASYNCSSH") != "1":  # for side-by-side measurements
-        from . import fastpath
-        fastpath.install()
+    from . import fastpath
+    fastpath.announce()   # on for tested asyncssh versions, unless TUNNELD_STOCK_ASYNCSSH=1
     try:
         config = load_config(paths.config_file())
     except TunneldError as exc:

@@ -5,47 +5,35 @@ host is down (clients are held, then served), each refused connection is seen an
 counters and flow control live in one place, and early bytes from a server that speaks first
 are not lost under uvloop.
 
-Data path, per accepted client::
-
-    local socket ──_LocalProtocol.data_received──► channel.write      (bytes_out)
-    local socket ◄──transport.write── _ChannelSession.data_received   (bytes_in)
-
-Back-pressure both ways: a full local write buffer pauses reading from the channel (so the
-SSH window closes and the server stops sending); a full channel send buffer (window exhausted)
-pauses reading from the local socket.  Memory per connection is bounded by the transport's
-high-water mark plus the channel window.
+Each accepted client is a ``LocalClient`` (a ``localside.LocalSide``: the data path and its
+back-pressure are there); its channel comes from ``fastpath.open_channel``.  ``ForwardReport``
+holds the counters, the last error and the report of every kind of forward.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import errno
 import logging
-import os
 import socket
-import struct
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import asyncssh
 
 from . import fastpath, openfail
-from .channel import CHANNEL_HIGH_WATER, TCPChannel
+from .bindfail import bind_failure
 from .errors import BindError, TunneldError
+from .events import EventHub
+from .localside import LINGER_RESET, LocalSide, set_linger
 from .spec import ForwardSpec, join_host_port
 from .state import (ForwardEvent, ForwardState, HostState, Repeats, forward_follow,
                     forward_next, is_connected)
-
-if TYPE_CHECKING:
-    from .host import HostSupervisor
 
 log = logging.getLogger("tunneld")
 
 #: listen backlog of each forward's socket (the kernel caps it at net.core.somaxconn)
 LISTEN_BACKLOG = 4096
-#: bytes read from a local client before its channel is open; past this, reading pauses
-PRE_OPEN_BUFFER = 256 * 1024
 #: seconds without another identical failure after which a run of them is summarised
 REPEAT_QUIET = 5.0
 #: SSH channel window and packet size offered for each channel
@@ -53,10 +41,28 @@ CHANNEL_WINDOW = 2 * 1024 * 1024
 CHANNEL_MAX_PKTSIZE = 32768
 
 
+class ForwardHost(Protocol):
+    """What a forward needs of its host's supervisor (``host.HostSupervisor``)."""
+
+    name: str
+    state: HostState
+    #: the host's connection (None while it has none)
+    conn: asyncssh.SSHClientConnection | None
+    #: where forward transitions are published (None: nowhere)
+    events: EventHub | None
+
+    def live_connection(self) -> asyncssh.SSHClientConnection | None:
+        """The connection, if the host is connected now."""
+
+    async def connection_for_client(self) -> asyncssh.SSHClientConnection:
+        """The live connection for a new client, holding it while the host is down; raises
+        ConnectError."""
+
+
 class ForwardReport:
     """Counters, the last error and the report every kind of forward gives."""
 
-    def __init__(self, spec: ForwardSpec, host: "HostSupervisor", origin: str) -> None:
+    def __init__(self, spec: ForwardSpec, host: ForwardHost, origin: str) -> None:
         self.spec = spec
         self.host = host
         #: "config" (declared in config.toml), "added" (tunnelctl add, persisted) or "auto"
@@ -116,23 +122,10 @@ class ForwardReport:
         }
 
 
-def write_channel(chan: "asyncssh.SSHTCPChannel[bytes] | TCPChannel", data: bytes) -> None:
-    """Write ``data`` one packet's worth at a time: asyncssh copies each write once, but cuts
-    a larger buffer into packets by deleting from its front (a ``TCPChannel`` cuts without
-    copying itself).  Raises OSError if the channel is closed for sending."""
-    n = len(data)
-    if n <= CHANNEL_MAX_PKTSIZE or type(chan) is TCPChannel:
-        chan.write(data)
-        return
-    view = memoryview(data)
-    for i in range(0, n, CHANNEL_MAX_PKTSIZE):
-        chan.write(view[i:i + CHANNEL_MAX_PKTSIZE])  # type: ignore[arg-type]
-
-
 class LocalForward(ForwardReport):
     """A bound listener for one spec, and the counters of the clients it served."""
 
-    def __init__(self, spec: ForwardSpec, host: "HostSupervisor", origin: str = "added"):
+    def __init__(self, spec: ForwardSpec, host: ForwardHost, origin: str = "added"):
         # state: CLOSED until bind() succeeds; then follows the host (LISTENING iff the host
         # is connected)
         super().__init__(spec, host, origin)
@@ -150,16 +143,16 @@ class LocalForward(ForwardReport):
                 self._protocol, self.spec.bind_host, self.spec.bind_port,
                 family=family, reuse_address=True, backlog=LISTEN_BACKLOG)
         except OSError as exc:
-            raise BindError(bind_error_message(self.spec, exc)) from None
+            raise BindError(await bind_failure(self.spec, exc)) from None
         if self.spec.bind_port == 0:  # the OS chose the port
             port = self._server.sockets[0].getsockname()[1]
             self.spec = dataclasses.replace(self.spec, bind_port=port)
         self.state = forward_next(self.state, ForwardEvent.BIND)
         self.follow_host()
 
-    def _protocol(self) -> "_LocalProtocol":
+    def _protocol(self) -> "LocalClient":
         """A protocol for one accepted client (a subclass serves another protocol)."""
-        return _LocalProtocol(self)
+        return LocalClient(self)
 
     def follow_host(self) -> None:
         """Set this forward's state from its host's (called on every host transition)."""
@@ -181,149 +174,20 @@ class LocalForward(ForwardReport):
         if server is not None:
             await server.wait_closed()
 
-class _LocalSide(asyncio.Protocol):
-    """The local socket of one forwarded connection, paired with one SSH channel: a client
-    accepted by a local forward, or the target a remote forward connected to.  Invariant:
-    ``channel`` is None until the channel is open; until then received bytes wait in
-    ``pending`` (bounded by ``PRE_OPEN_BUFFER``: a side that speaks first, under uvloop too)."""
 
-    def __init__(self, fwd: ForwardReport):
-        self.fwd = fwd
-        self.transport: asyncio.Transport | None = None
-        self.channel: asyncssh.SSHTCPChannel[bytes] | TCPChannel | None = None
-        self.pending: list[bytes] = []
-        self.pending_len = 0
-        self.pending_eof = False
-        self.closed = False
-        #: data from the channel, written when the current batch ends (``fastpath``): the
-        #: packets decoded from one read of the SSH socket leave together
-        self.out: list[bytes] = []
-
-    # asyncio.Protocol -----------------------------------------------------------------------
-
-    def data_received(self, data: bytes) -> None:
-        chan = self.channel
-        if chan is not None:
-            fastpath.begin()   # the packets made of ``data`` leave in one write
-            try:
-                write_channel(chan, data)
-            except OSError:  # the channel closed under us (the remote end went away)
-                self.abort()
-                return
-            finally:
-                fastpath.end()
-            self.fwd.bytes_out += len(data)
-            return
-        # channel not open yet (under uvloop this can happen even after pause_reading)
-        self.pending.append(data)
-        self.pending_len += len(data)
-        if self.pending_len >= PRE_OPEN_BUFFER and self.transport is not None:
-            self.transport.pause_reading()
-
-    def eof_received(self) -> bool:
-        if self.channel is not None:
-            self.channel.write_eof()
-        else:
-            self.pending_eof = True
-        return True  # keep the socket half-open: the other side may still send
-
-    def pause_writing(self) -> None:
-        if self.channel is not None:
-            self.channel.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.channel is not None:
-            self.channel.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.fwd.conns.discard(self)
-        if self.channel is not None:
-            self.channel.close()
-
-    # ---------------------------------------------------------------------------------------
-
-    def abort(self) -> None:
-        """Close the local socket with a reset: the connection was cut, not ended."""
-        if self.transport is not None:
-            reset(self.transport)
-
-    # from the channel ------------------------------------------------------------------------
-
-    def deliver(self, data: bytes) -> None:
-        """Data from the channel for the local socket."""
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            if fastpath.batching():
-                if not self.out:
-                    fastpath.at_end(self.flush)
-                self.out.append(data)
-            else:
-                transport.write(data)
-            self.fwd.bytes_in += len(data)
-
-    def flush(self) -> None:
-        out, self.out = self.out, []
-        transport = self.transport
-        if out and transport is not None and not transport.is_closing():
-            transport.writelines(out)
-
-    def deliver_eof(self) -> None:
-        """The channel's EOF: half-close the local socket after the data before it."""
-        self.flush()
-        transport = self.transport
-        if transport is not None and transport.can_write_eof() and not transport.is_closing():
-            set_linger(transport, LINGER_OFF)   # an orderly end: a FIN after every byte
-            transport.write_eof()
-
-    def ended(self, exc: Exception | None) -> None:
-        """The channel has ended: close the local socket after the data before it (reset it
-        if the SSH connection failed)."""
-        transport = self.transport
-        if transport is None:
-            return
-        self.flush()
-        if exc is not None:
-            reset(transport)
-        else:
-            set_linger(transport, LINGER_OFF)
-            transport.close()
-
-    def _granted(self) -> None:
-        """The channel is open and ``channel`` set; ``pending`` is sent next."""
-
-    def _attach(self, chan: asyncssh.SSHTCPChannel[bytes] | TCPChannel) -> None:
-        """The channel is open: send what arrived so far, then stream."""
-        if type(chan) is not TCPChannel:  # (whose mark is CHANNEL_HIGH_WATER already)
-            chan.set_write_buffer_limits(CHANNEL_HIGH_WATER)
-        self.channel = chan
-        self.fwd.served()
-        self._granted()
-        if self.pending:
-            data = b"".join(self.pending)
-            self.pending.clear()
-            self.pending_len = 0
-            chan.write(data)
-            self.fwd.bytes_out += len(data)
-            if self.transport is not None and not self.closed:
-                self.transport.resume_reading()
-        if self.pending_eof:
-            chan.write_eof()
-
-
-class _LocalProtocol(_LocalSide):
-    """One client accepted by a local forward; its channel is opened when it connects: a
-    ``TCPChannel`` (fastpath installed), else asyncssh's."""
+class LocalClient(LocalSide):
+    """One client accepted by a local forward; its channel is opened when it connects (on
+    the host's live connection, or once the host is back)."""
 
     def __init__(self, fwd: LocalForward):
         super().__init__(fwd)
         self.fwd: LocalForward = fwd
         #: the client's (host, port)
         self.peername: tuple[str, int] = ("", 0)
-        #: waits for the host's connection (and, on stock asyncssh, for the channel)
-        self._opener: asyncio.Task[None] | None = None
-        #: the channel being opened (until ``_attach``)
-        self._opening: TCPChannel | None = None
+        #: waits for the host's connection; None when not waiting
+        self._waiting: asyncio.Task[None] | None = None
+        #: the channel being opened (until ``attached`` or ``failed``)
+        self._opening: fastpath.Channel | None = None
 
     @property
     def peer(self) -> str:
@@ -331,34 +195,28 @@ class _LocalProtocol(_LocalSide):
         return join_host_port(*self.peername) if self.peername[0] else "?"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  (uvloop's is not a subclass)
-        set_linger(transport, LINGER_RESET)   # see reset()
+        self.transport = transport  # type: ignore[assignment]  # uvloop's: not a subclass
+        set_linger(transport, LINGER_RESET)   # see localside.reset()
         peer = transport.get_extra_info("peername")
         if peer:
             self.peername = peer[:2]
         fwd = self.fwd
         fwd.conns.add(self)
         fwd.total += 1
-        fastpath.begin()  # the channel open leaves before this callback returns
-        try:
+        with fastpath.batch:  # the channel open leaves before this callback returns
             self._begin()
-        finally:
-            fastpath.end()
 
     def eof_received(self) -> bool:
-        fastpath.begin()
-        try:
+        with fastpath.batch:
             return super().eof_received()
-        finally:
-            fastpath.end()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         if self.channel is None:
             if self._opening is not None:
                 self._opening.close()  # closed as soon as the server confirms it
-            if self._opener is not None:
-                self._opener.cancel()
+            if self._waiting is not None:
+                self._waiting.cancel()
 
     # hooks for a subclass (socks_forward): where to connect, and what the client is told
 
@@ -374,31 +232,45 @@ class _LocalProtocol(_LocalSide):
         """The channel could not be opened (already logged): end the client."""
         self.abort()
 
-    # ---------------------------------------------------------------------------------------
+    # ------------------------------------------------------------------------------------------
 
     def _connect(self) -> None:
         """Open the channel to ``_target()``: at once if the host is connected."""
         conn = self.fwd.host.live_connection()
-        if conn is not None and fastpath.active:
-            self._open_fast(conn)
+        if conn is not None:
+            self._open_on(conn)
         else:
-            self._opener = asyncio.get_running_loop().create_task(self._open())
+            self._waiting = asyncio.get_running_loop().create_task(self._wait_and_open())
 
-    def _open_fast(self, conn: asyncssh.SSHClientConnection) -> None:
+    async def _wait_and_open(self) -> None:
+        try:
+            conn = await self.fwd.host.connection_for_client()
+        except asyncio.CancelledError:
+            return
+        except (TunneldError, OSError, asyncssh.Error) as exc:
+            self.failed(exc)
+            return
+        finally:
+            self._waiting = None
+        if not self.closed:
+            self._open_on(conn)
+
+    def _open_on(self, conn: asyncssh.SSHClientConnection) -> None:
         host, port = self._target()
         try:
-            self._opening = TCPChannel(conn, self, host, port, *self.peername,
-                                       window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PKTSIZE)
-        except asyncssh.ChannelOpenError as exc:  # the connection is closing: not a refusal
-            self._failed(ConnectionResetError(exc.reason))
-        except (OSError, asyncssh.Error) as exc:
-            self._failed(exc)
+            self._opening = fastpath.open_channel(
+                conn, self, host, port, *self.peername, window=CHANNEL_WINDOW,
+                pktsize=CHANNEL_MAX_PKTSIZE)
+        except (OSError, asyncssh.Error) as exc:  # ConnectionResetError: the connection closes
+            self.failed(exc)
 
-    def _attach(self, chan: asyncssh.SSHTCPChannel[bytes] | TCPChannel) -> None:
+    # fastpath.LocalEnd ------------------------------------------------------------------------
+
+    def attached(self, chan: fastpath.Channel) -> None:
         self._opening = None
-        super()._attach(chan)
+        super().attached(chan)
 
-    def _failed(self, exc: Exception) -> None:
+    def failed(self, exc: Exception) -> None:
         self._opening = None
         fwd, spec = self.fwd, self.fwd.spec
         if isinstance(exc, asyncssh.ChannelOpenError):
@@ -412,147 +284,3 @@ class _LocalProtocol(_LocalSide):
             fwd.fail(f"{spec.listen}: closed client {self.peer}: {why}",
                      key=f"{spec.listen}: closed a client: {why}", host_error=True)
         self._refuse(exc)
-
-    async def _open(self) -> None:
-        try:
-            conn = await self.fwd.host.connection_for_client()
-            if fastpath.active:
-                if not self.closed:
-                    self._open_fast(conn)
-                return
-            host, port = self._target()
-            chan, _ = await conn.create_connection(
-                lambda: _ChannelSession(self), host, port,
-                *self.peername, window=CHANNEL_WINDOW,
-                max_pktsize=CHANNEL_MAX_PKTSIZE)
-        except asyncio.CancelledError:
-            return
-        except (TunneldError, OSError, asyncssh.Error) as exc:
-            self._failed(exc)
-            return
-        if self.closed:
-            chan.close()
-            return
-        self._attach(chan)
-
-
-class _ChannelSession(asyncssh.SSHTCPSession[bytes]):
-    """The SSH side of one client on an asyncssh channel (a remote forward's, or on stock
-    asyncssh): passes what the channel says on to the local side."""
-
-    def __init__(self, local: _LocalSide):
-        self.local = local
-
-    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        self.local.deliver(data)
-
-    def eof_received(self) -> bool:
-        self.local.deliver_eof()
-        return True
-
-    def pause_writing(self) -> None:
-        if self.local.transport is not None:
-            self.local.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.local.transport is not None and not self.local.transport.is_closing():
-            self.local.transport.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.local.ended(exc)
-
-
-def reset(transport: asyncio.BaseTransport) -> None:
-    """Close ``transport``'s socket with a reset (RST), not a FIN: its peer must see the
-    connection cut (a transfer cut short must not look complete).  ``abort()`` alone sends a
-    FIN under uvloop.
-
-    The local socket of every forwarded connection is *armed* this way when it is made
-    (``LINGER_RESET``), so that any close but an orderly one is a reset — a daemon killed
-    with SIGKILL included, whose sockets the kernel closes; an orderly end (the other side's
-    EOF or close) disarms it first (``LINGER_OFF``: a FIN after every byte)."""
-    if transport.is_closing():
-        return   # closed already (its socket may be gone: uvloop's then has fd -1)
-    set_linger(transport, LINGER_RESET)
-    transport.abort()
-
-
-#: SO_LINGER values: on with 0 s (close sends RST, unsent data dropped), and off (the default)
-LINGER_RESET = struct.pack("ii", 1, 0)
-LINGER_OFF = struct.pack("ii", 0, 0)
-
-
-def set_linger(transport: asyncio.BaseTransport, value: bytes) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, value)
-        except (OSError, ValueError):
-            pass
-
-
-# -- bind errors -------------------------------------------------------------------------------
-
-def bind_error_message(spec: ForwardSpec, exc: OSError) -> str:
-    where = spec.listen
-    if exc.errno == errno.EADDRINUSE:
-        holder = who_listens(spec.bind_port)
-        by = f" by {holder}" if holder else " by another program"
-        alt = spec.bind_port + 10000
-        other = (f"-D {alt}" if spec.kind == "socks" else
-                 f"{alt}:{spec.target_host}:{spec.target_port}")
-        return (f"cannot listen on {where}: the port is already in use{by}; choose another "
-                f"local port (e.g. {other})"
-                if spec.bind_port < 55536 else
-                f"cannot listen on {where}: the port is already in use{by}")
-    if exc.errno == errno.EACCES and spec.bind_port < 1024:
-        other = (f"-D 1{spec.bind_port:04d}" if spec.kind == "socks" else
-                 f"1{spec.bind_port:04d}:{spec.target}")
-        return (f"cannot listen on {where}: ports below 1024 are privileged; use a port of "
-                f"1024 or more (e.g. {other})")
-    if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
-        return (f"cannot listen on {where}: {spec.bind_host} is not an address of this "
-                "machine")
-    return f"cannot listen on {where}: {exc.strerror or exc}"
-
-
-def who_listens(port: int) -> str | None:
-    """Best effort (Linux /proc): ``"pid 1234 (python3)"`` of the process listening on
-    ``port``, or None when the OS does not tell us."""
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f, None)
-                for line in f:
-                    parts = line.split()
-                    if len(parts) > 9 and parts[3] == "0A" and \
-                            int(parts[1].rsplit(":", 1)[1], 16) == port:
-                        inodes.add(parts[9])
-        except OSError:
-            continue
-    if not inodes:
-        return None
-    targets = {f"socket:[{i}]" for i in inodes}
-    deadline = time.monotonic() + 1.0
-    try:
-        pids = [p for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return None
-    for pid in pids:
-        if time.monotonic() > deadline:
-            break
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") in targets:
-                    with open(f"/proc/{pid}/comm") as f:
-                        comm = f.read().strip()
-                    return f"pid {pid} ({comm})"
-            except OSError:
-                continue
-    return None
-

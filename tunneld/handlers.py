@@ -14,7 +14,7 @@ import os
 import time
 from typing import Any, Awaitable, Callable, Protocol
 
-from . import __version__
+from . import __version__, fastpath
 from .errors import TunneldError, UsageError
 from .host import Prompter
 from .manager import Manager
@@ -92,7 +92,8 @@ class Handlers:
                 "hosts": len(self.m.hosts),
                 "forwards": sum(len(h.forwards) for h in self.m.hosts),
                 # for leak checks: both return to their baseline after outages
-                "tasks": len(asyncio.all_tasks()), "fds": _open_fds()}
+                "tasks": len(asyncio.all_tasks()), "fds": _open_fds(),
+                "fastpath": fastpath.status()}
 
     async def stop(self, a: dict[str, Any], peer: Peer) -> Any:
         asyncio.get_running_loop().call_soon(self.on_stop)

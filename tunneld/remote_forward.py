@@ -9,13 +9,11 @@ process of the old connection may still hold the port for a moment (a half-dead 
 daemon) — the autossh failure users meet most.  After that the forward gives up, says why in
 ``last_error``, and tries again on the next connection (``tunnelctl reconnect HOST``).
 
-Data path, per connection the server accepts (mirror image of ``forward.py``)::
-
-    channel ──_RemoteSession.data_received──► local transport.write    (bytes_in)
-    channel ◄──channel.write── _TargetProtocol.data_received           (bytes_out)
-
-As for local forwards, ``bytes_out`` counts what leaves this machine through the tunnel and
-``bytes_in`` what arrives.  Back-pressure both ways as in ``forward.py``.  The channel is
+Each connection the server accepts comes on an asyncssh channel (``fastpath.accepted_session``)
+paired with a ``_TargetProtocol``, a ``localside.LocalSide``: the data path is the mirror
+image of a local forward's.  As for local forwards, ``bytes_out`` counts what leaves this
+machine through the tunnel and ``bytes_in`` what arrives.  Back-pressure both ways as in
+``localside``.  The channel is
 confirmed only once the local target accepted the TCP connection; if it refuses, the server
 side's client sees the channel refused (its connection closes) and the forward logs why.
 """
@@ -25,18 +23,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import asyncssh
 
+from . import fastpath
 from .errors import BindError
-from .forward import (CHANNEL_MAX_PKTSIZE, CHANNEL_WINDOW, LINGER_RESET, ForwardReport,
-                      _ChannelSession, _LocalSide, set_linger)
+from .forward import CHANNEL_MAX_PKTSIZE, CHANNEL_WINDOW, ForwardHost, ForwardReport
+from .localside import LINGER_RESET, LocalSide, set_linger
 from .spec import ForwardSpec, join_host_port
 from .state import ForwardEvent, ForwardState, forward_follow, forward_next
-
-if TYPE_CHECKING:
-    from .host import HostSupervisor
 
 log = logging.getLogger("tunneld")
 
@@ -56,7 +51,7 @@ class RemoteForward(ForwardReport):
     of the connections it carried.  Same interface as ``LocalForward`` (bind, follow_host,
     close, snapshot, conns, counters)."""
 
-    def __init__(self, spec: ForwardSpec, host: "HostSupervisor", origin: str = "added"):
+    def __init__(self, spec: ForwardSpec, host: ForwardHost, origin: str = "added"):
         assert spec.kind == "remote"
         # state: CLOSED until bind(); then LISTENING iff the server holds our listener, else
         # WAITING; conns: the local targets of forwarded connections
@@ -256,7 +251,7 @@ class RemoteForward(ForwardReport):
             if self._task is asyncio.current_task():
                 self._task = None
 
-    async def _accept(self, orig_host: str, orig_port: int) -> "_RemoteSession":
+    async def _accept(self, orig_host: str, orig_port: int) -> asyncssh.SSHTCPSession[bytes]:
         """asyncssh's session factory: a connection arrived on the server's listener.
         Connect to the local target; raise ChannelOpenError (the server side's client is
         refused) when that fails."""
@@ -282,10 +277,10 @@ class RemoteForward(ForwardReport):
             target.abort()  # removed, or the connection ended while we connected
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED,
                                             "the forward was removed")
-        return _RemoteSession(target)
+        return fastpath.accepted_session(target, CHANNEL_MAX_PKTSIZE)
 
 
-class _TargetProtocol(_LocalSide):
+class _TargetProtocol(LocalSide):
     """The local end of one forwarded connection: the target this machine connected to for a
     connection the server accepted; its channel is confirmed after the connect."""
 
@@ -296,24 +291,11 @@ class _TargetProtocol(_LocalSide):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        set_linger(transport, LINGER_RESET)   # see forward.reset()
+        set_linger(transport, LINGER_RESET)   # see localside.reset()
         self.fwd.conns.add(self)
 
-    def attach(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
+    def attached(self, chan: fastpath.Channel) -> None:
         """The channel is confirmed: send what the target said so far, then stream."""
-        self._attach(chan)
+        super().attached(chan)
         if self.closed:
             chan.close()  # the target already went away; buffered bytes are flushed first
-
-
-class _RemoteSession(_ChannelSession):
-    """The SSH side of one forwarded connection: the same pairing as a local forward's
-    channel (writes straight to the local transport, back-pressure both ways), bound to the
-    target connection once asyncssh has made the channel."""
-
-    def __init__(self, target: _TargetProtocol):
-        super().__init__(target)
-        self.target = target
-
-    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
-        self.target.attach(chan)

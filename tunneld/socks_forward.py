@@ -3,11 +3,11 @@
 A ``SocksForward`` is a ``LocalForward`` whose clients say where they want to go: the first
 bytes of each connection are a SOCKS5 or SOCKS4/4a handshake (parsed by the pure
 ``socks.Handshake``); the target, a host name included, is handed to the server unresolved
-(``conn.create_connection(name, port)``), so names only the server knows work.  The client
+(the channel's ``direct-tcpip`` target), so names only the server knows work.  The client
 gets its success reply only once the channel is open, and the matching failure code when the
 server refuses it (then the connection closes).  After that the data path, back-pressure,
-counters and held connections during outages are ``forward.py``'s; the handshake itself is
-counted in no byte counter.
+counters and held connections during outages are ``forward``'s and ``localside``'s; the
+handshake itself is counted in no byte counter.
 
 Limits: ``socks.MAX_HANDSHAKE`` bytes and ``socks.HANDSHAKE_TIMEOUT`` seconds per handshake.
 """
@@ -20,7 +20,8 @@ import logging
 import asyncssh
 
 from . import socks
-from .forward import LINGER_OFF, LocalForward, _LocalProtocol, set_linger
+from .forward import LocalClient, LocalForward
+from .localside import LINGER_OFF, set_linger
 
 log = logging.getLogger("tunneld")
 
@@ -32,7 +33,7 @@ class SocksForward(LocalForward):
         return _SocksProtocol(self)
 
 
-class _SocksProtocol(_LocalProtocol):
+class _SocksProtocol(LocalClient):
     """One SOCKS client.  Invariant: ``request`` is None until the client's request is
     complete; until then nothing is buffered in ``pending`` and no channel is being opened.
     ``hs.done`` with no ``request``: the handshake failed and the transport is closing."""
@@ -104,7 +105,7 @@ class _SocksProtocol(_LocalProtocol):
             self._timer.cancel()
             self._timer = None
 
-    # forward.py hooks ------------------------------------------------------------------------
+    # forward.LocalClient's hooks -------------------------------------------------------------
 
     def _target(self) -> tuple[str, int]:
         assert self.request is not None

@@ -1,8 +1,9 @@
 """Opening the SSH connection of a host with asyncssh: ``~/.ssh/config`` read as ssh reads it,
 ProxyJump hops followed by tunneld itself (so that its options apply to every hop: design.md
-§9), AES-GCM preferred unless the config names ``Ciphers``, the user's ServerAlive* settings
-over tunneld's keepalive, and every foreign error mapped to a TunneldError whose message a
-person can act on (``map_error``)."""
+§9), the fast path's ciphers preferred unless the config names ``Ciphers``, the user's
+ServerAlive* settings over tunneld's keepalive, every connection (each hop's too: they carry
+all of the host's bytes) put on the fast path, and every foreign error mapped to a
+TunneldError whose message a person can act on (``map_error``)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,19 @@ from typing import Any
 
 import asyncssh
 
+from . import fastpath
 from .config import Defaults
-from .errors import AuthError, ConfigError, ConnectError, HostKeyError, LoginAbandoned, \
-    LoginNeeded, TunneldError
+from .errors import (
+    AuthError,
+    ConfigError,
+    ConnectError,
+    HostKeyError,
+    LoginAbandoned,
+    LoginNeeded,
+    TunneldError,
+)
 from .login import MAX_PASSPHRASE_TRIES, LoginClient, LoginHost, _home_path, _identity_files
 
-#: ciphers tried first unless the user's ~/.ssh/config sets ``Ciphers``: AES-GCM is markedly
-#: faster than chacha20-poly1305 in asyncssh on CPUs with AES instructions (design.md §9)
-PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
-                     "chacha20-poly1305@openssh.com", "aes128-ctr", "aes192-ctr", "aes256-ctr")
 #: longest ProxyJump chain followed
 MAX_JUMPS = 8
 
@@ -74,7 +79,7 @@ async def _open(host_: LoginHost, settings: Defaults, target: str,
             tunnel = hop_conn
     kwargs: dict[str, Any] = {}
     if cfg.get("Ciphers") is None:
-        kwargs["encryption_algs"] = _available(PREFERRED_CIPHERS)
+        kwargs["encryption_algs"] = fastpath.preferred_ciphers()
     # the user's ServerAlive* settings win over ours
     kwargs["keepalive_interval"] = cfg.get("ServerAliveInterval",
                                            settings.keepalive_interval)
@@ -105,6 +110,7 @@ async def _open(host_: LoginHost, settings: Defaults, target: str,
             raise map_error(host_.name, exc, options, target,
                                   client.offered_key if client else None, client) from None
         raise
+    fastpath.attach(conn)
     return conn, client_box[-1], hops
 
 def map_error(name_: str, exc: Exception, options: Any, target: str,
@@ -217,11 +223,6 @@ def _split_target(target: str) -> tuple[str | None, str, int | None]:
     else:
         host = rest
     return (user or None), host, port
-
-
-def _available(preferred: tuple[str, ...]) -> list[str]:
-    have = {a.decode() for a in asyncssh.encryption.get_encryption_algs()}
-    return [a for a in preferred if a in have]
 
 
 def _known_hosts_files(options: Any) -> list[Path]:

@@ -333,3 +333,118 @@ def slept_for(prev_wall: float, prev_mono: float, wall: float, mono: float,
     """
     gained = (wall - prev_wall) - (mono - prev_mono)
     return gained if gained > threshold else None
+
+
+# == TCP channel states ==========================================================================
+# The lean direct-tcpip channel of the fast path (``fastpath.channel.TCPChannel``).  Kept last in
+# this file and self-contained.
+#
+# Each direction of a channel has its own machine, keyed by (state, event) as h11's
+# ``_state.py`` is::
+#
+#     send:  opening ─confirmed─► open ─eof─► eof-pending ─drained─► eof
+#              │                   └──────────┴───close──────────────┴─► close-pending
+#              └─close─► abandoned ─confirmed─► close-pending ─drained─► closed
+#     recv:  opening ─confirmed─► open ─eof─► eof-pending ─drained─► eof
+#                                  └──────────┴───close──────────────┴─► close-pending
+#                                                                 ─drained─► closed
+#
+# plus: refused (from opening/abandoned) and lost (the SSH connection ended) end either side at
+# once, and the server's CLOSE ends the send side at once (ours answers it).  A *pending* state
+# waits for the data queued before the EOF or CLOSE (for window on the send side, for the local
+# socket on the receive side); ``drained`` is that data having passed.  An event not in a table
+# is illegal: the channel turns one the server caused into a protocol error, and one of its own
+# into ``IllegalTransition``.
+
+class ChanState(str, enum.Enum):
+    #: the open request is sent; the server has not answered
+    OPENING = "opening"
+    OPEN = "open"
+    #: an EOF waits for the data queued before it
+    EOF_PENDING = "eof_pending"
+    EOF = "eof"
+    #: a CLOSE waits for the data queued before it
+    CLOSE_PENDING = "close_pending"
+    CLOSED = "closed"
+    #: (send side) the local side left while the server was still opening the channel: CLOSE
+    #: as soon as it is confirmed
+    ABANDONED = "abandoned"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ChanEvent(str, enum.Enum):
+    #: the server confirmed the open
+    CONFIRMED = "confirmed"
+    #: the server refused the open
+    REFUSED = "refused"
+    #: send side: the local side's EOF; receive side: the server's
+    EOF = "eof"
+    #: send side: the local side closed; receive side: the server's CLOSE
+    CLOSE = "close"
+    #: send side: the server's CLOSE, which ours answers at once
+    PEER_CLOSE = "peer-close"
+    #: the data queued before a pending EOF or CLOSE has passed (or was dropped)
+    DRAINED = "drained"
+    #: the SSH connection ended under the channel
+    LOST = "lost"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+CS = ChanState
+CE = ChanEvent
+
+CHAN_SEND_TRANSITIONS: dict[tuple[ChanState, ChanEvent], ChanState] = {
+    (CS.OPENING, CE.CONFIRMED): CS.OPEN,
+    (CS.ABANDONED, CE.CONFIRMED): CS.CLOSE_PENDING,
+    (CS.OPENING, CE.REFUSED): CS.CLOSED,
+    (CS.ABANDONED, CE.REFUSED): CS.CLOSED,
+    (CS.OPEN, CE.EOF): CS.EOF_PENDING,
+    (CS.EOF_PENDING, CE.DRAINED): CS.EOF,
+    (CS.CLOSE_PENDING, CE.DRAINED): CS.CLOSED,
+    (CS.OPENING, CE.CLOSE): CS.ABANDONED,
+    (CS.OPEN, CE.CLOSE): CS.CLOSE_PENDING,
+    (CS.EOF_PENDING, CE.CLOSE): CS.CLOSE_PENDING,
+    (CS.EOF, CE.CLOSE): CS.CLOSE_PENDING,
+    # the local side may end or close a channel that is no longer open for it: nothing changes
+    **{(s, CE.EOF): s for s in (CS.OPENING, CS.EOF_PENDING, CS.EOF, CS.CLOSE_PENDING,
+                               CS.CLOSED, CS.ABANDONED)},
+    **{(s, CE.CLOSE): s for s in (CS.CLOSE_PENDING, CS.CLOSED, CS.ABANDONED)},
+    **{(s, CE.PEER_CLOSE): CS.CLOSED for s in (CS.OPEN, CS.EOF_PENDING, CS.EOF,
+                                               CS.CLOSE_PENDING, CS.CLOSED)},
+    **{(s, CE.LOST): CS.CLOSED for s in CS},
+}
+
+CHAN_RECV_TRANSITIONS: dict[tuple[ChanState, ChanEvent], ChanState] = {
+    (CS.OPENING, CE.CONFIRMED): CS.OPEN,
+    (CS.OPENING, CE.REFUSED): CS.CLOSED,
+    (CS.OPEN, CE.EOF): CS.EOF_PENDING,
+    (CS.EOF_PENDING, CE.DRAINED): CS.EOF,
+    (CS.CLOSE_PENDING, CE.DRAINED): CS.CLOSED,
+    **{(s, CE.CLOSE): CS.CLOSE_PENDING for s in (CS.OPEN, CS.EOF_PENDING, CS.EOF)},
+    **{(s, CE.LOST): CS.CLOSED for s in (CS.OPENING, CS.OPEN, CS.EOF_PENDING, CS.EOF,
+                                         CS.CLOSE_PENDING)},
+}
+
+#: receive states in which the server's side of the channel is open (window adjusts, requests)
+CHAN_PEER_OPEN = (CS.OPEN, CS.EOF_PENDING, CS.EOF)
+#: send states in which the local side is gone: data that arrives is dropped
+CHAN_LOCAL_GONE = (CS.CLOSE_PENDING, CS.CLOSED, CS.ABANDONED)
+
+
+def check_chan_send(old: ChanState, event: ChanEvent) -> ChanState:
+    try:
+        return CHAN_SEND_TRANSITIONS[(old, event)]
+    except KeyError:
+        raise IllegalTransition(f"channel send state {old} on {event} is not allowed") from None
+
+
+def check_chan_recv(old: ChanState, event: ChanEvent) -> ChanState:
+    try:
+        return CHAN_RECV_TRANSITIONS[(old, event)]
+    except KeyError:
+        raise IllegalTransition(f"channel receive state {old} on {event} is not allowed") \
+            from None

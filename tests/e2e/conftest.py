@@ -341,6 +341,16 @@ class SSHServer:
         self.ssh_config.chmod(0o600)  # ssh rejects group/world-writable configs
         self.add_host_alias(self.host)
 
+    def add_sshd_options(self, **options: str) -> None:
+        """Append sshd_config keywords (e.g. ``RekeyLimit="1M"``); they apply from the next
+        ``start()``.  sshd keeps the first value of a keyword, so only new ones are taken."""
+        text = self.sshd_config.read_text()
+        have = {line.split(None, 1)[0].lower() for line in text.splitlines() if line.strip()}
+        for key, value in options.items():
+            assert key.lower() not in have, f"{key} is set already; sshd keeps the first"
+            text += f"{key} {value}\n"
+        self.sshd_config.write_text(text)
+
     def add_host_alias(self, alias: str, **options: str) -> None:
         """Append ``Host alias`` to home/.ssh/config, pointing at this sshd.
 

@@ -1,8 +1,10 @@
-"""tunneld.channel.TCPChannel against a real sshd, in this process: a local forward's clients
-get the same bytes as through asyncssh's channel, on the fast path (AES-GCM) and through
-asyncssh's own packet code (other ciphers, packet logging); half-closes, refused opens,
-clients that leave while their channel is being opened and a dying connection all end
-cleanly and give the channel number back; keepalives keep their timing."""
+"""A local forward's channels against a real sshd, in this process: on the fast path
+(``fastpath.channel.TCPChannel``, on AES-GCM and through asyncssh's own packet code: other
+ciphers, packet logging) clients get the same bytes as through asyncssh's channel;
+half-closes, refused opens, clients that leave while their channel is being opened and a
+dying connection all end cleanly and give the channel number back; keepalives keep their
+timing.  With ``TUNNELD_STOCK_ASYNCSSH=1`` (the tests' stock pass) the same tests run on
+asyncssh's channels, less the fast path's internals."""
 
 from __future__ import annotations
 
@@ -18,15 +20,20 @@ from asyncssh.connection import SSHConnection
 from asyncssh.constants import MSG_CHANNEL_CLOSE
 
 from tunneld import fastpath
-from tunneld import forward as forward_mod
-from tunneld.channel import TCPChannel
-from tunneld.forward import LocalForward
+from tunneld.fastpath import gate
+from tunneld.fastpath.channel import TCPChannel
+from tunneld.fastpath.sealing import Sender
+from tunneld.forward import LocalClient, LocalForward
 from tunneld.spec import ForwardSpec
-from tunneld.state import HostState
+from tunneld.state import ChanState, HostState
 
 pytestmark = pytest.mark.timeout(60)
 
 GCM = "aes128-gcm@openssh.com"
+#: whether the connections are attached (the fast path is on)
+FAST = gate.current.active
+fast_only = pytest.mark.skipif(not FAST,
+                               reason=f"the fast path is off here ({gate.current.reason})")
 
 
 class _Host:
@@ -49,16 +56,16 @@ class _Host:
 def home(sshd, monkeypatch):
     monkeypatch.setenv("HOME", str(sshd.home))
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
-    assert fastpath.install()
     yield sshd
-    fastpath.uninstall()
 
 
 @contextlib.asynccontextmanager
 async def forward(sshd, target: tuple[str, int], cipher: str = GCM,
                   **kw) -> AsyncIterator[tuple[LocalForward, asyncssh.SSHClientConnection]]:
-    """A LocalForward on a free port to ``target`` through a connection to the test sshd."""
+    """A LocalForward on a free port to ``target`` through a connection to the test sshd
+    (attached, unless the fast path is off)."""
     conn = await asyncssh.connect(sshd.host, encryption_algs=[cipher], **kw)
+    assert fastpath.attach(conn) is FAST
     fwd = LocalForward(ForwardSpec("127.0.0.1", 0, target[0], target[1]), _Host(conn))
     try:
         await fwd.bind()
@@ -95,44 +102,51 @@ async def _channels_empty(conn: asyncssh.SSHClientConnection, timeout: float = 1
 
 
 @contextlib.contextmanager
-def _count(cls: type, name: str) -> Iterator[list[int]]:
-    """Count calls of ``cls.name`` (asyncssh's own code paths) while in the block."""
+def _count(owner: object, name: str) -> Iterator[list[int]]:
+    """Count calls of ``owner.name`` while in the block: a class's method (asyncssh's own
+    code paths), or an attribute of one object (what an attached connection calls)."""
     calls = [0]
-    orig = getattr(cls, name)
+    orig = getattr(owner, name)
+    had = name in vars(owner)
 
-    def counting(self, *args, **kwargs):
+    def counting(*args, **kwargs):
         calls[0] += 1
-        return orig(self, *args, **kwargs)
+        return orig(*args, **kwargs)
 
-    setattr(cls, name, counting)
+    if isinstance(owner, type):
+        setattr(owner, name, lambda self, *a, **k: counting(self, *a, **k))
+    else:
+        setattr(owner, name, counting)
     try:
         yield calls
     finally:
-        setattr(cls, name, orig)
+        if had:
+            setattr(owner, name, orig)
+        else:
+            delattr(owner, name)
 
 
+@fast_only
 async def test_fast_path_carries_bulk_data_both_ways_without_asyncssh_packet_code(
-        home, echo_server):
+        home, echo_server, monkeypatch):
     echo = echo_server()
     payload = os.urandom(3_000_000)
     async with forward(home, echo) as (fwd, conn):
         port = fwd.spec.bind_port
         assert await _exchange(port, b"warm up") == b"warm up"
         adjusts = []
-        orig_send = fastpath.send
+        orig_send = Sender.send
 
-        def send(conn, head, data=b""):
+        def send(self, head, data=b""):
             if head[0] == asyncssh.constants.MSG_CHANNEL_WINDOW_ADJUST:
                 adjusts.append(int.from_bytes(head[5:9], "big"))
-            orig_send(conn, head, data)
+            orig_send(self, head, data)
 
-        fastpath.send = send
-        try:
-            with _count(SSHConnection, "_recv_packet") as stock_recv, \
-                    _count(SSHConnection, "send_packet") as stock_send:
-                got = await _exchange(port, payload)
-        finally:
-            fastpath.send = orig_send
+        monkeypatch.setattr(Sender, "send", send)
+        with _count(SSHConnection, "_recv_packet") as stock_recv, \
+                _count(conn, "send_packet") as stock_send:
+            got = await _exchange(port, payload)
+        monkeypatch.undo()
         assert got == payload
         # the window is given back as OpenSSH does, once more than three packets' worth
         # (96 KiB) is used, not only when half of it is: the server never waits for window
@@ -140,7 +154,7 @@ async def test_fast_path_carries_bulk_data_both_ways_without_asyncssh_packet_cod
         assert len(adjusts) >= len(payload) // (4 * 32768), len(adjusts)
         assert fwd.bytes_out == fwd.bytes_in == len(payload) + 7
         # open, confirm, ~92 data packets each way, window adjusts, EOFs, CLOSEs: all sealed
-        # and opened by fastpath; asyncssh's packet code saw none of them
+        # and opened by the fast path; asyncssh's packet code saw none of them
         assert stock_recv[0] == 0, stock_recv
         assert stock_send[0] == 0, stock_send
         await _channels_empty(conn)
@@ -183,6 +197,7 @@ async def test_server_that_speaks_first_then_closes(home, echo_server):
         await _channels_empty(conn)
 
 
+@fast_only
 async def test_slow_client_gets_everything_after_the_server_closed(home, monkeypatch):
     """The server writes 3 MB and closes; the client reads slowly: data waits here (the
     window closes and opens again), the server's CLOSE arrives while some of it is still
@@ -197,7 +212,7 @@ async def test_slow_client_gets_everything_after_the_server_closed(home, monkeyp
         with c:
             c.sendall(payload)
 
-    orig_made = forward_mod._LocalProtocol.connection_made
+    orig_made = LocalClient.connection_made
 
     def connection_made(self, transport):
         # little room in the kernel on our side: the data queues in tunneld
@@ -205,7 +220,7 @@ async def test_slow_client_gets_everything_after_the_server_closed(home, monkeyp
                                                       8 * 1024)
         orig_made(self, transport)
 
-    monkeypatch.setattr(forward_mod._LocalProtocol, "connection_made", connection_made)
+    monkeypatch.setattr(LocalClient, "connection_made", connection_made)
     queued_at_close = []
     orig_close = TCPChannel._close
 
@@ -215,14 +230,14 @@ async def test_slow_client_gets_everything_after_the_server_closed(home, monkeyp
 
     monkeypatch.setattr(TCPChannel, "_close", close)
     sent: list[tuple[int, int]] = []   # (message type, recipient channel) of what we send
-    orig_send = fastpath.send
+    orig_send = Sender.send
 
-    def send(conn, head, data=b""):
+    def send(self, head, data=b""):
         if len(head) >= 5:
             sent.append((head[0], int.from_bytes(head[1:5], "big")))
-        orig_send(conn, head, data)
+        orig_send(self, head, data)
 
-    monkeypatch.setattr(fastpath, "send", send)
+    monkeypatch.setattr(Sender, "send", send)
     server = loop.run_in_executor(None, serve)
     try:
         async with forward(home, srv.getsockname()) as (fwd, conn):
@@ -287,6 +302,7 @@ async def test_clients_leaving_while_their_channel_opens_leak_nothing(home, echo
         await _channels_empty(conn)
 
 
+@fast_only
 async def test_connection_dying_under_open_and_opening_channels(home, echo_server):
     """The SSH link dies with one channel open and one still being opened: both clients are
     ended, the opening one with the reason logged, and no channel is left behind."""
@@ -315,7 +331,7 @@ async def test_connection_dying_under_open_and_opening_channels(home, echo_serve
             await asyncio.wait_for(r1.readexactly(1), 10)
         for w in (w1, w2):
             w.close()
-        assert len(opening) == 1 and opening[0].send_state == "closed"
+        assert len(opening) == 1 and opening[0].send_state is ChanState.CLOSED
         assert not conn._channels
         assert "the connection to the server failed" in (fwd.last_error or ""), fwd.last_error
 
@@ -334,8 +350,8 @@ async def test_rekeying_under_the_channel_fast_path(home, echo_server):
 
 
 async def test_keepalive_waits_for_quiet_and_follows_a_new_interval(home, echo_server):
-    """asyncssh sends a keepalive ``interval`` after the last data arrived; fastpath keeps
-    one timer instead of re-arming it per read: traffic still postpones keepalives, quiet
+    """asyncssh sends a keepalive ``interval`` after the last data arrived; the fast path
+    keeps one timer instead of re-arming it per read: traffic still postpones keepalives, quiet
     still brings them, and set_keepalive applies at once."""
     echo = echo_server()
     with _count(SSHConnection, "_make_keepalive_request") as sent:

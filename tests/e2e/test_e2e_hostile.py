@@ -491,7 +491,7 @@ def test_changed_host_key_message_names_the_file_to_fix(daemon, sshd, free_port,
 def test_bind_error_message_for_privileged_ports():
     """EACCES on a port below 1024 (not root): the message says why and what to use."""
     import errno as errno_
-    from tunneld.forward import bind_error_message
+    from tunneld.bindfail import bind_error_message
     from tunneld.spec import parse
     for text, suggestion in (("80", "10080:localhost:80"), ("443:node7:8443",
                                                             "10443:node7:8443"),
@@ -517,7 +517,7 @@ def test_privileged_port_as_another_user_is_eacces(other_user):
     if result is None:
         pytest.skip("this system lets every user bind port 80 (ip_unprivileged_port_start)")
     import errno as errno_
-    from tunneld.forward import bind_error_message
+    from tunneld.bindfail import bind_error_message
     from tunneld.spec import parse
     assert result[0] == errno_.EACCES, result
     msg = bind_error_message(parse("80")[0], PermissionError(*result))

@@ -4,13 +4,13 @@ asyncssh's ``SSHTCPChannel`` serves every kind of channel and stream; opening on
 two futures, a session object, a child logger and a handful of weak references, and each data
 packet passes through its generic buffering and dispatch.  Profiled per forwarded connection
 that was most of tunneld's Python time (design.md §9).  ``TCPChannel`` does only what a TCP
-forward needs, with plain callbacks, on asyncssh's own connection: it takes a channel number
-from asyncssh's table (``add_channel``), so asyncssh routes this channel's messages here
-(``process_packet`` and the open confirmation/failure calls), and it sends with
-``fastpath.send``, which seals the message itself on AES-GCM and hands it to asyncssh's
-``send_packet`` otherwise.  On AES-GCM, ``fastpath``'s receive hook also skips asyncssh's
-dispatch: it gives this channel's data to ``fast_data`` and its other messages to
-``fast_packet``.
+forward needs, with plain callbacks, on an attached asyncssh connection (``connection``): it
+takes a channel number from asyncssh's table (``add_channel``), so asyncssh routes this
+channel's messages here (``process_packet`` and the open confirmation/failure calls), and it
+sends through the connection's ``Sender``, which seals the message itself on AES-GCM and
+hands it to the connection's ``send_packet`` otherwise.  On AES-GCM the receive hook also
+skips asyncssh's dispatch: it gives this channel's data to ``fast_data`` and its other
+messages to ``fast_packet``.
 
 Protocol behaviour is asyncssh's (RFC 4254 §5): data is sent only within the peer's window
 and packet size, the rest is buffered and the local socket stops being read above the
@@ -22,69 +22,102 @@ for half of it — with megabytes in loopback socket buffers the server then sta
 Either way only while the local socket takes data, so a slow local reader closes the window
 and the server stops sending.
 
-The local side is a ``forward._LocalProtocol`` (a local or SOCKS forward's client):
-``_attach(channel)`` once the server confirmed the open, ``_failed(exc)`` if it refused or the
-connection ended first, and its ``transport``.
-Only used while ``fastpath`` is installed (the asyncssh version it was written for).
+Each direction's state follows its machine in ``state.py`` (``CHAN_SEND_TRANSITIONS``,
+``CHAN_RECV_TRANSITIONS``): a message from the server that its table does not allow is a
+protocol error (asyncssh disconnects), a call of ours it does not allow raises
+``IllegalTransition``.  The local end is a ``LocalEnd`` (``ends``).
 """
 
 from __future__ import annotations
 
 import collections
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from asyncssh import ChannelOpenError, ProtocolError
-from asyncssh.constants import (MSG_CHANNEL_CLOSE, MSG_CHANNEL_DATA, MSG_CHANNEL_EOF,
-                                MSG_CHANNEL_EXTENDED_DATA, MSG_CHANNEL_FAILURE,
-                                MSG_CHANNEL_OPEN, MSG_CHANNEL_OPEN_CONFIRMATION,
-                                MSG_CHANNEL_REQUEST, MSG_CHANNEL_SUCCESS,
-                                MSG_CHANNEL_WINDOW_ADJUST)
+from asyncssh.constants import (
+    MSG_CHANNEL_CLOSE,
+    MSG_CHANNEL_DATA,
+    MSG_CHANNEL_EOF,
+    MSG_CHANNEL_EXTENDED_DATA,
+    MSG_CHANNEL_FAILURE,
+    MSG_CHANNEL_OPEN,
+    MSG_CHANNEL_OPEN_CONFIRMATION,
+    MSG_CHANNEL_REQUEST,
+    MSG_CHANNEL_SUCCESS,
+    MSG_CHANNEL_WINDOW_ADJUST,
+)
 from asyncssh.packet import SSHPacket, String, UInt32
 
-from . import fastpath
-
-if TYPE_CHECKING:
-    from asyncssh.connection import SSHClientConnection
-
-    from .forward import _LocalProtocol
-
+from ..state import (
+    CHAN_LOCAL_GONE,
+    CHAN_PEER_OPEN,
+    CHAN_RECV_TRANSITIONS,
+    CHAN_SEND_TRANSITIONS,
+    ChanEvent,
+    ChanState,
+    check_chan_recv,
+    check_chan_send,
+)
+from .connection import FastConnection
+from .ends import LocalEnd
 
 #: channel send buffer (bytes waiting for window) above which the local socket stops being
-#: read (for asyncssh's channels too)
+#: read (for asyncssh's channels too: ``stock``)
 CHANNEL_HIGH_WATER = 256 * 1024
 #: ... and at or below which it is read again
 _LOW_WATER = CHANNEL_HIGH_WATER // 4
 
-_OPEN = bytes((MSG_CHANNEL_OPEN,)) + String(b"direct-tcpip")
+_OPEN_MSG = bytes((MSG_CHANNEL_OPEN,)) + String(b"direct-tcpip")
 _CHAN_HEAD = struct.Struct(">BI")       # message type, recipient channel
 _DATA_HEAD = struct.Struct(">BII")      # ... and the data's length
 _CONFIRM = struct.Struct(">III")        # sender channel, initial window, maximum packet size
 
+# the machine's states and events as plain globals (the hot path compares by identity)
+_OPENING, _OPEN, _EOF_PENDING, _CLOSE_PENDING, _CLOSED, _ABANDONED = (
+    ChanState.OPENING, ChanState.OPEN, ChanState.EOF_PENDING, ChanState.CLOSE_PENDING,
+    ChanState.CLOSED, ChanState.ABANDONED)
+_CONFIRMED, _REFUSED, _EOF, _CLOSE, _PEER_CLOSE, _DRAINED, _LOST = (
+    ChanEvent.CONFIRMED, ChanEvent.REFUSED, ChanEvent.EOF, ChanEvent.CLOSE,
+    ChanEvent.PEER_CLOSE, ChanEvent.DRAINED, ChanEvent.LOST)
+_SEND = CHAN_SEND_TRANSITIONS
+_RECV = CHAN_RECV_TRANSITIONS
+
+
+def _peer(table: dict[tuple[ChanState, ChanEvent], ChanState], state: ChanState,
+          event: ChanEvent, why: str) -> ChanState:
+    """The next state after the server's message ``event``; a protocol error if the table
+    does not allow it."""
+    try:
+        return table[(state, event)]
+    except KeyError:
+        raise ProtocolError(why) from None
+
 
 class TCPChannel:
     """One ``direct-tcpip`` channel, opened at construction.  Raises ``ChannelOpenError`` if
-    the connection is already closing.  The methods the local side calls mirror asyncssh's
-    channel: ``write``, ``write_eof``, ``close``, ``pause_reading``, ``resume_reading``."""
+    the connection is already closing.  The local end calls ``write``, ``write_eof``,
+    ``close``, ``pause_reading``, ``resume_reading`` (``ends.Channel``)."""
 
-    __slots__ = ("conn", "local", "recv_chan", "send_chan", "send_state", "recv_state",
-                 "send_window", "send_pktsize", "send_buf", "send_buf_len", "send_paused",
-                 "init_window", "adjust_at", "recv_window", "recv_paused", "recv_buf")
+    __slots__ = ("conn", "sender", "local", "recv_chan", "send_chan", "send_state",
+                 "recv_state", "send_window", "send_pktsize", "send_buf", "send_buf_len",
+                 "send_paused", "init_window", "adjust_at", "recv_window", "recv_paused",
+                 "recv_buf")
 
-    def __init__(self, conn: "SSHClientConnection", local: "_LocalProtocol", host: str, port: int,
+    def __init__(self, fast: FastConnection, local: LocalEnd, host: str, port: int,
                  orig_host: str, orig_port: int, window: int, max_pktsize: int):
-        self.conn: "SSHClientConnection | None" = conn
+        conn = fast.conn
+        #: None once the channel number is given back
+        self.conn: Any = conn
+        self.sender = fast.sender
         self.local = local
         #: raises ChannelOpenError if the connection is closing
         self.recv_chan: int = conn.add_channel(self)  # type: ignore[arg-type]
         if conn._max_recv_pktlen < max_pktsize + 1024:
             conn._update_recv_pktlen(max_pktsize)
         self.send_chan = 0
-        #: opening -> open -> (eof_pending ->) eof -> (close_pending ->) closed; "abandoned":
-        #: closed by the local side while the server was still opening it
-        self.send_state = "opening"
-        #: opening -> open -> (eof_pending ->) eof -> (close_pending ->) closed
-        self.recv_state = "opening"
+        self.send_state = _OPENING
+        self.recv_state = _OPENING
         self.send_window = 0
         self.send_pktsize = 0
         self.send_buf: collections.deque[Any] = collections.deque()
@@ -95,16 +128,14 @@ class TCPChannel:
         self.adjust_at = min(window // 2, 3 * max_pktsize)
         self.recv_paused = False
         self.recv_buf: collections.deque[Any] = collections.deque()
-        fastpath.send(conn, b"".join((
-            _OPEN, UInt32(self.recv_chan), UInt32(window), UInt32(max_pktsize), String(host),
-            UInt32(port), String(orig_host), UInt32(orig_port))))
+        self.sender.send(b"".join((
+            _OPEN_MSG, UInt32(self.recv_chan), UInt32(window), UInt32(max_pktsize),
+            String(host), UInt32(port), String(orig_host), UInt32(orig_port))))
 
-    # -- called by the local side ------------------------------------------------------------
+    # -- called by the local end ---------------------------------------------------------------
 
-    def write(self, data: bytes) -> None:
-        """Send ``data`` (any length); raises BrokenPipeError if the channel is not open for
-        sending."""
-        if self.send_state != "open":
+    def write(self, data: Any) -> None:
+        if self.send_state is not _OPEN:
             raise BrokenPipeError("channel not open for sending")
         n = len(data)
         if not n:
@@ -115,32 +146,30 @@ class TCPChannel:
             self._flush_send()
             return
         self.send_window -= n
-        conn, size = self.conn, self.send_pktsize
+        send, size = self.sender.send, self.send_pktsize
         if n <= size:
-            fastpath.send(conn, _DATA_HEAD.pack(MSG_CHANNEL_DATA, self.send_chan, n), data)
+            send(_DATA_HEAD.pack(MSG_CHANNEL_DATA, self.send_chan, n), data)
             return
         view = memoryview(data)
         for i in range(0, n, size):
             chunk = view[i:i + size]
-            fastpath.send(conn, _DATA_HEAD.pack(MSG_CHANNEL_DATA, self.send_chan, len(chunk)),
-                          chunk)
+            send(_DATA_HEAD.pack(MSG_CHANNEL_DATA, self.send_chan, len(chunk)), chunk)
 
     def write_eof(self) -> None:
-        if self.send_state == "open":
-            self.send_state = "eof_pending"
+        old = self.send_state
+        self.send_state = check_chan_send(old, _EOF)
+        if old is _OPEN:
             self._flush_send()
 
     def close(self) -> None:
-        """The local side is done: send what is buffered, then CLOSE; drop what arrives."""
-        if self.send_state == "opening":
-            self.send_state = "abandoned"  # CLOSE as soon as the server confirms the open
-        elif self.send_state not in ("close_pending", "closed", "abandoned"):
-            self.send_state = "close_pending"
-            self._flush_send()
+        old = self.send_state
+        self.send_state = check_chan_send(old, _CLOSE)
+        if self.send_state is _CLOSE_PENDING and old is not _CLOSE_PENDING:
+            self._flush_send()  # CLOSE once the buffered data is sent
         self.recv_buf.clear()
         self.recv_paused = False
-        if self.recv_state == "close_pending":
-            self._cleanup(None)
+        if self.recv_state is _CLOSE_PENDING:  # what was still to deliver is dropped
+            self._cleanup(None, _DRAINED)
 
     def pause_reading(self) -> None:
         self.recv_paused = True
@@ -150,16 +179,16 @@ class TCPChannel:
             self.recv_paused = False
             self._flush_recv()
 
-    # -- sending -----------------------------------------------------------------------------
+    # -- sending -------------------------------------------------------------------------------
 
     def _send(self, pkttype: int, body: bytes = b"") -> None:
         """Send a message on this channel; nothing after our CLOSE (e.g. a window adjust
         while data still buffered here reaches the local socket), as asyncssh does."""
-        if self.send_state != "closed" and self.conn is not None:
-            fastpath.send(self.conn, _CHAN_HEAD.pack(pkttype, self.send_chan) + body)
+        if self.send_state is not _CLOSED and self.conn is not None:
+            self.sender.send(_CHAN_HEAD.pack(pkttype, self.send_chan) + body)
 
     def _flush_send(self) -> None:
-        buf, conn = self.send_buf, self.conn
+        buf, send = self.send_buf, self.sender.send
         while buf and self.send_window:
             data = buf[0]
             n = min(len(data), self.send_window, self.send_pktsize)
@@ -171,14 +200,14 @@ class TCPChannel:
                 data = view[:n]
             self.send_buf_len -= n
             self.send_window -= n
-            fastpath.send(conn, _DATA_HEAD.pack(MSG_CHANNEL_DATA, self.send_chan, n), data)
+            send(_DATA_HEAD.pack(MSG_CHANNEL_DATA, self.send_chan, n), data)
         self._pause_resume()
         if not buf:
-            if self.send_state == "eof_pending":
+            if self.send_state is _EOF_PENDING:
                 self._send(MSG_CHANNEL_EOF)
-                self.send_state = "eof"
-            elif self.send_state == "close_pending":
-                self._close_send()
+                self.send_state = check_chan_send(_EOF_PENDING, _DRAINED)
+            elif self.send_state is _CLOSE_PENDING:
+                self._close_send(_DRAINED)
 
     def _pause_resume(self) -> None:
         transport = self.local.transport
@@ -192,24 +221,26 @@ class TCPChannel:
             if transport is not None:
                 transport.pause_reading()
 
-    def _close_send(self) -> None:
-        """Drop unsent data and send CLOSE (once)."""
+    def _close_send(self, event: ChanEvent) -> None:
+        """Drop unsent data and send CLOSE (once): the data before it has passed
+        (``DRAINED``), or the server closed (``PEER_CLOSE``)."""
         self.send_buf.clear()
         self.send_buf_len = 0
-        if self.send_state != "closed":
+        old = self.send_state
+        if old is not _CLOSED:
             self._send(MSG_CHANNEL_CLOSE)
-            self.send_state = "closed"
+        self.send_state = check_chan_send(old, event)
 
-    # -- receiving ---------------------------------------------------------------------------
+    # -- receiving -----------------------------------------------------------------------------
 
     def fast_data(self, data: Any) -> None:
-        """A CHANNEL_DATA payload (``fastpath``'s receive hook, or ``process_packet``)."""
-        if self.recv_state != "open":
+        """A CHANNEL_DATA payload (the receive hook's, or ``process_packet``'s)."""
+        if self.recv_state is not _OPEN:
             raise ProtocolError("Channel not open for sending")
         n = len(data)
         if n > self.recv_window:
             raise ProtocolError("Window exceeded")
-        if not n or self.send_state in ("close_pending", "closed", "abandoned"):
+        if not n or self.send_state in CHAN_LOCAL_GONE:
             return  # the local side is gone: dropped, as asyncssh does
         self.recv_window -= n
         if self.recv_paused or self.recv_buf:
@@ -229,49 +260,44 @@ class TCPChannel:
             self._deliver(buf.popleft())
         if buf:
             return
-        if self.recv_state == "eof_pending":
-            self.recv_state = "eof"
+        if self.recv_state is _EOF_PENDING:
+            self.recv_state = check_chan_recv(_EOF_PENDING, _DRAINED)
             self.local.deliver_eof()
-        elif self.recv_state == "close_pending":
-            self._cleanup(None)
+        elif self.recv_state is _CLOSE_PENDING:
+            self._cleanup(None, _DRAINED)
 
-    # -- asyncssh's channel interface (SSHConnection calls these) ----------------------------
+    # -- the server's messages -----------------------------------------------------------------
 
     def _confirmed(self, send_chan: int, send_window: int, send_pktsize: int) -> None:
-        if self.send_state not in ("opening", "abandoned"):
-            raise ProtocolError("Channel not being opened")
+        old = self.send_state
+        new = _peer(_SEND, old, _CONFIRMED, "Channel not being opened")
         self.send_chan, self.send_window, self.send_pktsize = \
             send_chan, send_window, send_pktsize
-        self.recv_state = "open"
-        if self.send_state == "abandoned":
-            self.send_state = "close_pending"
-            self._close_send()
+        self.recv_state = check_chan_recv(self.recv_state, _CONFIRMED)
+        self.send_state = new
+        if old is _ABANDONED:
+            self._close_send(_DRAINED)  # nothing was buffered
             return
-        self.send_state = "open"
-        self.local._attach(self)
+        self.local.attached(self)
 
     def _window_adjust(self, adjust: int) -> None:
-        if self.recv_state not in ("open", "eof_pending", "eof"):
+        if self.recv_state not in CHAN_PEER_OPEN:
             raise ProtocolError("Channel not open")
         self.send_window += adjust
         self._flush_send()
 
     def _eof(self) -> None:
-        if self.recv_state != "open":
-            raise ProtocolError("Channel not open for sending")
-        self.recv_state = "eof_pending"
+        self.recv_state = _peer(_RECV, self.recv_state, _EOF, "Channel not open for sending")
         self._flush_recv()
 
     def _close(self) -> None:
-        if self.recv_state not in ("open", "eof_pending", "eof"):
-            raise ProtocolError("Channel not open")
-        self._close_send()
-        self.recv_state = "close_pending"
+        self.recv_state = _peer(_RECV, self.recv_state, _CLOSE, "Channel not open")
+        self._close_send(_PEER_CLOSE)
         self._flush_recv()
 
     def fast_packet(self, pkttype: int, body: bytes) -> None:
-        """A message for this channel, ``body`` after the recipient channel (``fastpath``'s
-        receive hook; data goes to ``fast_data``)."""
+        """A message for this channel, ``body`` after the recipient channel (the receive
+        hook's; data goes to ``fast_data``)."""
         if pkttype == MSG_CHANNEL_WINDOW_ADJUST and len(body) == 4:
             self._window_adjust(int.from_bytes(body, "big"))
         elif pkttype == MSG_CHANNEL_EOF and not body:
@@ -286,7 +312,7 @@ class TCPChannel:
         else:
             raise ProtocolError(f"Invalid channel message (type {pkttype})")
 
-    # -- asyncssh's channel interface (SSHConnection calls these) ----------------------------
+    # -- asyncssh's channel interface (SSHConnection calls these) ------------------------------
 
     def process_open_confirmation(self, send_chan: int, send_window: int, send_pktsize: int,
                                   packet: SSHPacket) -> None:
@@ -294,28 +320,27 @@ class TCPChannel:
         self._confirmed(send_chan, send_window, send_pktsize)
 
     def process_open_failure(self, code: int, reason: str, lang: str) -> None:
-        if self.send_state not in ("opening", "abandoned"):
-            raise ProtocolError("Channel not being opened")
-        abandoned = self.send_state == "abandoned"
-        self.send_state = self.recv_state = "closed"
+        old = self.send_state
+        self.send_state = _peer(_SEND, old, _REFUSED, "Channel not being opened")
+        self.recv_state = check_chan_recv(self.recv_state, _REFUSED)
         self._release()
-        if not abandoned:
-            self.local._failed(ChannelOpenError(code, reason, lang))
+        if old is not _ABANDONED:
+            self.local.failed(ChannelOpenError(code, reason, lang))
 
     def process_connection_close(self, exc: Exception | None) -> None:
         """The SSH connection ended under the channel (asyncssh passes None when it was
         closed on purpose): the local socket is reset, whatever the cause."""
-        opening = self.send_state == "opening"
-        self.send_state = "closed"
+        opening = self.send_state is _OPENING
+        self.send_state = check_chan_send(self.send_state, _LOST)
         self.send_buf.clear()
         self.send_buf_len = 0
         exc = exc or ConnectionResetError("the SSH connection closed")
         if opening:
-            self.recv_state = "closed"
+            self.recv_state = check_chan_recv(self.recv_state, _LOST)
             self._release()
-            self.local._failed(exc)
+            self.local.failed(exc)
         else:
-            self._cleanup(exc)
+            self._cleanup(exc, _LOST)
 
     def process_packet(self, pkttype: int, _seq: int, packet: SSHPacket) -> bool:
         """A message for this channel through asyncssh's code (another cipher, or a message
@@ -335,15 +360,16 @@ class TCPChannel:
             packet.check_end()
             self._close()
         elif pkttype == MSG_CHANNEL_EXTENDED_DATA:
-            if self.recv_state != "open":
+            if self.recv_state is not _OPEN:
                 raise ProtocolError("Channel not open for sending")
             raise ProtocolError("Invalid extended data type")  # none on a TCP channel
         elif pkttype == MSG_CHANNEL_REQUEST:
-            if self.recv_state not in ("open", "eof_pending", "eof"):
+            if self.recv_state not in CHAN_PEER_OPEN:
                 raise ProtocolError("Channel not open")
             packet.get_string()
             want_reply = packet.get_boolean()
-            if want_reply and self.send_state not in ("close_pending", "closed"):
+            if want_reply and self.send_state is not _CLOSE_PENDING and \
+                    self.send_state is not _CLOSED:
                 self._send(MSG_CHANNEL_FAILURE)  # no requests on a TCP channel
         elif pkttype in (MSG_CHANNEL_SUCCESS, MSG_CHANNEL_FAILURE):
             raise ProtocolError("Unexpected channel response")  # we never ask
@@ -359,7 +385,7 @@ class TCPChannel:
         if self.conn is not None:
             self.conn.log_sent_packet(pkttype, seq, packet, note)
 
-    # -- the end -----------------------------------------------------------------------------
+    # -- the end -------------------------------------------------------------------------------
 
     def _release(self) -> None:
         """Give the channel number back (both CLOSEs passed, or the channel never opened)."""
@@ -367,9 +393,10 @@ class TCPChannel:
         if conn is not None:
             conn._channels.pop(self.recv_chan, None)
 
-    def _cleanup(self, exc: Exception | None) -> None:
-        """The channel has ended: end the local socket after what it was sent so far (reset
-        it if the SSH connection failed)."""
-        self.recv_state = "closed"
+    def _cleanup(self, exc: Exception | None, event: ChanEvent) -> None:
+        """The channel has ended (``event``: the data before the server's CLOSE has passed,
+        or the connection was lost): end the local socket after what it was sent so far
+        (reset it if the SSH connection failed)."""
+        self.recv_state = check_chan_recv(self.recv_state, event)
         self._release()
         self.local.ended(exc)
