@@ -27,8 +27,15 @@ from .errors import BindError, TunneldError
 from .events import EventHub
 from .localside import LINGER_RESET, LocalSide, set_linger
 from .spec import ForwardSpec, join_host_port
-from .state import (ForwardEvent, ForwardState, HostState, Repeats, forward_follow,
-                    forward_next, is_connected)
+from .state import (
+    ForwardEvent,
+    ForwardState,
+    HostState,
+    Repeats,
+    forward_follow,
+    forward_next,
+    is_connected,
+)
 
 log = logging.getLogger("tunneld")
 

@@ -28,9 +28,17 @@ from .login import LoginClient, Prompter
 from .notify import notify
 from .spec import ForwardSpec
 from .sshconnect import connect
+from .state import (
+    Backoff,
+    ForwardState,
+    HostEvent,
+    HostState,
+    Repeats,
+    host_next,
+    is_connected,
+    state_phrase,
+)
 from .wire import iso_time
-from .state import (Backoff, ForwardState, HostEvent, HostState, Repeats, host_next,
-                    is_connected, state_phrase)
 
 log = logging.getLogger("tunneld")
 

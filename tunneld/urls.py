@@ -128,7 +128,8 @@ class Plan:
 
 
 def plan(url: str) -> Plan:
-    """Apply the URL rules to ``url``; raise ``Refused`` (a sentence saying why) if it breaks one."""
+    """Apply the URL rules to ``url``; raise ``Refused`` (a sentence saying why) if it breaks
+    one."""
     if not isinstance(url, str):
         raise Refused(f"a URL must be text, not {type(url).__name__}")
     if len(url) > MAX_URL:

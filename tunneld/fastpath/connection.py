@@ -124,7 +124,7 @@ class FastConnection:
     @staticmethod
     def of(conn: Any) -> "FastConnection | None":
         """``conn``'s FastConnection, None if it is not attached."""
-        return getattr(conn, _ATTR, None)  # type: ignore[no-any-return]
+        return getattr(conn, _ATTR, None)
 
     @classmethod
     def attach(cls, conn: SSHConnection) -> "FastConnection":
@@ -145,7 +145,7 @@ class FastConnection:
             setattr(conn, name, method)
         handler = conn._recv_handler
         if getattr(handler, "__func__", None) is _stock_recv_pkthdr:
-            conn._recv_handler = fast.recv_pkthdr  # type: ignore[method-assign]
+            conn._recv_handler = fast.recv_pkthdr
         if type(conn._logger) is SSHLogger:
             conn._logger.__class__ = _QuietLogger
         fast.sender._adopt(conn._send_encryption)

@@ -65,7 +65,7 @@ def _take_over(enc: Encryption | None) -> tuple[AESGCM | None, bytes, int]:
     where asyncssh's cipher left it; (None, b"", 0) for any other cipher."""
     if enc.__class__ is not GCMEncryption:
         return None, b"", 0
-    cipher = enc._cipher  # type: ignore[union-attr]
+    cipher = enc._cipher
     return AESGCM(cipher._key), cipher._iv[:4], int.from_bytes(cipher._iv[4:], "big")
 
 
@@ -236,5 +236,5 @@ class Opener:
         held = self.held
         if held is not _NOTHING:
             self.held = _NOTHING
-            return held  # type: ignore[no-any-return]
+            return held
         return self.open(first[:header_len], first[header_len:] + rest + mac)

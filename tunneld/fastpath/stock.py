@@ -71,7 +71,7 @@ class StockChannel:
             return
         view = memoryview(data)
         for i in range(0, n, size):
-            chan.write(view[i:i + size])  # type: ignore[arg-type]
+            chan.write(view[i:i + size])
 
     def write_eof(self) -> None:
         assert self.chan is not None
@@ -125,7 +125,7 @@ class _AcceptedSession(_Session):
         super().__init__(local)
         self.pktsize = pktsize
 
-    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:  # type: ignore
+    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         StockChannel(self.local, self.pktsize).opened(chan)
 
 
