@@ -227,16 +227,16 @@ def test_the_whole_channel_tables():
     """Every (state, event) pair of both directions: the legal ones lead where the machine
     says, every other one raises."""
     from tunneld.state import (
-        CHAN_RECV_TRANSITIONS,
-        CHAN_SEND_TRANSITIONS,
+        CHAN_RECV_TABLE,
+        CHAN_SEND_TABLE,
         ChanEvent,
         ChanState,
-        check_chan_recv,
-        check_chan_send,
+        chan_recv_next,
+        chan_send_next,
     )
     send, recv = _channel_tables()
-    assert CHAN_SEND_TRANSITIONS == send and CHAN_RECV_TRANSITIONS == recv
-    for table, check in ((send, check_chan_send), (recv, check_chan_recv)):
+    assert CHAN_SEND_TABLE == send and CHAN_RECV_TABLE == recv
+    for table, check in ((send, chan_send_next), (recv, chan_recv_next)):
         for state in ChanState:
             for event in ChanEvent:
                 if (state, event) in table:
@@ -247,8 +247,8 @@ def test_the_whole_channel_tables():
 
 
 def test_every_channel_state_reached_can_end_and_closed_is_final():
-    from tunneld.state import CHAN_RECV_TRANSITIONS, CHAN_SEND_TRANSITIONS, ChanState
-    for table in (CHAN_SEND_TRANSITIONS, CHAN_RECV_TRANSITIONS):
+    from tunneld.state import CHAN_RECV_TABLE, CHAN_SEND_TABLE, ChanState
+    for table in (CHAN_SEND_TABLE, CHAN_RECV_TABLE):
         reached, todo = {ChanState.OPENING}, [ChanState.OPENING]
         while todo:
             state = todo.pop()
@@ -260,6 +260,6 @@ def test_every_channel_state_reached_can_end_and_closed_is_final():
         for (old, _), new in table.items():
             if old is ChanState.CLOSED:
                 assert new is ChanState.CLOSED, "closed is final"
-    assert ChanState.ABANDONED not in {s for s, _ in CHAN_RECV_TRANSITIONS}
+    assert ChanState.ABANDONED not in {s for s, _ in CHAN_RECV_TABLE}
     assert [str(s) for s in ChanState] == ["opening", "open", "eof_pending", "eof",
                                            "close_pending", "closed", "abandoned"]

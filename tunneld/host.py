@@ -14,17 +14,16 @@ connection itself is opened by ``sshconnect.connect``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Protocol
 
 import asyncssh
 
 from .config import Defaults
 from .errors import AuthError, ConfigError, ConnectError, HostKeyError, LoginNeeded
 from .events import EventHub
-from .login import LoginClient, Prompter
+from .login import LoginClient, Prompter, Prompting
 from .notify import notify
 from .spec import ForwardSpec
 from .sshconnect import connect
@@ -65,7 +64,7 @@ class HostForward(Protocol):
     def snapshot(self) -> dict[str, Any]: ...
 
 
-class HostSupervisor:
+class HostSupervisor(Prompting):
     def __init__(self, name: str, settings: Defaults,
                  on_change: Callable[["HostSupervisor"], None] | None = None,
                  events: EventHub | None = None):
@@ -116,13 +115,7 @@ class HostSupervisor:
         self._stopping = False
         #: the supervisor loop; None iff not running
         self._task: asyncio.Task[None] | None = None
-        #: who can answer login prompts now: the ask coroutines of tunnelctl clients waiting
-        #: for this host with a terminal, the last attached asked (empty: nobody is asked)
-        self._prompters: list[Prompter] = []
-        #: monotonic seconds spent waiting for people's answers (connect timeouts skip them)
-        self._person_secs = 0.0
-        #: monotonic time the pending question was asked; None while nobody is asked
-        self._asking_since: float | None = None
+        Prompting.__init__(self)
 
     # -- state -------------------------------------------------------------------------------
 
@@ -275,41 +268,6 @@ class HostSupervisor:
                 await self.wait_attempt(timeout)
             finally:
                 self._held -= 1
-
-    # -- login prompts -----------------------------------------------------------------------
-
-    @property
-    def prompter(self) -> Prompter | None:
-        return self._prompters[-1] if self._prompters else None
-
-    @contextlib.contextmanager
-    def prompting(self, ask: Prompter | None) -> Iterator[None]:
-        """Let ``ask`` answer this host's login prompts while the block runs (attach it
-        before the attempt it should answer starts).  ``None``: a no-op."""
-        if ask is None:
-            yield
-            return
-        self._prompters.append(ask)
-        try:
-            yield
-        finally:
-            self._prompters.remove(ask)
-
-    @contextlib.contextmanager
-    def asking(self) -> Iterator[None]:
-        """A person is being asked while the block runs: the connect timeout's clock stops."""
-        self._asking_since = start = time.monotonic()
-        try:
-            yield
-        finally:
-            self._person_secs += time.monotonic() - start
-            self._asking_since = None
-
-    def _machine_clock(self) -> float:
-        """Monotonic seconds, less the time spent waiting for people's answers."""
-        now = time.monotonic()
-        asking = now - self._asking_since if self._asking_since is not None else 0.0
-        return now - self._person_secs - asking
 
     async def _run(self) -> None:
         while not self._stopping:

@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import logging
 import os
-from typing import Any, Awaitable, Callable, Protocol, Sequence
+import time
+from typing import Any, Awaitable, Callable, Iterator, Protocol, Sequence
 
 import asyncssh
 
@@ -227,3 +228,50 @@ def _bcrypt() -> bool:
 def _home_path(path: str) -> str:
     home = os.path.expanduser("~")
     return "~" + path[len(home):] if home and path.startswith(home + os.sep) else path
+
+
+class Prompting:
+    """Who answers a host's login prompts, and the clock of its connection attempt that
+    stops while a person is asked (a mixin of ``host.HostSupervisor``)."""
+
+    def __init__(self) -> None:
+        #: who can answer login prompts now: the ask coroutines of tunnelctl clients waiting
+        #: for this host with a terminal, the last attached asked (empty: nobody is asked)
+        self._prompters: list[Prompter] = []
+        #: monotonic seconds spent waiting for people's answers (connect timeouts skip them)
+        self._person_secs = 0.0
+        #: monotonic time the pending question was asked; None while nobody is asked
+        self._asking_since: float | None = None
+
+    @property
+    def prompter(self) -> Prompter | None:
+        return self._prompters[-1] if self._prompters else None
+
+    @contextlib.contextmanager
+    def prompting(self, ask: Prompter | None) -> Iterator[None]:
+        """Let ``ask`` answer this host's login prompts while the block runs (attach it
+        before the attempt it should answer starts).  ``None``: a no-op."""
+        if ask is None:
+            yield
+            return
+        self._prompters.append(ask)
+        try:
+            yield
+        finally:
+            self._prompters.remove(ask)
+
+    @contextlib.contextmanager
+    def asking(self) -> Iterator[None]:
+        """A person is being asked while the block runs: the connect timeout's clock stops."""
+        self._asking_since = start = time.monotonic()
+        try:
+            yield
+        finally:
+            self._person_secs += time.monotonic() - start
+            self._asking_since = None
+
+    def _machine_clock(self) -> float:
+        """Monotonic seconds, less the time spent waiting for people's answers."""
+        now = time.monotonic()
+        asking = now - self._asking_since if self._asking_since is not None else 0.0
+        return now - self._person_secs - asking

@@ -397,7 +397,7 @@ class ChanEvent(str, enum.Enum):
 CS = ChanState
 CE = ChanEvent
 
-CHAN_SEND_TRANSITIONS: dict[tuple[ChanState, ChanEvent], ChanState] = {
+CHAN_SEND_TABLE: dict[tuple[ChanState, ChanEvent], ChanState] = {
     (CS.OPENING, CE.CONFIRMED): CS.OPEN,
     (CS.ABANDONED, CE.CONFIRMED): CS.CLOSE_PENDING,
     (CS.OPENING, CE.REFUSED): CS.CLOSED,
@@ -418,7 +418,7 @@ CHAN_SEND_TRANSITIONS: dict[tuple[ChanState, ChanEvent], ChanState] = {
     **{(s, CE.LOST): CS.CLOSED for s in CS},
 }
 
-CHAN_RECV_TRANSITIONS: dict[tuple[ChanState, ChanEvent], ChanState] = {
+CHAN_RECV_TABLE: dict[tuple[ChanState, ChanEvent], ChanState] = {
     (CS.OPENING, CE.CONFIRMED): CS.OPEN,
     (CS.OPENING, CE.REFUSED): CS.CLOSED,
     (CS.OPEN, CE.EOF): CS.EOF_PENDING,
@@ -435,16 +435,16 @@ CHAN_PEER_OPEN = (CS.OPEN, CS.EOF_PENDING, CS.EOF)
 CHAN_LOCAL_GONE = (CS.CLOSE_PENDING, CS.CLOSED, CS.ABANDONED)
 
 
-def check_chan_send(old: ChanState, event: ChanEvent) -> ChanState:
+def chan_send_next(old: ChanState, event: ChanEvent) -> ChanState:
     try:
-        return CHAN_SEND_TRANSITIONS[(old, event)]
+        return CHAN_SEND_TABLE[(old, event)]
     except KeyError:
         raise IllegalTransition(f"channel send state {old} on {event} is not allowed") from None
 
 
-def check_chan_recv(old: ChanState, event: ChanEvent) -> ChanState:
+def chan_recv_next(old: ChanState, event: ChanEvent) -> ChanState:
     try:
-        return CHAN_RECV_TRANSITIONS[(old, event)]
+        return CHAN_RECV_TABLE[(old, event)]
     except KeyError:
         raise IllegalTransition(f"channel receive state {old} on {event} is not allowed") \
             from None

@@ -22,8 +22,8 @@ for half of it — with megabytes in loopback socket buffers the server then sta
 Either way only while the local socket takes data, so a slow local reader closes the window
 and the server stops sending.
 
-Each direction's state follows its machine in ``state.py`` (``CHAN_SEND_TRANSITIONS``,
-``CHAN_RECV_TRANSITIONS``): a message from the server that its table does not allow is a
+Each direction's state follows its machine in ``state.py`` (``CHAN_SEND_TABLE``,
+``CHAN_RECV_TABLE``): a message from the server that its table does not allow is a
 protocol error (asyncssh disconnects), a call of ours it does not allow raises
 ``IllegalTransition``.  The local end is a ``LocalEnd`` (``ends``).
 """
@@ -52,12 +52,12 @@ from asyncssh.packet import SSHPacket, String, UInt32
 from ..state import (
     CHAN_LOCAL_GONE,
     CHAN_PEER_OPEN,
-    CHAN_RECV_TRANSITIONS,
-    CHAN_SEND_TRANSITIONS,
+    CHAN_RECV_TABLE,
+    CHAN_SEND_TABLE,
     ChanEvent,
     ChanState,
-    check_chan_recv,
-    check_chan_send,
+    chan_recv_next,
+    chan_send_next,
 )
 from .connection import FastConnection
 from .ends import LocalEnd
@@ -80,8 +80,8 @@ _OPENING, _OPEN, _EOF_PENDING, _CLOSE_PENDING, _CLOSED, _ABANDONED = (
 _CONFIRMED, _REFUSED, _EOF, _CLOSE, _PEER_CLOSE, _DRAINED, _LOST = (
     ChanEvent.CONFIRMED, ChanEvent.REFUSED, ChanEvent.EOF, ChanEvent.CLOSE,
     ChanEvent.PEER_CLOSE, ChanEvent.DRAINED, ChanEvent.LOST)
-_SEND = CHAN_SEND_TRANSITIONS
-_RECV = CHAN_RECV_TRANSITIONS
+_SEND = CHAN_SEND_TABLE
+_RECV = CHAN_RECV_TABLE
 
 
 def _peer(table: dict[tuple[ChanState, ChanEvent], ChanState], state: ChanState,
@@ -157,13 +157,13 @@ class TCPChannel:
 
     def write_eof(self) -> None:
         old = self.send_state
-        self.send_state = check_chan_send(old, _EOF)
+        self.send_state = chan_send_next(old, _EOF)
         if old is _OPEN:
             self._flush_send()
 
     def close(self) -> None:
         old = self.send_state
-        self.send_state = check_chan_send(old, _CLOSE)
+        self.send_state = chan_send_next(old, _CLOSE)
         if self.send_state is _CLOSE_PENDING and old is not _CLOSE_PENDING:
             self._flush_send()  # CLOSE once the buffered data is sent
         self.recv_buf.clear()
@@ -205,7 +205,7 @@ class TCPChannel:
         if not buf:
             if self.send_state is _EOF_PENDING:
                 self._send(MSG_CHANNEL_EOF)
-                self.send_state = check_chan_send(_EOF_PENDING, _DRAINED)
+                self.send_state = chan_send_next(_EOF_PENDING, _DRAINED)
             elif self.send_state is _CLOSE_PENDING:
                 self._close_send(_DRAINED)
 
@@ -229,7 +229,7 @@ class TCPChannel:
         old = self.send_state
         if old is not _CLOSED:
             self._send(MSG_CHANNEL_CLOSE)
-        self.send_state = check_chan_send(old, event)
+        self.send_state = chan_send_next(old, event)
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -261,7 +261,7 @@ class TCPChannel:
         if buf:
             return
         if self.recv_state is _EOF_PENDING:
-            self.recv_state = check_chan_recv(_EOF_PENDING, _DRAINED)
+            self.recv_state = chan_recv_next(_EOF_PENDING, _DRAINED)
             self.local.deliver_eof()
         elif self.recv_state is _CLOSE_PENDING:
             self._cleanup(None, _DRAINED)
@@ -273,7 +273,7 @@ class TCPChannel:
         new = _peer(_SEND, old, _CONFIRMED, "Channel not being opened")
         self.send_chan, self.send_window, self.send_pktsize = \
             send_chan, send_window, send_pktsize
-        self.recv_state = check_chan_recv(self.recv_state, _CONFIRMED)
+        self.recv_state = chan_recv_next(self.recv_state, _CONFIRMED)
         self.send_state = new
         if old is _ABANDONED:
             self._close_send(_DRAINED)  # nothing was buffered
@@ -322,7 +322,7 @@ class TCPChannel:
     def process_open_failure(self, code: int, reason: str, lang: str) -> None:
         old = self.send_state
         self.send_state = _peer(_SEND, old, _REFUSED, "Channel not being opened")
-        self.recv_state = check_chan_recv(self.recv_state, _REFUSED)
+        self.recv_state = chan_recv_next(self.recv_state, _REFUSED)
         self._release()
         if old is not _ABANDONED:
             self.local.failed(ChannelOpenError(code, reason, lang))
@@ -331,12 +331,12 @@ class TCPChannel:
         """The SSH connection ended under the channel (asyncssh passes None when it was
         closed on purpose): the local socket is reset, whatever the cause."""
         opening = self.send_state is _OPENING
-        self.send_state = check_chan_send(self.send_state, _LOST)
+        self.send_state = chan_send_next(self.send_state, _LOST)
         self.send_buf.clear()
         self.send_buf_len = 0
         exc = exc or ConnectionResetError("the SSH connection closed")
         if opening:
-            self.recv_state = check_chan_recv(self.recv_state, _LOST)
+            self.recv_state = chan_recv_next(self.recv_state, _LOST)
             self._release()
             self.local.failed(exc)
         else:
@@ -397,6 +397,6 @@ class TCPChannel:
         """The channel has ended (``event``: the data before the server's CLOSE has passed,
         or the connection was lost): end the local socket after what it was sent so far
         (reset it if the SSH connection failed)."""
-        self.recv_state = check_chan_recv(self.recv_state, event)
+        self.recv_state = chan_recv_next(self.recv_state, event)
         self._release()
         self.local.ended(exc)
