@@ -3,7 +3,6 @@ writes.  Pure and synchronous (files in tmp_path only)."""
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 
@@ -14,19 +13,6 @@ from tunneld.errors import ConfigError, TunneldError
 from tunneld.spec import ForwardSpec
 
 
-@pytest.fixture
-def tlog(caplog):
-    """Records of the "tunneld" logger, even if something set ``propagate = False`` on it
-    (the daemon's ``setup_logging`` does)."""
-    logger = logging.getLogger("tunneld")
-    logger.addHandler(caplog.handler)
-    old_level = logger.level
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield caplog
-    finally:
-        logger.removeHandler(caplog.handler)
-        logger.setLevel(old_level)
 
 
 def _write(tmp_path: Path, text: str, name: str = "config.toml") -> Path:

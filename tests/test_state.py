@@ -242,7 +242,7 @@ def test_the_whole_channel_tables():
                 if (state, event) in table:
                     assert check(state, event) is table[(state, event)]
                 else:
-                    with pytest.raises(IllegalTransition, match=f"{state} on {event}"):
+                    with pytest.raises(IllegalTransition, match=f"{event} in state {state}"):
                         check(state, event)
 
 

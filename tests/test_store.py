@@ -16,18 +16,6 @@ from tunneld.store import (STATE_VERSION, StateFile, Store, atomic_write, load_s
                            remove_stale_temp_files, save_state)
 
 
-@pytest.fixture
-def tlog(caplog):
-    """Records of the "tunneld" logger, even if something set ``propagate = False`` on it."""
-    logger = logging.getLogger("tunneld")
-    logger.addHandler(caplog.handler)
-    old_level = logger.level
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield caplog
-    finally:
-        logger.removeHandler(caplog.handler)
-        logger.setLevel(old_level)
 
 
 # -- load_state ----------------------------------------------------------------------------------

@@ -124,11 +124,11 @@ class Handlers:
 
     async def open(self, a: dict[str, Any], peer: Peer) -> Any:
         host = a["host"]
-        await self.m.hosts.logged_in(host, _prompter(a, peer))
         try:
+            await self.m.hosts.logged_in(host, _prompter(a, peer))
             return await self.m.opener.open(host, a["url"], a["node"], "tunnelctl open")
         finally:
-            await self.m.hosts.release(host)
+            await self.m.hosts.release(host)   # kept only if something else uses it
 
     async def reload(self, a: dict[str, Any], peer: Peer) -> Any:
         if self.on_reload is None:

@@ -22,10 +22,23 @@ from __future__ import annotations
 import enum
 import random
 from dataclasses import dataclass
+from typing import Any, Mapping, TypeVar
 
 
 class IllegalTransition(RuntimeError):
     """A state change the table does not allow: a programming error."""
+
+
+_S = TypeVar("_S")
+
+
+def _step(machine: str, table: Mapping[tuple[_S, Any], _S], state: _S, event: Any) -> _S:
+    """``table``'s state after ``event`` in ``state``; IllegalTransition if it has none."""
+    try:
+        return table[state, event]
+    except KeyError:
+        raise IllegalTransition(f"{machine}: no transition for {event} in state {state}") \
+            from None
 
 
 class _Named(str, enum.Enum):
@@ -80,10 +93,7 @@ HOST_TABLE: dict[tuple[HostState, HostEvent], HostState] = {
 
 def host_next(state: HostState, event: HostEvent) -> HostState:
     """The host's state after ``event`` in ``state``."""
-    try:
-        return HOST_TABLE[state, event]
-    except KeyError:
-        raise IllegalTransition(f"host: no transition for {event} in state {state}") from None
+    return _step("host", HOST_TABLE, state, event)
 
 
 def is_connected(state: HostState) -> bool:
@@ -127,11 +137,7 @@ FORWARD_TABLE: dict[tuple[ForwardState, ForwardEvent], ForwardState] = {
 
 def forward_next(state: ForwardState, event: ForwardEvent) -> ForwardState:
     """The forward's state after ``event`` in ``state``."""
-    try:
-        return FORWARD_TABLE[state, event]
-    except KeyError:
-        raise IllegalTransition(f"forward: no transition for {event} in state {state}") \
-            from None
+    return _step("forward", FORWARD_TABLE, state, event)
 
 
 def forward_follow(state: ForwardState, up: bool) -> ForwardState:
@@ -194,11 +200,7 @@ SESSION_TABLE: dict[tuple[SessionState, SessionEvent], SessionState] = {
 
 def session_next(state: SessionState, event: SessionEvent) -> SessionState:
     """The session's state after ``event`` in ``state``."""
-    try:
-        return SESSION_TABLE[state, event]
-    except KeyError:
-        raise IllegalTransition(f"session: no transition for {event} in state {state}") \
-            from None
+    return _step("session", SESSION_TABLE, state, event)
 
 
 @dataclass
@@ -436,15 +438,8 @@ CHAN_LOCAL_GONE = (CS.CLOSE_PENDING, CS.CLOSED, CS.ABANDONED)
 
 
 def chan_send_next(old: ChanState, event: ChanEvent) -> ChanState:
-    try:
-        return CHAN_SEND_TABLE[(old, event)]
-    except KeyError:
-        raise IllegalTransition(f"channel send state {old} on {event} is not allowed") from None
+    return _step("channel send side", CHAN_SEND_TABLE, old, event)
 
 
 def chan_recv_next(old: ChanState, event: ChanEvent) -> ChanState:
-    try:
-        return CHAN_RECV_TABLE[(old, event)]
-    except KeyError:
-        raise IllegalTransition(f"channel receive state {old} on {event} is not allowed") \
-            from None
+    return _step("channel receive side", CHAN_RECV_TABLE, old, event)

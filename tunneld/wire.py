@@ -163,20 +163,21 @@ def texts(name: str, value: Any) -> list[str]:
     return list(value)
 
 
-def host(required: bool = True) -> Checker:
+def _named(rule: Callable[[Any], str], required: bool) -> Checker:
+    """A name checked by ``names``' ``rule`` (None allowed unless ``required``)."""
     def check(name: str, value: Any) -> str | None:
         if value is None and not required:
             return None
-        return check_host_alias(value)
+        return rule(value)
     return check
+
+
+def host(required: bool = True) -> Checker:
+    return _named(check_host_alias, required)
 
 
 def session_name(required: bool = True) -> Checker:
-    def check(name: str, value: Any) -> str | None:
-        if value is None and not required:
-            return None
-        return check_session_name(value)
-    return check
+    return _named(check_session_name, required)
 
 
 def port_choice(name: str, value: Any) -> int | str | None:
