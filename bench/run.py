@@ -66,6 +66,20 @@ READY_TIMEOUT = 30.0          # a tunnel becoming usable
 FD_MARGIN = 200               # file descriptors kept free besides the N connections
 
 
+#: sections of results.md written by other tools (bench/soak.py's figures): a new run keeps
+#: them, from this heading to the end of the file
+KEPT_SECTION = "\n## Chaos soak"
+
+
+def _kept_sections(path: Path) -> str:
+    try:
+        text = path.read_text()
+    except OSError:
+        return ""
+    i = text.find(KEPT_SECTION)
+    return text[i:] if i >= 0 else ""
+
+
 def log(msg: str) -> None:
     print(f"[{time.monotonic() - T_START:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
@@ -1449,7 +1463,7 @@ def write_report(b: Bench, wall: float, argv: list[str]) -> None:
             ex = "; ".join(f"`{e[:140]}`" for e in sm["examples"][:3])
             out(f"- {name}: {sm['lines']} of {sm['total_lines']} lines, e.g. {ex}")
     out("")
-    (BENCH / "results.md").write_text("\n".join(lines))
+    (BENCH / "results.md").write_text("\n".join(lines) + _kept_sections(BENCH / "results.md"))
 
     data = {"command": ["python", "bench/run.py", *argv], "date": now, "wall_s": wall,
             "params": p.__dict__, "versions": v, "cpus": os.cpu_count(), "cpu": cpu,
