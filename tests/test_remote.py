@@ -3,6 +3,7 @@ temporary HOME, no SSH): detached start, BROWSER helper, follower, catch-up, kil
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -273,3 +274,64 @@ def test_detached_without_setsid(sh, tmp_path, without):
     r = sh(remote.detached_kill_command("port-1", s.pid, grace=2))
     assert "signalled" in r.stdout
     assert int(wait_file(Path(s.dir) / "status")) > 128
+
+
+# -- a command's words (tmux's rule: one word is a shell line, several arrive as typed) ----------
+
+#: every shell metacharacter, blanks, a newline, quotes of both kinds and a backslash
+METAS = "$HOME ${X:-y} $(id) `id` * ? [a] ; | & && > < >> ( ) { } ! # ~ ' \" \\ \t\nend"
+WORDS_CASES = [
+    [sys.executable, "-c", "import webbrowser; print('open', 'http://0.0.0.0:8090/')"],
+    ["file with spaces.txt", "$PORT", "*", "a;b"],
+    [METAS],
+    ["", "after-empty", ""],
+    ["données", "漢字", "é\u0301"],
+    ["-n", "--", "-e", "-"],
+]
+
+
+@pytest.mark.parametrize("words", WORDS_CASES[1:], ids=["spaces", "metas", "empty", "utf8", "dash"])
+def test_several_words_arrive_exactly_as_typed(sh, words):
+    """``run HOST -- WORD…`` with two words or more: the server's program gets each word as
+    typed, under dash and bash, also in a detached session's runner and the attached wrapper."""
+    argv = [sys.executable, "-c", "import sys, json; print(json.dumps(sys.argv[1:]))", *words]
+    r = sh(remote.shell_text(argv))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == words
+    r = sh(remote.session_command(remote.shell_text(argv)))
+    assert json.loads(r.stdout.split("\n", 1)[1]) == words
+
+
+def test_the_issues_example_runs(sh):
+    r = sh(remote.shell_text(WORDS_CASES[0]))
+    assert (r.returncode, r.stdout) == (0, "open http://0.0.0.0:8090/\n"), r.stderr
+
+
+def test_one_word_is_a_shell_line(sh):
+    """One word is for the remote shell: ``~``, ``$VAR``, ``&&``, pipes, globs, redirections."""
+    (sh.home / "proj").mkdir()
+    (sh.home / "proj" / "a.ipynb").write_text("x")
+    line = "cd ~/proj && echo $HOME | tr a-z A-Z; ls *.ipynb > out; cat out"
+    r = sh(remote.shell_text([line]))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{str(sh.home).upper()}\na.ipynb\n"
+
+
+def test_a_detached_session_runs_the_words_too(sh):
+    words = [sys.executable, "-c", "import sys; print(repr(sys.argv[1:]))", METAS, ""]
+    s = start(sh, "words-1", remote.shell_text(words))
+    wait_file(Path(s.dir) / "status")
+    assert (Path(s.dir) / "log").read_text() == repr([METAS, ""]) + "\n"
+
+
+@pytest.mark.parametrize("words", WORDS_CASES + [["cd ~/proj && jupyter lab"], ["jupyter"]])
+def test_the_shown_command_pasted_back_gives_the_same_words(words):
+    """`tunnelctl sessions` shows ``remote.shown(words)``: a POSIX shell (the user's, pasting it
+    after ``tunnelctl run HOST --``) splits it back into the same words."""
+    import shlex
+    assert shlex.split(remote.shown(words)) == words
+
+
+def test_a_command_needs_a_word():
+    with pytest.raises(ValueError):
+        remote.shell_text([])

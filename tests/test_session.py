@@ -111,7 +111,7 @@ def run_session(tmp_path: Path, command: str, **losses: int) -> Session:
     conn = LocalConn(home, **losses)
 
     async def main() -> Session:
-        sess = DetachedSession("s1", LocalHost(conn), command,  # type: ignore[arg-type]
+        sess = DetachedSession("s1", LocalHost(conn), [command],  # type: ignore[arg-type]
                                tmp_path / "local" / "s1.log", no_open)
         sess.start()
         try:
@@ -160,7 +160,7 @@ def test_taken_up_while_it_was_starting(tmp_path):
 
     async def main() -> Session:
         await conn.run(remote.detached_start_command("s1-0001", "echo hi; exit 6"))
-        sess = DetachedSession("s1", LocalHost(conn), "echo hi; exit 6",  # type: ignore[arg-type]
+        sess = DetachedSession("s1", LocalHost(conn), ["echo hi; exit 6"],  # type: ignore[arg-type]
                                tmp_path / "local" / "s1.log", no_open)
         sess.resume({"remote_id": "s1-0001", "pid": None, "started": 1.0})
         await asyncio.wait_for(sess.done.wait(), 30)

@@ -282,3 +282,22 @@ def test_status_line_shows_the_fast_path(fastpath, part):
     from tunnelctl.render import status_line
     r = dict(STATUS) if fastpath is None else dict(STATUS, fastpath=fastpath)
     assert status_line(r) == STATUS_LINE + part
+
+
+def test_sessions_shows_the_newest_url_only_when_one_was_printed(capsys, monkeypatch):
+    from tunnelctl.render import print_sessions
+    monkeypatch.setenv("COLUMNS", "200")
+    base = {"host": "barhal", "state": "running", "exit_status": None, "exit_signal": None,
+            "error": None, "detached": True, "port": None,
+            "started": "2026-12-01T10:00:00Z", "command": "jupyter lab"}
+    print_sessions([dict(base, name="a", urls=[])])
+    out = capsys.readouterr().out
+    assert "URL" not in out and "jupyter lab" in out
+    urls = [{"remote": "http://gpu1:8888/", "local": "http://127.0.0.1:8888/old",
+             "seen": "2026-12-01T10:00:01Z", "forward": "x"},
+            {"remote": "http://gpu1:8888/", "local": "http://127.0.0.1:8888/lab?token=t",
+             "seen": "2026-12-01T10:00:02Z", "forward": "x"}]
+    print_sessions([dict(base, name="a", urls=[]), dict(base, name="b", urls=urls)])
+    head, _, b = capsys.readouterr().out.splitlines()
+    assert head.split()[-2:] == ["URL", "COMMAND"]
+    assert "http://127.0.0.1:8888/lab?token=t" in b and "/old" not in b

@@ -117,9 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("kill", help="stop a session's remote process and all its children")
     p.add_argument("session")
 
-    p = sub.add_parser("open", help="open a remote URL locally through the tunnel")
-    p.add_argument("host")
-    p.add_argument("url")
+    p = sub.add_parser("open", help="open a session's newest URL, or a URL printed on a host, "
+                                    "locally through the tunnel",
+                       usage="tunnelctl open SESSION [--list] | tunnelctl open HOST URL")
+    p.add_argument("target", metavar="SESSION|HOST")
+    p.add_argument("url", nargs="?", help="a URL as printed on HOST")
+    p.add_argument("--list", action="store_true",
+                   help="print the URLs the session printed (their local ends); open none")
     _no_prompt(p)
 
     p = sub.add_parser("watch", help="copy stdin to stdout, opening browser-open markers")

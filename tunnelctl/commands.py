@@ -315,11 +315,33 @@ def cmd_kill(a: argparse.Namespace) -> int:
 
 
 def cmd_open(a: argparse.Namespace) -> int:
-    r = call("open", host=a.host, url=a.url, **_interactive(a))
+    if a.url is None:
+        return _open_session(a.target, a.list)
+    if a.list:
+        print("tunnelctl open: --list takes a session name, not a host and a URL",
+              file=sys.stderr)
+        return EXIT_USAGE
+    r = call("open", host=a.target, url=a.url, **_interactive(a))
     if r.get("opened"):
         print(f"opened {r['url']}")
     else:
         print(f"not opened again ({r.get('reason')}): {r['url']}")
+    return EXIT_OK
+
+
+def _open_session(name: str, list_only: bool) -> int:
+    """`open SESSION`: its newest URL in the browser; `--list`: its URLs, newest last."""
+    r = call("open", session=name, list=list_only)
+    if list_only:
+        if not r["urls"]:
+            print(f"session {name} has printed no URL yet", file=sys.stderr)
+        for u in r["urls"]:
+            print(f"{u['local']}  (printed as {u['remote']}, {render.ago(u['seen'])} ago)")
+        return EXIT_OK
+    if r.get("opened"):
+        print(f"opened {r['url']}")
+    else:
+        print(f"not opened ({r.get('reason')}): {r['url']}")
     return EXIT_OK
 
 

@@ -125,13 +125,20 @@ def print_sessions(sessions: list[dict[str, Any]]) -> None:
     if not sessions:
         print("no sessions; start one with `tunnelctl run HOST -- COMMAND`")
         return
-    rows = [("NAME", "HOST", "STATE", "EXIT", "MODE", "PORT", "STARTED", "COMMAND")]
-    for x in sessions:
+    # the newest URL each printed, at its local end (a column only when one did)
+    newest = [(x.get("urls") or [{}])[-1].get("local") or "" for x in sessions]
+    rows: list[tuple[str, ...]] = [
+        ("NAME", "HOST", "STATE", "EXIT", "MODE", "PORT", "STARTED", "URL", "COMMAND")]
+    for x, url in zip(sessions, newest):
         ex = "" if x["state"] in ("starting", "running", "disconnected") else session_line(x)
         mode = "detached" if x.get("detached", False) else "attached"
         rows.append((x["name"], x["host"], x["state"], ex, mode, str(x["port"] or ""),
-                     ago(x["started"]) + " ago", x["command"]))
-    table(rows, squeeze=(7, 3))
+                     ago(x["started"]) + " ago", url, x["command"]))
+    if not any(newest):
+        rows = [r[:7] + r[8:] for r in rows]
+        table(rows, squeeze=(7, 3))
+    else:
+        table(rows, squeeze=(8, 7, 3))
 
 
 def status_line(r: dict[str, Any]) -> str:

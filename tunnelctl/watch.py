@@ -19,7 +19,7 @@ import threading
 import tty
 from typing import Callable
 
-from tunneld.markers import Scanner
+from tunneld.markers import BrowserOpen, Scanner
 
 OpenURL = Callable[[str, str, "str | None"], None]
 
@@ -39,12 +39,14 @@ class _Opener:
         self.threads: list[threading.Thread] = []
 
     def feed(self, data: bytes) -> None:
-        for ev in self.scanner.feed(data):
-            self._start(ev.url, ev.node)
+        for ev in self.scanner.feed(data):   # markers only (no ``urls``)
+            if isinstance(ev, BrowserOpen):
+                self._start(ev.url, ev.node)
 
     def close(self, timeout: float) -> None:
         for ev in self.scanner.close():
-            self._start(ev.url, ev.node)
+            if isinstance(ev, BrowserOpen):
+                self._start(ev.url, ev.node)
         for t in self.threads:
             t.join(timeout)
 

@@ -7,6 +7,7 @@ config.toml (optional)::
     keepalive_interval = 9      # seconds between SSH keepalives (0 disables)
     keepalive_count_max = 2     # unanswered keepalives before the link is declared dead
     hold_timeout = 10           # seconds a client is held while its host is down
+    printed_urls = "forward"    # URLs a session prints: "forward", "open" or "ignore"
 
     [hosts.barhal]
     forwards = ["8090-8092", "18888:node42:8888"]
@@ -19,12 +20,17 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from . import spec as specmod
 from .errors import ConfigError, SpecError
+
+#: what a URL printed in a session's output gets: a forward and a place in the session's list
+#: ("forward"), that and the browser for the first one of the session ("open"), nothing
+#: ("ignore"); a marker always opens
+PrintedUrls = Literal["forward", "open", "ignore"]
 
 
 class Strict(BaseModel):
@@ -50,6 +56,8 @@ class Defaults(Strict):
     ready_timeout: float = Field(60.0, gt=0, le=3600)
     #: seconds a stopping daemon lets open connections finish (listeners close at once)
     stop_timeout: float = Field(10.0, ge=0, le=600)
+    #: URLs printed in a session's output (see ``PrintedUrls``)
+    printed_urls: PrintedUrls = "forward"
 
     @field_validator("bind")
     @classmethod
@@ -62,6 +70,8 @@ class Defaults(Strict):
 
 class HostConfig(Strict):
     forwards: list[str] = []
+    #: this host's ``printed_urls``, else ``[defaults]``'s
+    printed_urls: PrintedUrls | None = None
 
     @field_validator("forwards")
     @classmethod
@@ -77,6 +87,11 @@ class HostConfig(Strict):
 class Config(Strict):
     defaults: Defaults = Defaults()
     hosts: dict[str, HostConfig] = {}
+
+    def printed_urls(self, host: str) -> PrintedUrls:
+        """What URLs printed in ``host``'s sessions get (its own setting, else the default)."""
+        own = self.hosts[host].printed_urls if host in self.hosts else None
+        return own or self.defaults.printed_urls
 
     def forwards(self) -> dict[str, list[specmod.ForwardSpec]]:
         return {name: specmod.parse_all(h.forwards, self.defaults.bind)

@@ -153,14 +153,21 @@ class Forwards:
             return fwd
         raise BindError(f"{host}: no local port could be bound for {target_host}:{target_port}")
 
-    async def drop_auto(self, host: str, target_port: int) -> None:
-        """Remove ``host``'s automatic forwards to its loopback's ``target_port`` (a session's
-        ``--port`` forward, when the session ended), and release the host if it is unused."""
+    async def drop_auto(self, host: str, port: int | None, specs: list[str] = [],
+                        keep: set[str] = set()) -> None:
+        """A session ended: remove ``host``'s automatic forwards to its loopback's ``port``
+        (its ``--port`` forward) and those of ``specs`` (made for its markers and printed
+        URLs), except the ``keep`` ones (another running session's); then release the host
+        if it is unused.  A forward someone `add`ed meanwhile is not automatic any more."""
         async with self.hosts.lock:
             sup = self.hosts.get(host)
             for fwd in list(sup.forwards.values()) if sup else []:
-                if fwd.origin == "auto" and fwd.spec.target_port == target_port and \
-                        is_loopback(fwd.spec.target_host):
+                text = str(fwd.spec)
+                if fwd.origin != "auto" or text in keep:
+                    continue
+                if text in specs or (port is not None and fwd.spec.kind == "local" and
+                                     fwd.spec.target_port == port and
+                                     is_loopback(fwd.spec.target_host)):
                     await self._unbind(host, fwd)
             await self.hosts._release(host)
 

@@ -123,7 +123,11 @@ class Handlers:
         return self.m.sessions.forget(a["names"], a["ended"])
 
     async def open(self, a: dict[str, Any], peer: Peer) -> Any:
+        if a["session"] is not None:
+            return await self.m.sessions.urls(a["session"], not a["list"])
         host = a["host"]
+        if host is None or a["url"] is None:
+            raise UsageError("open needs a session name, or a host and a URL")
         try:
             await self.m.hosts.logged_in(host, _prompter(a, peer))
             return await self.m.opener.open(host, a["url"], a["node"], "tunnelctl open")

@@ -25,6 +25,10 @@ Use::
     for event in scanner.close():           # the unterminated last line, if any
         act_on(event)
 
+``Scanner(urls=True)`` also gives a ``printed.PrintedUrl`` for each http(s) URL with a port
+printed on a line without a marker (``printed.find_urls``: Jupyter with ``--no-browser``,
+Flask's "Running on …").
+
 The caller must act on (or drop) the events ``feed`` returns: the scanner keeps none.  A marker
 split across ``feed`` calls at any byte yields one event, once, when its line is complete.
 Memory is bounded: of a line longer than ``MAX_LINE`` only its last ``MAX_LINE`` bytes are
@@ -35,6 +39,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from .printed import PrintedUrl, find_urls
 
 MARKER = b"OPEN_ON_LOCAL"
 #: a security limit: longest line (bytes) kept while looking for a marker
@@ -85,26 +91,28 @@ class Scanner:
     lost bytes to the limit (and was counted in ``overflowed``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, urls: bool = False) -> None:
+        #: also report printed URLs (``printed.find_urls``)
+        self.urls = urls
         self._buf = bytearray()
         self._overflowing = False
         #: lines that exceeded ``MAX_LINE`` (each counted once), since the scanner was made
         self.overflowed = 0
 
-    def feed(self, data: bytes) -> list[BrowserOpen]:
+    def feed(self, data: bytes) -> list[BrowserOpen | PrintedUrl]:
         """Take the next bytes of the stream; return the events of the lines they completed.
 
         The caller acts on the returned events, then feeds the next chunk; at end of stream it
         calls ``close()`` for the last, unterminated line.
         """
-        events: list[BrowserOpen] = []
+        events: list[BrowserOpen | PrintedUrl] = []
         start = 0
         while True:
             m = _LINE_END.search(data, start)
             if m is None:
                 break
             self._append(data[start:m.start()])
-            events.extend(scan_line(bytes(self._buf)))
+            events.extend(scan_line(bytes(self._buf), self.urls))
             self._buf.clear()
             self._overflowing = False
             start = m.end()
@@ -112,12 +120,12 @@ class Scanner:
             self._append(data[start:])
         return events
 
-    def close(self) -> list[BrowserOpen]:
+    def close(self) -> list[BrowserOpen | PrintedUrl]:
         """End of stream: return the events of the unterminated last line.
 
         The scanner is then empty and may be fed a new stream.
         """
-        events = scan_line(bytes(self._buf)) if self._buf else []
+        events = scan_line(bytes(self._buf), self.urls) if self._buf else []
         self._buf.clear()
         self._overflowing = False
         return events
@@ -143,14 +151,15 @@ def strip_ansi(line: bytes) -> bytes:
     return _ANSI.sub(b"", line) if b"\x1b" in line else line
 
 
-def scan_line(line: bytes) -> list[BrowserOpen]:
-    """The markers of one complete line (without its line ending), in order."""
+def scan_line(line: bytes, urls: bool = False) -> list[BrowserOpen | PrintedUrl]:
+    """The markers of one complete line (without its line ending), in order; with ``urls``,
+    the URLs printed on it if it holds no marker."""
     line = strip_ansi(line)
     first = line.find(MARKER)
     if first < 0:
-        return []
+        return list(find_urls(line)) if urls else []
     closing = _match_brackets(line, first)
-    events: list[BrowserOpen] = []
+    events: list[BrowserOpen | PrintedUrl] = []
     pos = first
     while True:
         m = _OPENING.search(line, pos)

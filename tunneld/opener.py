@@ -16,6 +16,7 @@ import os
 import shlex
 import time
 import webbrowser
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol
 
 import asyncssh
@@ -54,6 +55,18 @@ PROBE_INTERVAL_MAX = 1.0
 SHOW_ENV_TIMEOUT = 2.0
 
 
+@dataclass(frozen=True)
+class Routed:
+    """A URL with the forward that reaches it."""
+
+    #: what the URL rules made of it
+    plan: urls.Plan
+    #: the forward's spec (``str(ForwardSpec)``)
+    forward: str
+    #: the URL to open locally (the local end of that forward; path, query, fragment kept)
+    local: str
+
+
 class Opener:
     def __init__(self, host_for: Callable[[str], OpenHost], ensure_forward: EnsureForward,
                  events: EventHub, browser: list[str] | str | None = None,
@@ -72,11 +85,19 @@ class Opener:
         self.ready_timeout = ready_timeout
 
     async def open(self, host: str, url: str, node: str | None = None,
-                   source: str = "", server: str | None = None) -> dict[str, Any]:
+                   source: str = "", server: str | None = None,
+                   explicit: bool = False) -> dict[str, Any]:
         """Open ``url`` (as printed on ``host``, or on compute node ``node`` behind it) in the
         local browser.  ``server``: ``host``'s own host name if known (else it is asked for
-        when ``node`` is given).  Raises UsageError (refused URL) or ConnectError (host down,
-        port never ready)."""
+        when ``node`` is given).  ``explicit``: a person asked for it (no duplicate check).
+        Raises UsageError (refused URL) or ConnectError (host down, port never ready)."""
+        routed = await self.route(host, url, node, source, server)
+        return await self.launch(host, routed, source, explicit)
+
+    async def route(self, host: str, url: str, node: str | None = None,
+                    source: str = "", server: str | None = None) -> Routed:
+        """The forward that reaches ``url`` (an existing one or a new automatic one) and the
+        local URL it becomes; nothing is opened.  Raises as ``open`` does."""
         sup = self.host_for(host)
         where = f" ({source})" if source else ""
         path = urls.jupyter_redirect_path(url)
@@ -96,21 +117,29 @@ class Opener:
             raise UsageError(f"{host}: not opened: {exc}") from None
         fwd = await self.ensure_forward(host, plan.remote_host, plan.remote_port)
         local = plan.local_url(fwd.spec.bind_port, _url_host(fwd.spec.bind_host))
+        return Routed(plan, str(fwd.spec), local)
+
+    async def launch(self, host: str, routed: Routed, source: str = "",
+                     explicit: bool = False) -> dict[str, Any]:
+        """Open ``routed``'s local URL once its remote port accepts connections (bounded),
+        unless it is a duplicate or one of a flood (not for an ``explicit`` open)."""
+        sup = self.host_for(host)
+        where = f" ({source})" if source else ""
+        local, forward = routed.local, routed.forward
         shown = urls.redact(local)
-        await self._wait_ready(sup, plan)
-        why = self.policy.check(host, local, time.monotonic())
+        await self._wait_ready(sup, routed.plan)
+        why = None if explicit else self.policy.check(host, local, time.monotonic())
         if why is not None:
             if why != "duplicate" and self.policy.burst_started():
                 log.warning("%s: too many browser opens; dropping them for a while%s", host,
                             where)
             elif why == "duplicate":
                 log.info("%s: %s was opened moments ago; not opening it again", host, shown)
-            return {"url": local, "opened": False, "reason": why, "forward": str(fwd.spec)}
+            return {"url": local, "opened": False, "reason": why, "forward": forward}
         log.info("%s: opening %s%s", host, shown, where)
         await self._launch(local)
-        self.events.publish("open", host=host, url=shown, source=source,
-                            forward=str(fwd.spec))
-        return {"url": local, "opened": True, "forward": str(fwd.spec)}
+        self.events.publish("open", host=host, url=shown, source=source, forward=forward)
+        return {"url": local, "opened": True, "forward": forward}
 
     async def _server_name(self, sup: OpenHost) -> str | None:
         """``sup``'s server's host name (as the BROWSER helper reports it), asked once per

@@ -30,13 +30,31 @@ KILL_GRACE = 5.0
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
+def shell_text(words: list[str]) -> str:
+    """The text the remote shell runs for a command given as ``words`` (tmux's rule): one
+    word is a shell command line (pipes, ``&&``, ``$VAR``, ``~``, globs work); several words
+    arrive each exactly as given (quoted for the POSIX shell).  ``{port}``/``{sock}`` are
+    replaced in the words before this."""
+    if not words:
+        raise ValueError("no command")
+    if len(words) == 1:
+        return words[0]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def shown(words: list[str]) -> str:
+    """The command as `tunnelctl sessions` shows it: pasted back after ``--`` it gives the
+    same words (one word stays one word, quoted)."""
+    return shlex.join(words)
+
+
 def session_command(command: str, env: dict[str, str] | None = None) -> str:
     """The text sshd's shell runs for an attached session: report our pid, install the
     BROWSER helper and export ``BROWSER`` (so Python's webbrowser, xdg-open and Jupyter print
     a marker naming the host they ran on, as in a detached session) and ``env``, run
     ``command``.
 
-    ``command`` is used as ssh uses its arguments: the remote shell interprets it."""
+    ``command`` is shell text (``shell_text``): the remote shell interprets it."""
     return "\n".join([f"printf '%s%s\\n' {shlex.quote(PID_TAG)} \"$$\"",
                       "um=$(umask)", "umask 077", 'base="$HOME"/.tunneld',
                       *_BROWSER_HELPER, 'umask "$um"', *_exports(env), command])

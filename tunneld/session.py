@@ -26,6 +26,7 @@ import asyncssh
 from . import remote, sshrun
 from .errors import ConnectError
 from .markers import BrowserOpen, Scanner
+from .printed import PrintedUrl
 from .state import SESSION_ENDED, HostState, SessionEvent, SessionState, session_next
 from .wire import iso_time
 
@@ -43,7 +44,7 @@ KILL_TIMEOUT = remote.KILL_GRACE + 10
 START_ERROR_LINES = 10
 START_ERROR_BYTES = 4096
 
-OnOpen = Callable[["Session", BrowserOpen], Awaitable[None]]
+OnOpen = Callable[["Session", BrowserOpen | PrintedUrl], Awaitable[None]]
 OnChange = Callable[["Session"], None]
 
 
@@ -67,12 +68,15 @@ class Session:
     #: the command outlives its connection and the daemon (``DetachedSession``)
     detached = False
 
-    def __init__(self, name: str, host: SessionHost, command: str, log_path: Path,
+    def __init__(self, name: str, host: SessionHost, words: list[str], log_path: Path,
                  on_open: OnOpen, env: dict[str, str] | None = None,
                  port: int | None = None, on_change: OnChange | None = None):
         self.name = name
         self.host = host
-        self.command = command
+        #: the command as given (``remote.shell_text``: one word is a shell line)
+        self.words = list(words)
+        #: the command as shown (pasted back after ``--``, it gives the same words)
+        self.command = remote.shown(self.words)
         self.env = env or {}
         self.port = port
         self.log_path = log_path
@@ -92,6 +96,17 @@ class Session:
         self.server: str | None = None
         self.remote_dir: str | None = None
         self.opens = 0
+        #: local forwards made for this session's markers and printed URLs ("LISTEN:TARGET"
+        #: specs): they end with it, and come back with a detached session taken up
+        self.forwards: list[str] = []
+        #: the URLs it printed, oldest first: {"remote", "local", "seen", "forward"}
+        self.urls: list[dict[str, Any]] = []
+        #: the browser was opened for it (a marker, or a printed URL with printed_urls="open")
+        self.url_opened = False
+        #: remote port → the host of the first printed URL with that port; the URLs taken
+        #: (listed, or being forwarded)
+        self.url_ports: dict[int, str] = {}
+        self.url_seen: set[str] = set()
         self._task: asyncio.Task[None] | None = None
         self._log_fd: int | None = None
         self._followers: set[asyncio.Queue[bytes | None]] = set()
@@ -212,19 +227,21 @@ class Session:
             if not _offer(q, data):
                 self._followers.discard(q)
 
-    def _open(self, ev: BrowserOpen) -> None:
-        """Act on a marker in the background: the readiness wait must not stall output."""
-        self.opens += 1
+    def _open(self, ev: BrowserOpen | PrintedUrl) -> None:
+        """Act on a marker or a printed URL in the background: the readiness wait must not
+        stall output."""
+        if isinstance(ev, BrowserOpen):
+            self.opens += 1
         task = asyncio.get_running_loop().create_task(self._open_one(ev))
         self._open_tasks.add(task)
         task.add_done_callback(self._open_tasks.discard)
 
-    async def _open_one(self, ev: BrowserOpen) -> None:
+    async def _open_one(self, ev: BrowserOpen | PrintedUrl) -> None:
         try:
             await self.on_open(self, ev)
         except Exception as exc:  # noqa: BLE001 - a bad marker must not end the session
-            log.warning("%s: session %s: could not act on a marker: %s", self.host.name,
-                        self.name, exc)
+            log.warning("%s: session %s: could not act on %s: %s", self.host.name,
+                        self.name, "a marker" if isinstance(ev, BrowserOpen) else "a URL", exc)
 
     # -- kill --------------------------------------------------------------------------------
 
@@ -303,9 +320,10 @@ class Session:
     def snapshot(self) -> dict[str, Any]:
         return {
             "name": self.name, "host": self.host.name, "command": self.command,
+            "words": self.words,
             "state": self.state.value, "exit_status": self.exit_status,
             "exit_signal": self.exit_signal, "error": self.error, "pid": self.pid,
-            "port": self.port, "opens": self.opens,
+            "port": self.port, "opens": self.opens, "urls": [dict(u) for u in self.urls],
             "started": iso_time(self.started),
             "ended": iso_time(self.ended) if self.ended else None,
             "log": str(self.log_path), "detached": self.detached,
@@ -322,8 +340,8 @@ class AttachedSession(Session):
 
     async def _body(self) -> None:
         conn = await self.host.connection_for_client()
-        self._proc = proc = await sshrun.start(conn, remote.session_command(self.command,
-                                                                            self.env))
+        text = remote.session_command(remote.shell_text(self.words), self.env)
+        self._proc = proc = await sshrun.start(conn, text)
         self._to(SessionEvent.STARTED)
         log.info("%s: session %s started: %s", self.host.name, self.name, self.command)
         await asyncio.gather(self._pump(proc.stdout, first=True), self._pump(proc.stderr))
@@ -332,7 +350,7 @@ class AttachedSession(Session):
                          "the connection to the server was lost")
 
     async def _pump(self, stream: asyncssh.SSHReader[bytes], first: bool = False) -> None:
-        scanner = Scanner()
+        scanner = Scanner(urls=True)
         pending_first = first
         head = b""
         while True:
@@ -392,10 +410,11 @@ def _offer(q: asyncio.Queue[bytes | None], item: bytes | None) -> bool:
         return False
 
 
-def default_name(command: str, taken: set[str]) -> str:
-    """``jupyter lab --no-browser`` → ``jupyter-1`` (the first free number)."""
-    words = command.split()
-    base = os.path.basename(words[0]) if words else "session"
+def default_name(words: list[str], taken: set[str]) -> str:
+    """``jupyter lab --no-browser`` → ``jupyter-1`` (the first free number); one word is a
+    shell line: its first word counts (``'cd ~/p && jupyter lab'`` → ``cd-1``)."""
+    first = (words[0].split() or [""])[0] if len(words) == 1 else (words[0] if words else "")
+    base = os.path.basename(first) if first else "session"
     base = re.sub(r"[^A-Za-z0-9_.-]", "", base)[:40] or "session"
     if not base[0].isalnum():
         base = "s" + base

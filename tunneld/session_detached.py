@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncssh
 
-from . import remote, sshrun
+from . import remote, sshrun, urls
 from .errors import ConnectError
 from .markers import MAX_LINE, Scanner
 from .session import KILL_TIMEOUT, READ_SIZE, Session, _offer
@@ -43,9 +43,9 @@ PROBE_TRIES = 5
 MAX_FOLLOW_STDERR = 64 * 1024
 
 #: keys of a detached session's record in the daemon's sessions file
-RECORD_KEYS = ("name", "host", "command", "detached", "remote_id", "remote_dir", "server",
-               "pid", "port", "log", "started", "ended", "state", "exit_status", "error",
-               "opens", "forwards", "received")
+RECORD_KEYS = ("name", "host", "command", "words", "detached", "remote_id", "remote_dir",
+               "server", "pid", "port", "log", "started", "ended", "state", "exit_status", "error",
+               "opens", "forwards", "urls", "url_opened", "received")
 
 
 class DetachedSession(Session):
@@ -60,8 +60,6 @@ class DetachedSession(Session):
         #: taken up after a restart: bytes below this offset were received (and their
         #: markers acted on) before; received again, their markers are not acted on
         self._quiet_until = 0
-        #: local forwards made for this session's markers ("LISTEN:TARGET" specs)
-        self.forwards: list[str] = []
         #: set while the daemon stops: the task ends, the session is left running remotely
         self._detaching = False
         #: the follower or catch-up process under way
@@ -69,7 +67,7 @@ class DetachedSession(Session):
         #: the kill under way or done (the reaper lets it finish)
         self._killing: asyncio.Future[str] | None = None
         #: the scanner of the log, kept across re-attaches
-        self._scanner = Scanner()
+        self._scanner = Scanner(urls=True)
 
     # -- the sessions file -------------------------------------------------------------------
 
@@ -87,6 +85,15 @@ class DetachedSession(Session):
         self.started = float(record.get("started") or time.time())
         self.opens = int(record.get("opens") or 0)
         self.forwards = [f for f in record.get("forwards") or [] if isinstance(f, str)]
+        self.urls = [u for u in record.get("urls") or [] if _is_url_entry(u)]
+        for u in self.urls:
+            self.url_seen.add(u["remote"])
+            try:
+                plan = urls.plan(u["remote"])
+            except urls.Refused:
+                continue
+            self.url_ports.setdefault(plan.remote_port, plan.remote_host)
+        self.url_opened = self.opens > 0 or bool(record.get("url_opened"))
         if record.get("ended") is not None or self.remote_id is None:
             state, status = record.get("state"), record.get("exit_status")
             # taken up as it ended (a state read from the file, not a transition)
@@ -103,7 +110,7 @@ class DetachedSession(Session):
         self._log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.fchmod(self._log_fd, 0o600)
         self.received = os.fstat(self._log_fd).st_size
-        self._scanner = Scanner()
+        self._scanner = Scanner(urls=True)
         # the last, unterminated line: its marker (if any) is acted on when the line ends
         self._scanner.feed(_last_partial_line(self.log_path, self.received))
         seen = record.get("received")
@@ -119,11 +126,13 @@ class DetachedSession(Session):
     def record(self) -> dict[str, Any]:
         """What the daemon's sessions file keeps of a detached session."""
         return {"name": self.name, "host": self.host.name, "command": self.command,
-                "detached": True, "remote_id": self.remote_id, "remote_dir": self.remote_dir,
+                "words": self.words, "detached": True, "remote_id": self.remote_id,
+                "remote_dir": self.remote_dir,
                 "server": self.server, "pid": self.pid, "port": self.port,
                 "log": str(self.log_path), "started": self.started, "ended": self.ended,
                 "state": self.state.value, "exit_status": self.exit_status,
                 "error": self.error, "opens": self.opens, "forwards": self.forwards,
+                "urls": self.urls, "url_opened": self.url_opened,
                 "received": self.received}
 
     # -- running -----------------------------------------------------------------------------
@@ -143,7 +152,8 @@ class DetachedSession(Session):
         conn = await self.host.connection_for_client()
         self.remote_id = f"{self.name}-{secrets.token_hex(4)}"
         self._changed()   # recorded before it may start: a daemon killed now can look later
-        text = remote.detached_start_command(self.remote_id, self.command, self.env)
+        text = remote.detached_start_command(self.remote_id, remote.shell_text(self.words),
+                                              self.env)
         try:
             result = await sshrun.run(conn, text, START_TIMEOUT)
         except (asyncio.TimeoutError, asyncssh.Error, OSError) as exc:
@@ -383,6 +393,12 @@ def _last_partial_line(path: Path, size: int) -> bytes:
         tail = f.read(size - start)
     cut = max(tail.rfind(b"\n"), tail.rfind(b"\r"))
     return tail[cut + 1:] if cut >= 0 else tail[-MAX_LINE:]
+
+
+def _is_url_entry(u: Any) -> bool:
+    """A session's URL entry as a sessions file keeps it (see ``Session.urls``)."""
+    return isinstance(u, dict) and set(u) == {"remote", "local", "seen", "forward"} and \
+        all(isinstance(v, str) for v in u.values())
 
 
 def _text(value: Any) -> str | None:

@@ -14,12 +14,13 @@ import asyncio
 import logging
 import random
 import socket
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import asyncssh
 
-from . import remote, sshrun
+from . import printed, remote, sshrun, urls
 from .config import Config
 from .errors import ConnectError, NotFound, SessionError, TunneldError, UsageError
 from .events import EventHub
@@ -28,11 +29,13 @@ from .host import HostSupervisor, Prompter
 from .markers import BrowserOpen
 from .names import check_host_alias, check_session_name
 from .opener import Opener
+from .printed import PrintedUrl
 from .registry import Hosts
 from .session import MAX_SESSIONS, AttachedSession, Session, default_name
 from .session_detached import RECORD_KEYS, START_TIMEOUT, DetachedSession
 from .state import SessionState, is_connected, state_phrase
 from .store import Store
+from .wire import iso_time
 
 log = logging.getLogger("tunneld")
 
@@ -43,8 +46,11 @@ FORGET_TIMEOUT = 15.0
 #: seconds a new session's command is watched for a failure at once (not found, syntax
 #: error) before `run` says it started
 START_CHECK = 1.5
-#: a limit: forwards remembered per session (made for its markers; restored with it)
+#: a limit: forwards remembered per session (made for its markers and printed URLs; they end
+#: with it and are restored with it)
 MAX_SESSION_FORWARDS = 16
+#: a limit: printed URLs forwarded and listed per session
+MAX_SESSION_URLS = 16
 #: where `run --port auto` looks for a free port, and how many it tries
 FREE_PORT_RANGE = (20000, 60000)
 FREE_PORT_TRIES = 50
@@ -100,7 +106,7 @@ class Sessions:
                                  f"pick another --name or `tunnelctl kill {name}`")
             replaced = old
         else:
-            name = default_name(" ".join(command), set(self.by_name))
+            name = default_name(command, set(self.by_name))
         await self.forwards.check_new_host(host)
         sup = self.hosts.host_for(host)
         try:
@@ -121,9 +127,8 @@ class Sessions:
         except BaseException:
             await self.hosts.release(host)   # no session: the host may have nothing left
             raise
-        text = " ".join(command)
         cls = DetachedSession if detach else AttachedSession
-        sess = cls(name, sup, text, self.session_dir / f"{name}.log", self._on_open,
+        sess = cls(name, sup, command, self.session_dir / f"{name}.log", self._on_open,
                    env=env, port=port, on_change=self._changed)
         self.by_name[name] = sess
         if replaced is not None:
@@ -138,7 +143,7 @@ class Sessions:
         if why is not None:
             raise SessionError(f"{host}: session {name} did not start: {why}\n(`tunnelctl "
                                f"logs {name}` shows all of it)")
-        result: dict[str, Any] = {"name": name, "host": host, "command": text,
+        result: dict[str, Any] = {"name": name, "host": host, "command": sess.command,
                                   "detached": detach, "state": sess.state.value}
         if fwd is not None:
             result.update(port=port, forward=str(fwd.spec),
@@ -162,18 +167,99 @@ class Sessions:
         raise ConnectError(f"{sup.name}: found no free port on the server in "
                            f"{FREE_PORT_TRIES} tries; pass --port NUMBER")
 
-    async def _on_open(self, sess: Session, ev: BrowserOpen) -> None:
+    async def _on_open(self, sess: Session, ev: BrowserOpen | PrintedUrl) -> None:
+        if isinstance(ev, PrintedUrl):
+            await self._on_printed(sess, ev)
+            return
+        sess.url_opened = True   # a printed URL opens no second page (printed_urls="open")
         try:
             r = await self.opener.open(sess.host.name, ev.url, ev.node, f"session {sess.name}",
                                        server=sess.server)
         except TunneldError as exc:
             log.warning("%s", exc)
             return
-        fwd = r.get("forward")
-        if isinstance(sess, DetachedSession) and fwd and fwd not in sess.forwards and \
-                len(sess.forwards) < MAX_SESSION_FORWARDS:
-            sess.forwards.append(fwd)
+        self._keep_forward(sess, r.get("forward"))
         self._changed(sess)   # opens and forwards are kept in the sessions file
+
+    def _keep_forward(self, sess: Session, fwd: str | None) -> None:
+        if fwd and fwd not in sess.forwards and len(sess.forwards) < MAX_SESSION_FORWARDS:
+            sess.forwards.append(fwd)
+
+    async def _on_printed(self, sess: Session, ev: PrintedUrl) -> None:
+        """A URL in the session's output: forward it and list it, open it if the host's
+        ``printed_urls`` says "open" and nothing was opened for the session yet."""
+        host = sess.host.name
+        mode = self._config().printed_urls(host)
+        if mode == "ignore":
+            return
+        try:
+            plan = urls.plan(ev.url)
+        except urls.Refused as exc:
+            log.debug("%s: session %s: printed URL not forwarded: %s", host, sess.name, exc)
+            return
+        if not printed.nearby(plan, sess.server):
+            return   # somebody else's server (a public name or address)
+        # a program that prints its address several ways (Flask's 127.0.0.1 and LAN address,
+        # Jupyter's hostname and 127.0.0.1) gets one forward: the first URL of each port
+        first = sess.url_ports.get(plan.remote_port)
+        if first is not None and first != plan.remote_host:
+            return
+        if ev.url in sess.url_seen:
+            return   # printed again (Jupyter repeats itself)
+        if len(sess.url_seen) >= MAX_SESSION_URLS:
+            if len(sess.url_seen) == MAX_SESSION_URLS:
+                sess.url_seen.add("")   # said once
+                log.info("%s: session %s printed more than %d URLs; the rest are not "
+                         "forwarded", host, sess.name, MAX_SESSION_URLS)
+            return
+        sess.url_ports[plan.remote_port] = plan.remote_host
+        sess.url_seen.add(ev.url)
+        open_it = mode == "open" and not sess.url_opened
+        sess.url_opened = sess.url_opened or open_it
+        source = f"session {sess.name}"
+        try:
+            routed = await self.opener.route(host, ev.url, None, source, sess.server)
+        except TunneldError as exc:
+            log.warning("%s: session %s printed %s; not forwarded: %s", host, sess.name,
+                        urls.redact(ev.url), exc)
+            return
+        entry = {"remote": ev.url, "local": routed.local, "seen": iso_time(time.time()),
+                 "forward": routed.forward}
+        sess.urls.append(entry)
+        self._keep_forward(sess, routed.forward)
+        log.info("%s: session %s printed %s: forwarded, at %s", host, sess.name,
+                 urls.redact(ev.url), urls.redact(routed.local))
+        self.events.publish("session", host=host, name=sess.name, event="url",
+                            state=sess.state.value, exit_status=None,
+                            url=urls.redact(routed.local), forward=routed.forward)
+        self._changed(sess)
+        if open_it:
+            sess.opens += 1
+            try:
+                await self.opener.launch(host, routed, source)
+            except TunneldError as exc:
+                log.warning("%s", exc)
+
+    async def urls(self, name: str, open_newest: bool) -> dict[str, Any]:
+        """The URLs session ``name`` printed (rewritten to their local ends), newest last;
+        with ``open_newest`` the newest one is opened in the browser (once it is ready)."""
+        sess = self.session(name)
+        result: dict[str, Any] = {"name": name, "host": sess.host.name,
+                                  "urls": [dict(u) for u in sess.urls]}
+        if not open_newest:
+            return result
+        if not sess.urls:
+            raise NotFound(f"session {name} has printed no URL yet (`tunnelctl logs {name}` "
+                           "shows its output)" + ("" if sess.running else "; it has ended"))
+        if not sess.running:
+            raise UsageError(f"session {name} has ended ({sess.state}); its forwards went with "
+                             f"it: `tunnelctl run` it again")
+        newest = sess.urls[-1]
+        routed = await self.opener.route(sess.host.name, newest["remote"], None,
+                                         f"tunnelctl open {name}", sess.server)
+        result |= await self.opener.launch(sess.host.name, routed, f"tunnelctl open {name}",
+                                           explicit=True)
+        return result
 
     # -- the end of a session ----------------------------------------------------------------
 
@@ -191,10 +277,10 @@ class Sessions:
         self.events.publish("session", host=sess.host.name, name=sess.name, event="ended",
                             state=sess.state.value, exit_status=sess.exit_status)
         await sess.settle(self._config().defaults.ready_timeout + 30)
-        if sess.port is not None:
-            await self.forwards.drop_auto(sess.host.name, sess.port)
-        else:
-            await self.hosts.release(sess.host.name)
+        # its forwards go with it, but those another running session still uses
+        keep = {f for s in self.by_name.values() if s is not sess and s.running
+                for f in s.forwards}
+        await self.forwards.drop_auto(sess.host.name, sess.port, sess.forwards, keep)
 
     async def kill(self, name: str) -> dict[str, Any]:
         sess = self.session(name)
@@ -313,7 +399,11 @@ class Sessions:
             sup = self.hosts.get(host) or HostSupervisor(host, self._config().defaults,
                                                          events=self.events)
             # the log is where this daemon puts a session's log, whatever the file says
-            sess = DetachedSession(name, sup, rec["command"], self.session_dir / f"{name}.log",
+            # a record of a daemon before `words` ran its command as one shell line
+            words = rec.get("words")
+            if not (isinstance(words, list) and words and all(isinstance(w, str) for w in words)):
+                words = [rec["command"]]
+            sess = DetachedSession(name, sup, words, self.session_dir / f"{name}.log",
                                    self._on_open, port=port, on_change=self._changed)
             try:
                 sess.resume(rec)

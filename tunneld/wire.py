@@ -217,8 +217,11 @@ ARGS: dict[str, dict[str, Checker]] = {
     "logs": {"name": text(), "follow": flag(), "all": flag()},
     "kill": {"name": text()},
     "forget": {"names": texts, "ended": flag()},
-    "open": {"host": host(), "url": text(), "node": text(required=False),
-             "interactive": flag()},
+    # a URL printed on a host, or (``session``) the newest URL a session printed; ``list``:
+    # the session's URLs, nothing opened
+    "open": {"host": host(required=False), "url": text(required=False),
+             "node": text(required=False), "session": session_name(required=False),
+             "list": flag(), "interactive": flag()},
     "reload": {},
     "events": {},
 }

@@ -660,23 +660,25 @@ def test_shell_metacharacters_in_urls_reach_the_browser_verbatim(daemon, sshd, e
 
 
 @pytest.mark.timeout(90)
-def test_run_passes_argv_like_ssh_without_a_local_shell(daemon, sshd):
-    """`tunnelctl run HOST -- ARGV…` runs what `ssh HOST ARGV…` runs: the words joined by
-    spaces and given to the REMOTE shell (so `$HOME` there is the server's; quote for it as
-    for ssh).  Nothing is interpreted locally: a variable set only in tunnelctl's and the
-    daemon's environment stays unexpanded by them."""
+def test_run_passes_words_as_typed_without_a_local_shell(daemon, sshd):
+    """tmux's rule, with no local shell anywhere: several words reach the server's program as
+    typed (nothing expanded, locally or remotely); one word is a line for the REMOTE shell,
+    exactly as `ssh HOST LINE` runs it (so `$HOME` there is the server's).  A variable set only
+    in tunnelctl's and the daemon's environment is never expanded by them."""
     assert daemon.stop() == 0
     daemon.env["TUNNELD_HOSTILE_LOCAL"] = "local-only-value"
     daemon.start()
     argv = ["echo", "[$TUNNELD_HOSTILE_LOCAL]", "'$HOME'", "`echo tick`", "$(echo dollar)",
             "a;echo", "semi", "'%s {port}'"]
     r = daemon.ctl("run", sshd.host, "--follow", "--", *argv)
-    ssh = subprocess.run(["ssh", "-F", str(sshd.ssh_config), sshd.host, *argv],
+    assert r.stdout == " ".join(argv[1:]) + "\n", r.stdout
+    line = "echo [$TUNNELD_HOSTILE_LOCAL] '$HOME' `echo tick` $(echo dollar) a;echo semi"
+    r = daemon.ctl("run", sshd.host, "--follow", "--", line)
+    ssh = subprocess.run(["ssh", "-F", str(sshd.ssh_config), sshd.host, line],
                          capture_output=True, text=True, timeout=30, env=daemon.env,
                          stdin=subprocess.DEVNULL)
     assert ssh.returncode == 0, ssh.stderr
-    assert r.stdout == ssh.stdout == "[] $HOME tick dollar a\nsemi %s {port}\n", \
-        (r.stdout, ssh.stdout)
+    assert r.stdout == ssh.stdout == "[] $HOME tick dollar a\nsemi\n", (r.stdout, ssh.stdout)
     assert "local-only-value" not in r.stdout
 
 
@@ -720,12 +722,23 @@ def test_jupyter_tokens_never_reach_the_log_list_or_state(daemon, sshd, tmp_path
     d.ctl("add", sshd.host, "--", f"{_free(d)}:127.0.0.2:{port}")   # something persisted
 
     log_file = sshd.home / ".local" / "state" / "tunneld" / "log" / "tunneld.log"
+    # a session's printed URLs keep their tokens (`sessions --json` and the 0600 sessions
+    # file, for `tunnelctl open SESSION`); nothing else there does
+    listed = json.loads(d.ctl("sessions", "--json").stdout)
+    saved = d.state_file.with_name("sessions.json")
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o600
+    records = json.loads(saved.read_text())
+    for where in (listed, records):
+        assert any(secret in u["local"] for x in where["sessions"] for u in x["urls"]), where
+        for x in where["sessions"]:
+            x.pop("urls")
     places = {
         "daemon stderr": d.log(tail=None),
         "daemon log file": log_file.read_text(errors="replace"),
         "list --json": d.ctl("list", "--json").stdout,
         "list": d.ctl("list").stdout,
-        "sessions --json": d.ctl("sessions", "--json").stdout,
+        "sessions --json without urls": json.dumps(listed),
+        "sessions file without urls": json.dumps(records),
         "status --json": d.ctl("status", "--json").stdout,
         "state file": d.state_file.read_text(),
     }
@@ -734,7 +747,7 @@ def test_jupyter_tokens_never_reach_the_log_list_or_state(daemon, sshd, tmp_path
         for s in (secret, secret2, password, frag):
             assert s not in text, f"{s} found in {where}:\n{text[-3000:]}"
     # the session's own log is the program's output, kept as printed (and private: 0600)
-    session_log = Path(json.loads(places["sessions --json"])["sessions"][0]["log"])
+    session_log = Path(listed["sessions"][0]["log"])
     assert secret in session_log.read_text()
     assert stat.S_IMODE(session_log.stat().st_mode) == 0o600
     assert r.returncode == 0

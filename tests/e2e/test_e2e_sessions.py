@@ -48,15 +48,16 @@ def opened(tmp_path):
     return tmp_path / "opened.txt"
 
 
-def with_recorder(daemon, opened: Path, tmp_path: Path):
-    """Restart ``daemon`` with the recording browser configured."""
+def with_recorder(daemon, opened: Path, tmp_path: Path, extra: str = ""):
+    """Restart ``daemon`` with the recording browser configured (and ``extra`` TOML lines
+    after ``[defaults]``'s)."""
     daemon.config_file.parent.mkdir(parents=True, exist_ok=True)
     recorder = tmp_path / "record.py"
     recorder.write_text("import sys\nopen(%r, 'a').write(sys.argv[1] + '\\n')\n" % str(opened))
     daemon.config_file.write_text(
         "[defaults]\n"
         f"browser = [{json.dumps(sys.executable)}, {json.dumps(str(recorder))}, \"%s\"]\n"
-        "ready_timeout = 20\n")
+        "ready_timeout = 20\n" + extra)
     assert daemon.stop() == 0
     daemon.start()
     return daemon
@@ -281,9 +282,37 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.parametrize("mode", [[], ["--no-detach"]], ids=["detached", "attached"])
+def test_a_command_keeps_its_words(sdaemon, sshd, opened, tmp_path, echo_server, mode):
+    """The issue's example (a quoted `python3 -c "…"`) opens the browser, `sh -c '…'` and a
+    one-word shell line run as typed, and `sessions` shows each command so that pasting it
+    back after `tunnelctl run HOST --` gives the same words."""
+    d = sdaemon
+    _, port = echo_server()
+    code = f"import webbrowser; webbrowser.open_new('http://127.0.0.2:{port}/typed')"
+    d.ctl("run", sshd.host, *mode, "--name", "py", "--", sys.executable, "-c", code)
+    (url,) = wait_opened(opened)
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/typed", url), url
+    (tmp_path / "a b").mkdir()
+    d.ctl("run", sshd.host, *mode, "--name", "shc", "--follow", "--", "sh", "-c",
+          'cd "$1" && pwd && echo "$0" "*"; echo é', "x y", str(tmp_path / "a b"))
+    assert d.ctl("logs", "shc").stdout == f"{tmp_path / 'a b'}\nx y *\né\n"
+    d.ctl("run", sshd.host, *mode, "--name", "line", "--follow", "--",
+          "cd ~ && printf '%s\\n' \"$HOME\" | wc -l")
+    assert d.ctl("logs", "line").stdout.strip() == "1"
+    import shlex
+    for name, words in [("py", [sys.executable, "-c", code]),
+                        ("shc", ["sh", "-c", 'cd "$1" && pwd && echo "$0" "*"; echo é', "x y",
+                                 str(tmp_path / "a b")]),
+                        ("line", ["cd ~ && printf '%s\\n' \"$HOME\" | wc -l"])]:
+        s = session(d, name)
+        assert s["words"] == words and shlex.split(s["command"]) == words, s
+    d.ctl("kill", "py", check=False)
+
+
 def test_session_exit_status_follow_and_logs(sdaemon, sshd):
     d = sdaemon
-    r = d.ctl("run", sshd.host, "--follow", "--", "echo", "hello; echo err >&2; exit 3",
+    r = d.ctl("run", sshd.host, "--follow", "--", "echo hello; echo err >&2; exit 3",
               check=False)
     assert r.returncode == 3
     assert "hello" in r.stdout and "err" in r.stdout
@@ -527,7 +556,7 @@ def test_jupyter_redirect_file_is_read_on_the_server(sdaemon, sshd, opened, tmp_
     page.write_text(f'<html><head><meta http-equiv="refresh" content="1;url={target}" />'
                     f'</head><body><a href="{target}">open</a></body></html>')
     d.ctl("run", sshd.host, "--name", "jp", "--", sys.executable, "-c",
-          shlex_quote(f"import webbrowser; webbrowser.open('file://{page}')"))
+          f"import webbrowser; webbrowser.open('file://{page}')")
     (url,) = wait_opened(opened)
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+/lab\?token=abcdef0123", url), url
     assert "abcdef0123" not in d.log(tail=None)
@@ -536,8 +565,8 @@ def test_jupyter_redirect_file_is_read_on_the_server(sdaemon, sshd, opened, tmp_
 def test_a_flood_of_markers_is_rate_limited(sdaemon, sshd, opened, tmp_path, echo_server):
     d = sdaemon
     _, port = echo_server()
-    d.ctl("run", sshd.host, "--name", "flood", "--", sys.executable, "-c", shlex_quote(
-        f"[print('OPEN_ON_LOCAL[http://127.0.0.2:{port}/%d]' % i) for i in range(100)]"))
+    d.ctl("run", sshd.host, "--name", "flood", "--", sys.executable, "-c",
+          f"[print('OPEN_ON_LOCAL[http://127.0.0.2:{port}/%d]' % i) for i in range(100)]")
     d.wait_for(lambda: session(d, "flood")["state"] == "exited", what="flood to end")
     d.wait_for(lambda: "too many browser opens" in d.log(), what="the rate-limit line")
     time.sleep(1)
@@ -545,7 +574,3 @@ def test_a_flood_of_markers_is_rate_limited(sdaemon, sshd, opened, tmp_path, ech
     assert 1 <= n <= 5, n
     assert d.log(tail=None).count("too many browser opens") == 1
 
-
-def shlex_quote(s: str) -> str:
-    import shlex
-    return shlex.quote(s)

@@ -1,0 +1,96 @@
+"""URLs that programs print (Jupyter with ``--no-browser``, TensorBoard, Streamlit, Flask…) →
+``PrintedUrl`` events, and which of them tunneld forwards.  Pure: no I/O, no clock.
+
+``find_urls(line)`` finds ``http(s)://HOST:PORT[/…]`` in one line of output (already free of
+ANSI escapes: ``markers.Scanner`` strips them and cuts the stream into lines, across chunk
+boundaries, with its bounded line length).  A URL is found only with an explicit port (every
+web interface prints its port; ``https://github.com/…`` in a log has none) and without
+credentials; punctuation that ends a sentence (``.``, ``,``, ``)``…) is not part of it.
+
+``nearby(plan, host, server)`` says whether a found URL names a place the server can reach for
+us: its loopback (``localhost``, 127/8, ``0.0.0.0``, ``::``, ``::1``), a private address
+(10/8, 172.16/12, 192.168/16, link-local, fc00::/7: the cluster's own network), a single-label
+host name (``gpu012``), or a name of the server's own domain (``gpu012.cluster.org`` for
+``login1.cluster.org``).  A public address or another domain's name (``pypi.org:443``) is not
+forwarded: it is somebody else's server.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from .urls import MAX_URL, Plan, same_host
+
+#: an http(s) URL with an explicit port; the host is a bracketed IPv6 literal or a name / IPv4
+#: address; the rest stops at whitespace, quotes, angle brackets and characters URLs never hold
+#: unescaped; a port followed by ``@`` is user info, not a port (not matched)
+_URL = re.compile(
+    rb"(?<![A-Za-z0-9+.-])https?://"
+    rb"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]*):(?P<port>[0-9]{1,5})"
+    rb"(?P<rest>[/?#][^\s\"'<>`\\^{}|\x00-\x1f\x7f]*)?"
+    rb"(?![A-Za-z0-9@:_~%-])", re.IGNORECASE)
+#: what ends a sentence rather than a URL, when it is the URL's last character
+_TRAILING = b".,;:!?"
+_PAIRS = {ord(")"): ord("("), ord("]"): ord("[")}
+
+
+@dataclass(frozen=True)
+class PrintedUrl:
+    """A URL a program printed in its output (not a marker)."""
+
+    #: the URL as printed (UTF-8, errors replaced)
+    url: str
+
+
+def find_urls(line: bytes) -> list[PrintedUrl]:
+    """The http(s) URLs with an explicit port in one line (no line ending, no ANSI escapes),
+    in order, each once."""
+    if b"://" not in line:
+        return []
+    found: list[PrintedUrl] = []
+    for m in _URL.finditer(line):
+        raw = _trim(m.group(0))
+        if len(raw) > MAX_URL:
+            continue
+        url = PrintedUrl(raw.decode("utf-8", errors="replace"))
+        if url not in found:
+            found.append(url)
+    return found
+
+
+def _trim(raw: bytes) -> bytes:
+    """Without sentence punctuation and unbalanced closing brackets at its end."""
+    while raw:
+        last = raw[-1]
+        if last in _TRAILING:
+            raw = raw[:-1]
+        elif last in _PAIRS and raw.count(last) > raw.count(_PAIRS[last]):
+            raw = raw[:-1]
+        else:
+            return raw
+    return raw
+
+
+def nearby(plan: Plan, server: str | None) -> bool:
+    """True if ``plan`` (of a printed URL) names the server's loopback or a machine of the
+    server's own network (see the module docstring); ``server``: the server's host name, if
+    known."""
+    if plan.is_loopback:
+        return True
+    host = plan.remote_host
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return ip.is_private and not ip.is_global or ip.is_link_local
+    if "." not in host.rstrip("."):
+        return True
+    if not server:
+        return False
+    if same_host(host, server):
+        return True
+    _, dot, domain = server.lower().rstrip(".").partition(".")
+    return bool(dot) and host.rstrip(".").endswith("." + domain)
