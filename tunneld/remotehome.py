@@ -46,6 +46,9 @@ async def home(conn: asyncssh.SSHClientConnection) -> str:
     fut = _homes.get(conn)
     if fut is None or (fut.done() and (fut.cancelled() or fut.exception() is not None)):
         fut = asyncio.get_running_loop().create_task(_ask(conn))
+        # its clients may all be gone (reset, cancelled) before it fails: the failure is
+        # theirs to report, not the loop's "exception was never retrieved"
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
         _homes[conn] = fut
     return await asyncio.shield(fut)
 

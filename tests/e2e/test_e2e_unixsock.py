@@ -338,3 +338,27 @@ def test_another_uid_cannot_reach_a_socket_in_a_private_directory(sshd, other_us
             d.close()
     finally:
         shutil.rmtree(public_dir, ignore_errors=True)
+
+
+def test_a_home_the_server_does_not_say_is_a_clear_error(sshd, private_dir, unix_echo,
+                                                         free_port):
+    """A server that runs no command of ours (``ForceCommand``) cannot say its home: a ``~/``
+    path is a reset and an error that says to write the absolute path; an absolute path to
+    the same server works (streamlocal channels are not commands)."""
+    sshd.add_sshd_options(ForceCommand="/bin/false")
+    sshd.start()
+    srv = unix_echo(private_dir / "f.sock")
+    d = _start(sshd)
+    try:
+        p_home, p_abs = free_port(), free_port()
+        d.ctl("add", sshd.host, f"{p_home}:~/s/f.sock", f"{p_abs}:{srv.path}")
+        assert roundtrip(p_abs, b"absolute") == b"absolute"
+        assert _reset(p_home)
+        d.wait_for(lambda: d.forward(p_home)["last_error"] is not None, what="the error")
+        err = d.forward(p_home)["last_error"]
+        assert "~/s/f.sock" in err and "could not learn the home directory" in err, err
+        assert "exited with status 1" in err and "absolute path" in err, err
+        assert _reset(p_home)   # asked again: a failed answer is not kept
+        assert roundtrip(p_abs, b"still") == b"still"
+    finally:
+        d.close()
