@@ -16,3 +16,17 @@ def test_refused_and_prohibited():
     assert "is anything listening on localhost:8090 on the server?" in text
     text = openfail.describe("::1", 80, openfail.ADMINISTRATIVELY_PROHIBITED, "")
     assert "does not allow connections to [::1]:80" in text and "PermitOpen" in text
+
+
+def test_a_refused_unix_socket_names_the_path_and_the_server_setting():
+    text = openfail.describe_path("~/s/app.sock", "/home/me/s/app.sock",
+                                  openfail.CONNECT_FAILED, "open failed")
+    assert text.startswith("the server could not connect to the Unix socket ~/s/app.sock "
+                           "(/home/me/s/app.sock) (open failed)"), text
+    assert "no such socket" in text and "`AllowStreamLocalForwarding no` (sshd_config)" in text
+    text = openfail.describe_path("/run/a.sock", "/run/a.sock", openfail.CONNECT_FAILED, "")
+    assert "Unix socket /run/a.sock (refused)" in text
+    text = openfail.describe_path("/run/a.sock", "/run/a.sock",
+                                  openfail.ADMINISTRATIVELY_PROHIBITED, "prohibited")
+    assert "does not allow connections to the Unix socket /run/a.sock" in text
+    assert "AllowStreamLocalForwarding" in text

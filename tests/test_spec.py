@@ -227,3 +227,87 @@ def test_parse_any_raises_only_spec_error_and_round_trips(text):
     for s in specs[:5]:
         assert s.kind in ("local", "remote", "socks")
         assert parse_any(str(s)) == [s]
+
+
+# -- local forwards to a Unix socket on the server (issue 17) ------------------------------------
+
+from tunneld.spec import HOME_PATH_MAX, SUN_PATH_MAX, expand_home  # noqa: E402
+
+
+@pytest.mark.parametrize("text,bind,port,path,shown", [
+    ("8090:/run/app.sock", L, 8090, "/run/app.sock", "8090:/run/app.sock"),
+    ("8090:~/app.sock", L, 8090, "~/app.sock", "8090:~/app.sock"),
+    ("127.0.0.1:8090:~/x.sock", L, 8090, "~/x.sock", "8090:~/x.sock"),
+    ("localhost:8090:/x.sock", L, 8090, "/x.sock", "8090:/x.sock"),
+    ("[::1]:8090:/run/app.sock", "::1", 8090, "/run/app.sock", "[::1]:8090:/run/app.sock"),
+    ("*:8090:/x.sock", "0.0.0.0", 8090, "/x.sock", "0.0.0.0:8090:/x.sock"),
+    ("8090:/tmp/a:b/c.sock", L, 8090, "/tmp/a:b/c.sock", "8090:/tmp/a:b/c.sock"),
+    ("8090:/srv/my app/s.sock", L, 8090, "/srv/my app/s.sock", "8090:/srv/my app/s.sock"),
+    (" 8090:/x ", L, 8090, "/x", "8090:/x"),
+    ("8090:/" + "a" * (SUN_PATH_MAX - 1), L, 8090, "/" + "a" * (SUN_PATH_MAX - 1), None),
+    ("8090:~/" + "a" * (HOME_PATH_MAX - 2), L, 8090, "~/" + "a" * (HOME_PATH_MAX - 2), None),
+])
+def test_parse_socket_path(text, bind, port, path, shown):
+    (s,) = parse(text)
+    assert (s.bind_host, s.bind_port, s.target_path, s.kind) == (bind, port, path, "local")
+    assert (s.target_host, s.target_port) == ("", 0)
+    assert s.target == path
+    assert str(s) == (shown or text.strip())
+    assert parse(str(s)) == [s] == parse_any(str(s))
+    assert s.is_public == (bind == "0.0.0.0")
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("8090-8092:/x.sock", "listens on one port"),
+    ("1:2:8090:/x.sock", "4 fields"),
+    ("8090:~user/x.sock", "starts with / or ~/"),
+    ("8090:run/app.sock", "starts with / or ~/"),
+    ("8090:x/y:80", "starts with / or ~/"),
+    ("8090:~", "starts with / or ~/"),
+    (":/x.sock", "not a port"),
+    ("0:/x.sock", "out of range"),
+    ("foo:8090:/x.sock", "must be an IP address"),
+    ("8090:/", "names a directory"),
+    ("8090:~/", "names a directory"),
+    ("8090:/run/", "names a directory"),
+    ("8090:/run/..", "names a directory"),
+    ("8090:/a\x00b", "contains a NUL"),
+    ("8090:/a\nb", "contains a newline"),
+    ("8090:/a\x1bb", "control character"),
+    ("8090:/" + "a" * SUN_PATH_MAX, f"at most {SUN_PATH_MAX} bytes"),
+    ("8090:/" + "é" * 54, f"at most {SUN_PATH_MAX} bytes"),
+    ("8090:~/" + "a" * HOME_PATH_MAX, f"at most {HOME_PATH_MAX} are accepted before ~"),
+])
+def test_parse_socket_path_errors(text, fragment):
+    with pytest.raises(SpecError) as ei:
+        parse(text)
+    assert fragment in str(ei.value)
+
+
+def test_a_socket_path_is_not_a_remote_forward_or_socks():
+    with pytest.raises(SpecError):
+        parse_any("-R 9000:/x.sock")
+    with pytest.raises(SpecError):
+        parse_any("-D 1080:/x.sock")
+
+
+@pytest.mark.parametrize("path,home,expected", [
+    ("~/x.sock", "/home/me", "/home/me/x.sock"),
+    ("~/x.sock", "/home/me/", "/home/me/x.sock"),
+    ("~/run/x.sock", "/", "/run/x.sock"),
+    ("/abs/x.sock", "/home/me", "/abs/x.sock"),
+])
+def test_expand_home(path, home, expected):
+    assert expand_home(path, home) == expected
+
+
+def test_expand_home_checks_the_length_on_the_server():
+    with pytest.raises(SpecError) as ei:
+        expand_home("~/" + "a" * 100, "/home/" + "b" * 20)
+    assert f"at most {SUN_PATH_MAX}" in str(ei.value) and "on the server" in str(ei.value)
+
+
+def test_socket_path_specs_sort_with_the_others():
+    specs = parse_all(["8092:/b.sock", "8090", "8091:~/a.sock", "-D 1080"])
+    assert [str(s) for s in sorted(specs)] == ["-D 1080", "8090", "8091:~/a.sock",
+                                               "8092:/b.sock"]

@@ -105,3 +105,23 @@ def test_look_alikes_are_refused():
         except SpecError:
             continue
         raise AssertionError(f"{text!r} parsed")
+
+
+#: socket paths on the server: ``/…`` or ``~/…`` with any text after (``:`` included)
+socket_paths = st.tuples(st.sampled_from(["/", "~/"]), st.text(max_size=120)).map("".join)
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.one_of(st.just(specmod.DEFAULT_BIND), ipv4, ipv6), ports, socket_paths)
+def test_socket_path_specs_parse_back_or_raise_spec_error(bind, port, path):
+    """``[BIND:]LPORT:PATH``: a path parses to itself (and prints back) or is a SpecError."""
+    text = f"{specmod._fmt_host(bind)}:{port}:{path}"
+    try:
+        (s,) = parse(text)
+    except SpecError:
+        return
+    assert s.target_path and s.target_path.startswith(("/", "~/")), s
+    assert s.target_path == path.strip() or text.strip() != text, s
+    assert all(ord(c) >= 32 and ord(c) != 127 for c in s.target_path), s
+    assert len(s.target_path.encode("utf-8", "surrogateescape")) <= specmod.HOME_PATH_MAX
+    assert parse(str(s)) == [s]

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "[--public]")
     p.add_argument("host", help="host alias from ~/.ssh/config, or a host name")
     p.add_argument("specs", nargs="*", metavar="SPEC",
-                   help="PORT, A-B, LPORT:RPORT, LPORT:RHOST:RPORT, BIND:LPORT:RHOST:RPORT")
+                   help="PORT, A-B, LPORT:RPORT, LPORT:RHOST:RPORT, BIND:LPORT:RHOST:RPORT, "
+                   "or [BIND:]LPORT:PATH (a Unix socket on the server: /… or ~/…)")
     p.add_argument("-R", dest="remote", action="append", default=[], metavar="SPEC",
                    help="remote forward: the server listens on [RBIND:]RPORT (default "
                         "127.0.0.1) and connects back to LHOST:LPORT from here; "

@@ -32,6 +32,7 @@ def bind_error_message(spec: ForwardSpec, exc: OSError, holder: str | None = Non
         by = f" by {holder}" if holder else " by another program"
         alt = spec.bind_port + 10000
         other = (f"-D {alt}" if spec.kind == "socks" else
+                 f"{alt}:{spec.target}" if spec.target_path else
                  f"{alt}:{spec.target_host}:{spec.target_port}")
         return (f"cannot listen on {where}: the port is already in use{by}; choose another "
                 f"local port (e.g. {other})"

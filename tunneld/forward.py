@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import asyncssh
 
-from . import fastpath, openfail
+from . import fastpath, openfail, remotehome
 from .bindfail import bind_failure
 from .errors import BindError, TunneldError
 from .events import EventHub
@@ -126,6 +126,7 @@ class ForwardReport:
             "target": self.spec.target, "state": self.state.value, "active": len(self.conns),
             "total": self.total, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
             "last_error": self.last_error, "origin": self.origin,
+            "target_path": self.spec.target_path or None,
         }
 
 
@@ -195,6 +196,8 @@ class LocalClient(LocalSide):
         self._waiting: asyncio.Task[None] | None = None
         #: the channel being opened (until ``attached`` or ``failed``)
         self._opening: fastpath.Channel | None = None
+        #: a forward to a Unix socket: the path opened on the server (``~`` expanded)
+        self._socket_path = ""
 
     @property
     def peer(self) -> str:
@@ -263,6 +266,9 @@ class LocalClient(LocalSide):
             self._open_on(conn)
 
     def _open_on(self, conn: asyncssh.SSHClientConnection) -> None:
+        if self.fwd.spec.target_path:
+            self._open_path(conn)
+            return
         host, port = self._target()
         try:
             self._opening = fastpath.open_channel(
@@ -270,6 +276,44 @@ class LocalClient(LocalSide):
                 pktsize=CHANNEL_MAX_PKTSIZE)
         except (OSError, asyncssh.Error) as exc:  # ConnectionResetError: the connection closes
             self.failed(exc)
+
+    def _open_path(self, conn: asyncssh.SSHClientConnection) -> None:
+        """Open the channel to the forward's Unix socket on the server (its ``~`` expanded
+        first: once per connection, the client waits for it)."""
+        path = self.fwd.spec.target_path
+        try:
+            full = remotehome.expanded(conn, path)
+        except TunneldError as exc:  # too long once expanded
+            self._path_failed(exc)
+            return
+        if full is None:
+            self._waiting = asyncio.get_running_loop().create_task(self._expand_and_open(conn))
+            return
+        self._socket_path = full
+        try:
+            self._opening = fastpath.open_unix_channel(
+                conn, self, full, window=CHANNEL_WINDOW, pktsize=CHANNEL_MAX_PKTSIZE)
+        except (OSError, asyncssh.Error) as exc:  # ConnectionResetError: the connection closes
+            self.failed(exc)
+
+    async def _expand_and_open(self, conn: asyncssh.SSHClientConnection) -> None:
+        try:
+            await remotehome.home(conn)
+        except asyncio.CancelledError:
+            return
+        except TunneldError as exc:
+            self._path_failed(exc)
+            return
+        finally:
+            self._waiting = None
+        if not self.closed:
+            self._open_path(conn)
+
+    def _path_failed(self, exc: TunneldError) -> None:
+        """The socket path could not be made absolute: the client is reset."""
+        spec = self.fwd.spec
+        self.fwd.fail(f"{spec.listen} -> {spec.target_path}: {exc}. The forward stays open.")
+        self._refuse(exc)
 
     # fastpath.LocalEnd ------------------------------------------------------------------------
 
@@ -280,7 +324,11 @@ class LocalClient(LocalSide):
     def failed(self, exc: Exception) -> None:
         self._opening = None
         fwd, spec = self.fwd, self.fwd.spec
-        if isinstance(exc, asyncssh.ChannelOpenError):
+        if isinstance(exc, asyncssh.ChannelOpenError) and spec.target_path:
+            why = openfail.describe_path(spec.target_path, self._socket_path, exc.code,
+                                         exc.reason)
+            fwd.fail(f"{spec.listen} -> {spec.target_path}: {why} The forward stays open.")
+        elif isinstance(exc, asyncssh.ChannelOpenError):
             host, port = self._target()
             fwd.fail(f"{spec.listen} -> {join_host_port(host, port)}: "
                      f"{openfail.describe(host, port, exc.code, exc.reason)} The forward "

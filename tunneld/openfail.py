@@ -38,3 +38,21 @@ def describe(host: str, port: int, code: int, reason: str) -> str:
                 "looked up on the server, as a compute node's name would be).")
     return (f"the server could not open the connection ({text}); is anything listening on "
             f"{target} on the server?")
+
+
+def describe_path(path: str, full: str, code: int, reason: str) -> str:
+    """Why a channel to the Unix socket ``path`` on the server (``full`` once ``~`` is
+    expanded) was refused, as a sentence (ends with a period).
+
+    OpenSSH gives one answer (CONNECT_FAILED, "open failed") to a missing socket, a socket
+    nothing accepts on, one in a directory the login may not enter, and
+    ``AllowStreamLocalForwarding no``: its own log says which, the answer does not."""
+    shown = path if full == path else f"{path} ({full})"
+    text = reason or "refused"
+    if code == ADMINISTRATIVELY_PROHIBITED:
+        return (f"the server does not allow connections to the Unix socket {shown} ({text}; "
+                "its sshd's AllowStreamLocalForwarding or DisableForwarding).")
+    return (f"the server could not connect to the Unix socket {shown} ({text}): no such "
+            "socket on the server, or nothing accepts connections on it, or it is not yours "
+            "to reach (the permissions of its directory), or the server has "
+            "`AllowStreamLocalForwarding no` (sshd_config).")

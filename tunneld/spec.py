@@ -8,6 +8,15 @@ The grammar follows OpenSSH's ``-L`` order, plus port ranges::
     LPORT:RHOST:RPORT         127.0.0.1:LPORT       → RHOST:RPORT
     BIND:LPORT:RHOST:RPORT    BIND:LPORT            → RHOST:RPORT
 
+Local forwards to a Unix-domain socket on the server (OpenSSH's ``direct-streamlocal``)::
+
+    LPORT:PATH                127.0.0.1:LPORT       → the socket PATH on the server
+    BIND:LPORT:PATH           BIND:LPORT            → the socket PATH on the server
+
+A ``PATH`` is anything that starts with ``/`` or ``~/`` (``~`` is the home directory on the
+server: tunneld expands it, sshd does not); it may contain ``:``.  ``target_host`` is then
+``""`` and ``target_port`` 0.  No ranges: one listener per socket.
+
 ``BIND`` is an IP literal (``[::1]`` for IPv6), ``localhost`` or ``*`` (all interfaces).
 ``RHOST`` is resolved by the server, so it may be a name only the server knows (a compute
 node).  Ranges are allowed on both sides when their lengths match (``18090-18092:8090-8092``).
@@ -51,9 +60,18 @@ SOCKS_TARGET = ("*", 0)
 KIND_PREFIX = {"local": "", "remote": "-R", "socks": "-D"}
 #: a security limit: one spec may not open more listeners than this
 MAX_RANGE = 1024
+#: the longest Unix socket path the server can connect to, in bytes (Linux's ``sun_path`` is
+#: 108 bytes with its NUL; sshd refuses a longer one with the same "open failed" as any other)
+SUN_PATH_MAX = 107
+#: the longest ``~/`` path accepted before it is expanded (the home directory is only known on
+#: the server; the expanded path is checked against ``SUN_PATH_MAX`` when a client connects)
+HOME_PATH_MAX = 255
 
 _PORT_RE = re.compile(r"^([0-9]{1,5})(?:-([0-9]{1,5}))?\Z")
 _LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
+#: where the socket path of a local forward starts: the first ``:`` followed by ``/`` or ``~/``
+#: (an IPv6 bind address in brackets holds no ``/``)
+_PATH_START_RE = re.compile(r":(?=/|~/)")
 
 
 @dataclass(frozen=True, order=True)
@@ -65,6 +83,9 @@ class ForwardSpec:
     target_host: str
     target_port: int
     kind: str = "local"
+    #: a local forward to a Unix socket on the server: its path (``/…`` or ``~/…``, ``~`` not
+    #: expanded); ``""`` for a TCP target
+    target_path: str = ""
 
     @property
     def listen(self) -> str:
@@ -77,6 +98,8 @@ class ForwardSpec:
         to; SOCKS: ``*``, each client names its own)."""
         if self.kind == "socks":
             return "*"
+        if self.target_path:
+            return self.target_path
         return join_host_port(self.target_host, self.target_port)
 
     @property
@@ -96,6 +119,8 @@ class ForwardSpec:
             return f"-D {self.bind_port}"
         if self.bind_host != DEFAULT_BIND:
             return f"{_fmt_host(self.bind_host)}:{self.bind_port}:{self.target}"
+        if self.target_path:
+            return f"{self.bind_port}:{self.target_path}"
         if self.target_host != DEFAULT_TARGET:
             return f"{self.bind_port}:{self.target}"
         if self.bind_port != self.target_port:
@@ -211,7 +236,13 @@ def parse(text: str, default_bind: str = DEFAULT_BIND) -> list[ForwardSpec]:
     text = text.strip()
     if not text:
         raise SpecError("empty forward spec; expected e.g. 8090, 8090-8092 or 18090:node42:8090")
+    m = _PATH_START_RE.search(text)
+    if m is not None:
+        return [_parse_path(text, text[:m.start()], text[m.end():], default_bind)]
     fields = _split(text)
+    if any(f.startswith("~") or "/" in f for f in fields):
+        raise SpecError(f"forward spec {text!r}: a socket path on the server starts with / "
+                        "or ~/ (e.g. 8090:/run/app.sock or 8090:~/app.sock)")
     bind = default_bind
     if len(fields) == 1:
         lports = rports = _ports(fields[0], text, "port")
@@ -237,6 +268,65 @@ def parse(text: str, default_bind: str = DEFAULT_BIND) -> list[ForwardSpec]:
                         f"{len(rports)} remote ports; ranges on both sides must have the same "
                         "length")
     return [ForwardSpec(bind, lp, target, rp) for lp, rp in zip(lports, rports)]
+
+
+def _parse_path(text: str, head: str, path: str, default_bind: str) -> ForwardSpec:
+    """``[BIND:]LPORT`` (``head``) to the socket ``path`` on the server."""
+    fields = _split(head)
+    if len(fields) == 1:
+        bind, port_field = default_bind, fields[0]
+    elif len(fields) == 2:
+        bind, port_field = parse_bind(fields[0], text), fields[1]
+    else:
+        raise SpecError(f"forward spec {text!r} has {len(fields) + 1} fields; a forward to a "
+                        "Unix socket is [BIND:]LPORT:PATH, e.g. 8090:/run/app.sock")
+    ports = _ports(port_field, text, "local port")
+    if len(ports) != 1:
+        raise SpecError(f"forward spec {text!r} names a range of local ports for one socket "
+                        "path; a forward to a Unix socket listens on one port (add one spec "
+                        "per socket)")
+    check_path(path, text)
+    return ForwardSpec(bind, ports[0], "", 0, target_path=path)
+
+
+def check_path(path: str, text: str | None = None) -> None:
+    """Raise ``SpecError`` unless ``path`` can name a Unix socket on the server: ``/…`` or
+    ``~/…``, no control character, not a directory, not too long (``SUN_PATH_MAX`` bytes;
+    ``HOME_PATH_MAX`` for a ``~/`` path, checked again once it is expanded)."""
+    where = f" in forward spec {text!r}" if text is not None else ""
+    if not (path.startswith("/") or path.startswith("~/")):
+        raise SpecError(f"socket path {path!r}{where} must be absolute (/run/app.sock) or in "
+                        "the home directory on the server (~/app.sock)")
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        bad = "a NUL" if "\0" in path else "a newline" if "\n" in path else \
+            "a control character"
+        raise SpecError(f"socket path {path!r}{where} contains {bad}; no socket path can")
+    if path.endswith("/") or path.rsplit("/", 1)[-1] in ("", ".", ".."):
+        raise SpecError(f"socket path {path!r}{where} names a directory; name the socket "
+                        "file in it (e.g. ~/run/app.sock)")
+    size = len(path.encode("utf-8", "surrogateescape"))
+    limit = HOME_PATH_MAX if path.startswith("~/") else SUN_PATH_MAX
+    if size > limit:
+        more = (f"; a Unix socket path may have at most {SUN_PATH_MAX} bytes"
+                if limit == SUN_PATH_MAX else
+                f"; at most {HOME_PATH_MAX} are accepted before ~ is expanded, and "
+                f"{SUN_PATH_MAX} after")
+        shown = path if len(path) <= 60 else path[:40] + "…"
+        raise SpecError(f"socket path {shown!r} has {size} bytes{more}; use a shorter path "
+                        "(e.g. a symlink to its directory)")
+
+
+def expand_home(path: str, home: str) -> str:
+    """``path`` with a leading ``~/`` replaced by the server's home directory ``home``; raises
+    ``SpecError`` if the result is too long for a socket path."""
+    if not path.startswith("~/"):
+        return path
+    full = home.rstrip("/") + path[1:]
+    size = len(full.encode("utf-8", "surrogateescape"))
+    if size > SUN_PATH_MAX:
+        raise SpecError(f"socket path {path!r} is {full!r} on the server, {size} bytes; a Unix "
+                        f"socket path may have at most {SUN_PATH_MAX}: use a shorter path")
+    return full
 
 
 def parse_remote(text: str) -> list[ForwardSpec]:

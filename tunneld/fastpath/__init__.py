@@ -11,6 +11,8 @@ the data path calls:
 - ``open_channel(conn, local, …)`` for a local or SOCKS forward's client: the lean
   ``TCPChannel`` on an attached connection, asyncssh's own channel (``stock``) otherwise —
   the same ``Channel`` interface either way, talking to a ``LocalEnd`` (``ends``);
+- ``open_unix_channel(conn, local, path, …)`` for a local forward to a Unix socket on the
+  server: asyncssh's own channel on either path (``stock``);
 - ``accepted_session(local, pktsize)`` for a remote forward's connection (asyncssh's channel);
 - ``with batch:`` around the processing of one local read: the writes it makes leave
   together (``batch``);
@@ -35,7 +37,7 @@ from .ends import Channel, LocalEnd
 from .stock import StockChannel, accepted_session
 
 __all__ = ["Channel", "LocalEnd", "accepted_session", "announce", "attach", "batch", "open_channel",
-           "preferred_ciphers", "status"]
+           "open_unix_channel", "preferred_ciphers", "status"]
 
 #: ciphers tried first unless the user's ~/.ssh/config sets ``Ciphers``: AES-GCM is what the
 #: fast path seals itself, and markedly faster than chacha20-poly1305 in stock asyncssh too
@@ -65,6 +67,15 @@ def open_channel(conn: asyncssh.SSHClientConnection, local: LocalEnd, host: str,
         return TCPChannel(fast, local, host, port, orig_host, orig_port, window, pktsize)
     except asyncssh.ChannelOpenError as exc:
         raise ConnectionResetError(exc.reason) from None
+
+
+def open_unix_channel(conn: asyncssh.SSHClientConnection, local: LocalEnd, path: str,
+                      window: int, pktsize: int) -> Channel:
+    """Open a ``direct-streamlocal@openssh.com`` channel to the Unix socket ``path`` on the
+    server (absolute: sshd does not expand ``~``) for ``local``, as ``open_channel`` does.
+    asyncssh's own channel on either path: on an attached connection its packets go through
+    the fast path's sender like every other packet asyncssh sends."""
+    return StockChannel.open_unix(conn, local, path, window, pktsize)
 
 
 def preferred_ciphers() -> list[str]:

@@ -1,17 +1,22 @@
 """asyncssh's own TCP channel behind the data path's interface (``ends.Channel``), on
 asyncssh's public API alone: what a local forward's client gets on a connection that is not
-attached (stock asyncssh), and what every remote forward's connection comes on (the server
-opens those channels and asyncssh makes them, on either path)."""
+attached (stock asyncssh), what every remote forward's connection comes on (the server
+opens those channels and asyncssh makes them, on either path), and what a local forward to a
+Unix socket on the server gets on either path (``direct-streamlocal@openssh.com``, asyncssh's
+``create_unix_connection``: the lean channel speaks only ``direct-tcpip``)."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Awaitable, Callable, Union
 
 import asyncssh
 
 from .channel import CHANNEL_HIGH_WATER
 from .ends import LocalEnd
+
+#: asyncssh's channel of either kind (the same calls on both)
+_Chan = Union["asyncssh.SSHTCPChannel[bytes]", "asyncssh.SSHUNIXChannel[bytes]"]
 
 
 class StockChannel:
@@ -20,7 +25,7 @@ class StockChannel:
     __slots__ = ("chan", "local", "pktsize", "task", "abandoned")
 
     def __init__(self, local: LocalEnd, pktsize: int):
-        self.chan: asyncssh.SSHTCPChannel[bytes] | None = None
+        self.chan: _Chan | None = None
         self.local = local
         #: writes are cut into pieces of at most this size: asyncssh copies each write once,
         #: but cuts a larger buffer into packets by deleting from its front
@@ -35,17 +40,30 @@ class StockChannel:
              orig_host: str, orig_port: int, window: int, pktsize: int) -> "StockChannel":
         """Open a ``direct-tcpip`` channel with ``create_connection``; ``local`` hears how it
         went (``attached`` or ``failed``)."""
+        return cls._start(local, pktsize, lambda self: conn.create_connection(
+            lambda: _Session(self.local), host, port, orig_host, orig_port,
+            window=window, max_pktsize=pktsize))
+
+    @classmethod
+    def open_unix(cls, conn: asyncssh.SSHClientConnection, local: LocalEnd, path: str,
+                  window: int, pktsize: int) -> "StockChannel":
+        """Open a ``direct-streamlocal@openssh.com`` channel to the Unix socket ``path`` on
+        the server with ``create_unix_connection``; ``local`` hears how it went."""
+        return cls._start(local, pktsize, lambda self: conn.create_unix_connection(
+            lambda: _UnixSession(self.local), path, window=window, max_pktsize=pktsize))
+
+    @classmethod
+    def _start(cls, local: LocalEnd, pktsize: int,
+               connect: Callable[["StockChannel"], Awaitable[tuple[Any, Any]]]
+               ) -> "StockChannel":
         self = cls(local, pktsize)
-        self.task = asyncio.get_running_loop().create_task(
-            self._open(conn, host, port, orig_host, orig_port, window))
+        self.task = asyncio.get_running_loop().create_task(self._open(connect))
         return self
 
-    async def _open(self, conn: asyncssh.SSHClientConnection, host: str, port: int,
-                    orig_host: str, orig_port: int, window: int) -> None:
+    async def _open(self, connect: Callable[["StockChannel"], Awaitable[tuple[Any, Any]]]
+                    ) -> None:
         try:
-            chan, _ = await conn.create_connection(
-                lambda: _Session(self.local), host, port, orig_host, orig_port,
-                window=window, max_pktsize=self.pktsize)
+            chan, _ = await connect(self)
         except (OSError, asyncssh.Error) as exc:
             if not self.abandoned:
                 self.local.failed(exc)
@@ -55,7 +73,7 @@ class StockChannel:
             return
         self.opened(chan)
 
-    def opened(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
+    def opened(self, chan: _Chan) -> None:
         chan.set_write_buffer_limits(CHANNEL_HIGH_WATER)
         self.chan = chan
         self.local.attached(self)
@@ -92,8 +110,8 @@ class StockChannel:
         self.chan.resume_reading()
 
 
-class _Session(asyncssh.SSHTCPSession[bytes]):
-    """What asyncssh's channel says, passed on to the local end."""
+class _Relay:
+    """What asyncssh's channel (TCP or Unix) says, passed on to the local end."""
 
     def __init__(self, local: LocalEnd):
         self.local = local
@@ -115,6 +133,14 @@ class _Session(asyncssh.SSHTCPSession[bytes]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.local.ended(exc)
+
+
+class _Session(_Relay, asyncssh.SSHTCPSession[bytes]):
+    """The session of a TCP channel."""
+
+
+class _UnixSession(_Relay, asyncssh.SSHUNIXSession[bytes]):
+    """The session of a channel to a Unix socket on the server."""
 
 
 class _AcceptedSession(_Session):
