@@ -335,3 +335,44 @@ def test_the_shown_command_pasted_back_gives_the_same_words(words):
 def test_a_command_needs_a_word():
     with pytest.raises(ValueError):
         remote.shell_text([])
+
+
+# -- private socket directories (`run --sock auto`) ----------------------------------------------
+
+@pytest.mark.parametrize("runtime", [False, True], ids=["home", "xdg-runtime-dir"])
+def test_a_socket_directory_is_private_and_removed(sh, tmp_path, runtime):
+    import stat
+    if runtime:
+        xdg = tmp_path / "run-user"
+        xdg.mkdir(mode=0o700)
+        sh.env["XDG_RUNTIME_DIR"] = str(xdg)
+    r = sh("umask 022\n" + remote.sock_dir_command("lab-1"))
+    assert r.returncode == 0, r.stderr
+    d = remote.parse_sock_dir(r.stdout)
+    assert d is not None, r.stdout
+    base = (xdg / "tunneld") if runtime else (sh.home / ".tunneld" / "sock")
+    assert Path(d).parent == base and Path(d).name.startswith("lab-1.")
+    for p in (Path(d), base):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o700
+    # two sessions of one name get two directories
+    d2 = remote.parse_sock_dir(sh(remote.sock_dir_command("lab-1")).stdout)
+    assert d2 is not None and d2 != d
+    (Path(d) / remote.SOCK_NAME).write_text("x")
+    assert sh(remote.sock_remove_command(d)).returncode == 0
+    assert not Path(d).exists() and Path(d2).exists()
+
+
+def test_a_runtime_dir_of_someone_else_is_not_used(sh, tmp_path):
+    sh.env["XDG_RUNTIME_DIR"] = str(tmp_path / "missing")
+    d = remote.parse_sock_dir(sh(remote.sock_dir_command("x")).stdout)
+    assert d is not None and d.startswith(str(sh.home / ".tunneld" / "sock") + "/")
+
+
+@pytest.mark.parametrize("bad", ["/", "/home/u", "/home/u/.tunneld/sock",
+                                 "relative/tunneld/a.abcdef", "/x/tunneld/../../etc.abcdef",
+                                 "/x/tunneld/a.abc", "/x/tunneld/a.abcdef\n"])
+def test_only_tunnelds_socket_directories_are_removed(bad):
+    with pytest.raises(ValueError):
+        remote.sock_remove_command(bad)
+    if "\n" not in bad:
+        assert remote.parse_sock_dir(remote.SOCK_TAG + bad) is None

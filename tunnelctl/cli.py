@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", metavar="auto|N",
                    help="a port for the command: 'auto' picks one free on the server; "
                         "replaces {port} in COMMAND, exported as PORT, and forwarded")
+    p.add_argument("--sock", metavar="auto",
+                   help="'auto': a Unix socket path in a private (0700) directory on the "
+                        "server replaces {sock} in COMMAND, exported as SOCK; a local port is "
+                        "forwarded to it once the command listens there")
     p.add_argument("--follow", "-f", action="store_true",
                    help="stream the output until the session ends")
     p.add_argument("--no-detach", dest="detach", action="store_false",

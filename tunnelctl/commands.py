@@ -185,6 +185,12 @@ def cmd_run(a: argparse.Namespace) -> int:
                   file=sys.stderr)
             return EXIT_USAGE
     extra: dict[str, Any] = {} if a.detach else {"detach": False}
+    if a.sock is not None:
+        if a.sock != "auto":
+            print(f"tunnelctl run: --sock takes 'auto', not {a.sock!r} (to forward a socket "
+                  "that exists: tunnelctl add HOST LPORT:/path/app.sock)", file=sys.stderr)
+            return EXIT_USAGE
+        extra["sock"] = "auto"
     if a.follow:
         extra["follow"] = True   # we see how it ends: no start check in the daemon
     extra |= _interactive(a)
@@ -199,6 +205,9 @@ def cmd_run(a: argparse.Namespace) -> int:
     print(r["name"])
     if r.get("url"):
         print(f"tunnelctl: port {r['port']} is forwarded: {r['url']}", file=sys.stderr)
+    if r.get("sock"):
+        print(f"tunnelctl: socket {r['sock']}: forwarded once the command listens there "
+              f"(`tunnelctl open {r['name']}`)", file=sys.stderr)
     return EXIT_OK
 
 

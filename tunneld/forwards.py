@@ -24,7 +24,7 @@ from .registry import Forward, Hosts
 from .reload import Listener, plan_reload
 from .remote_forward import RemoteForward
 from .socks_forward import SocksForward
-from .spec import ForwardSpec, is_loopback
+from .spec import ForwardSpec, is_loopback, join_host_port
 from .state import HostState
 from .store import Store
 
@@ -117,23 +117,25 @@ class Forwards:
                             origin=fwd.origin, old=None, new=fwd.state.value)
         await self.hosts._release(host)
 
-    async def ensure_forward(self, host: str, target_host: str,
-                             target_port: int) -> LocalForward:
-        """A forward of ``host`` to ``target_host:target_port``: an existing one, or a new
-        automatic one on the same local port if that is free, else on a free port."""
+    async def ensure_forward(self, host: str, target_host: str, target_port: int,
+                             path: str = "") -> LocalForward:
+        """A forward of ``host`` to ``target_host:target_port`` (or to the Unix socket
+        ``path`` on the server): an existing one, or a new automatic one on the same local
+        port if that is free, else on a free port."""
         async with self.hosts.lock:
-            return await self._ensure_forward(host, target_host, target_port)
+            return await self._ensure_forward(host, target_host, target_port, path)
 
-    async def _ensure_forward(self, host: str, target_host: str,
-                              target_port: int) -> LocalForward:
+    async def _ensure_forward(self, host: str, target_host: str, target_port: int,
+                              path: str = "") -> LocalForward:
         sup = self.hosts.host_for(host)
         loop_target = is_loopback(target_host)
         for fwd in sup.forwards.values():
             t = fwd.spec
-            if isinstance(fwd, LocalForward) and t.kind == "local" and \
+            if isinstance(fwd, LocalForward) and t.kind == "local" and (
+                    t.target_path == path if path else not t.target_path and
                     t.target_port == target_port and (
                         t.target_host == target_host or
-                        (loop_target and is_loopback(t.target_host))):
+                        (loop_target and is_loopback(t.target_host)))):
                 return fwd
         # a forward made because a remote program printed a URL is never public, whatever
         # defaults.bind says: exposing a port is a person's decision (`add --public`)
@@ -144,14 +146,15 @@ class Forwards:
             if port and self.hosts.find_listener(bind, port) is not None:
                 continue
             try:
-                fwd = await self._bind(host, ForwardSpec(bind, port, target_host, target_port),
-                                       "auto")
+                fwd = await self._bind(host, ForwardSpec(bind, port, target_host, target_port,
+                                                         target_path=path), "auto")
             except BindError:
                 continue
             assert isinstance(fwd, LocalForward)
             log.info("%s: added automatic forward %s", host, fwd.spec)
             return fwd
-        raise BindError(f"{host}: no local port could be bound for {target_host}:{target_port}")
+        raise BindError(f"{host}: no local port could be bound for "
+                        f"{path or join_host_port(target_host, target_port)}")
 
     async def drop_auto(self, host: str, port: int | None, specs: list[str] = [],
                         keep: set[str] = set()) -> None:

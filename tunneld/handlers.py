@@ -111,7 +111,8 @@ class Handlers:
     async def run(self, a: dict[str, Any], peer: Peer) -> Any:
         return await self.m.sessions.run(a["host"], a["command"], name=a["name"],
                                          port=a["port"], detach=a["detach"],
-                                         prompter=_prompter(a, peer), follow=a["follow"])
+                                         prompter=_prompter(a, peer), follow=a["follow"],
+                                         sock=a["sock"])
 
     async def sessions(self, a: dict[str, Any], peer: Peer) -> Any:
         return self.m.sessions_snapshot()

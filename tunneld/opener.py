@@ -21,7 +21,7 @@ from typing import Any, Awaitable, Callable, Protocol
 
 import asyncssh
 
-from . import sshrun, urls
+from . import printed, sshrun, urls
 from .desktop import GRAPHICAL_ENV
 from .errors import ConnectError, UsageError
 from .events import EventHub
@@ -44,7 +44,7 @@ class HasSpec(Protocol):
 
 
 #: the forward of a host to a target: an existing one, or a new automatic one
-EnsureForward = Callable[[str, str, int], Awaitable[HasSpec]]
+EnsureForward = Callable[[str, str, int, str], Awaitable[HasSpec]]
 
 #: a limit: bytes of a Jupyter redirect file read from the server
 MAX_REDIRECT_FILE = 64 * 1024
@@ -59,8 +59,10 @@ SHOW_ENV_TIMEOUT = 2.0
 class Routed:
     """A URL with the forward that reaches it."""
 
-    #: what the URL rules made of it
-    plan: urls.Plan
+    #: what the URL rules made of it (None for a Unix socket's ``http+unix://`` URL)
+    plan: urls.Plan | None
+    #: the Unix socket on the server the forward reaches ("" for a TCP target)
+    path: str
     #: the forward's spec (``str(ForwardSpec)``)
     forward: str
     #: the URL to open locally (the local end of that forward; path, query, fragment kept)
@@ -100,6 +102,11 @@ class Opener:
         local URL it becomes; nothing is opened.  Raises as ``open`` does."""
         sup = self.host_for(host)
         where = f" ({source})" if source else ""
+        unix = printed.unix_target(url)
+        if unix is not None:   # http+unix://%2Fpath%2Fapp.sock/x: a socket on the server
+            fwd = await self.ensure_forward(host, "", 0, unix[0])
+            local = f"http://{_url_host(fwd.spec.bind_host)}:{fwd.spec.bind_port}{unix[1]}"
+            return Routed(None, unix[0], str(fwd.spec), local)
         path = urls.jupyter_redirect_path(url)
         if path is not None:
             # read on the server: homes are shared with compute nodes
@@ -115,9 +122,9 @@ class Opener:
         except urls.Refused as exc:
             log.warning("%s: refused to open a URL%s: %s", host, where, exc)
             raise UsageError(f"{host}: not opened: {exc}") from None
-        fwd = await self.ensure_forward(host, plan.remote_host, plan.remote_port)
+        fwd = await self.ensure_forward(host, plan.remote_host, plan.remote_port, "")
         local = plan.local_url(fwd.spec.bind_port, _url_host(fwd.spec.bind_host))
-        return Routed(plan, str(fwd.spec), local)
+        return Routed(plan, "", str(fwd.spec), local)
 
     async def launch(self, host: str, routed: Routed, source: str = "",
                      explicit: bool = False) -> dict[str, Any]:
@@ -127,7 +134,7 @@ class Opener:
         where = f" ({source})" if source else ""
         local, forward = routed.local, routed.forward
         shown = urls.redact(local)
-        await self._wait_ready(sup, routed.plan)
+        await self._wait_ready(sup, routed)
         why = None if explicit else self.policy.check(host, local, time.monotonic())
         if why is not None:
             if why != "duplicate" and self.policy.burst_started():
@@ -171,24 +178,29 @@ class Opener:
                              f"({str(result.stderr or '').strip() or 'no link found'})")
         return target
 
-    async def _wait_ready(self, sup: OpenHost, plan: urls.Plan) -> None:
+    async def _wait_ready(self, sup: OpenHost, routed: Routed) -> None:
         """Until the server can connect to the target (bounded by ``ready_timeout``)."""
         deadline = time.monotonic() + self.ready_timeout
         delay = PROBE_INTERVAL
         last = ""
+        plan = routed.plan
+        target = routed.path if plan is None else \
+            f"{plan.remote_host}:{plan.remote_port}"
         while True:
             conn = await sup.connection_for_client()
             try:
-                _, writer = await conn.open_connection(plan.remote_host, plan.remote_port)
+                if plan is None:
+                    _, writer = await conn.open_unix_connection(routed.path)
+                else:
+                    _, writer = await conn.open_connection(plan.remote_host, plan.remote_port)
                 writer.close()
                 return
             except asyncssh.ChannelOpenError as exc:
                 last = exc.reason or "refused"
             if time.monotonic() + delay > deadline:
                 raise ConnectError(
-                    f"{sup.name}: not opened: nothing accepted connections on "
-                    f"{plan.remote_host}:{plan.remote_port} within {self.ready_timeout:g}s "
-                    f"({last})")
+                    f"{sup.name}: not opened: nothing accepted connections on {target} within "
+                    f"{self.ready_timeout:g}s ({last})")
             await asyncio.sleep(delay)
             delay = min(PROBE_INTERVAL_MAX, delay * 1.5)
 

@@ -7,6 +7,9 @@ boundaries, with its bounded line length).  A URL is found only with an explicit
 web interface prints its port; ``https://github.com/…`` in a log has none) and without
 credentials; punctuation that ends a sentence (``.``, ``,``, ``)``…) is not part of it.
 
+``http+unix://%2Fpath%2Fapp.sock/lab?token=…`` (what Jupyter prints for ``--sock``) is found
+too: ``unix_target`` gives its socket path and the rest, forwarded to a local port.
+
 ``nearby(plan, host, server)`` says whether a found URL names a place the server can reach for
 us: its loopback (``localhost``, 127/8, ``0.0.0.0``, ``::``, ``::1``), a private address
 (10/8, 172.16/12, 192.168/16, link-local, fc00::/7: the cluster's own network), a single-label
@@ -20,7 +23,11 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from urllib.parse import unquote
 
+from . import urls
+from .errors import SpecError
+from .spec import check_path
 from .urls import MAX_URL, Plan, same_host
 
 #: an http(s) URL with an explicit port; the host is a bracketed IPv6 literal or a name / IPv4
@@ -31,6 +38,11 @@ _URL = re.compile(
     rb"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]*):(?P<port>[0-9]{1,5})"
     rb"(?P<rest>[/?#][^\s\"'<>`\\^{}|\x00-\x1f\x7f]*)?"
     rb"(?![A-Za-z0-9@:_~%-])", re.IGNORECASE)
+#: a Unix socket's URL: the socket's path percent-encoded as the host (``%2F…``)
+_UNIX_URL = re.compile(
+    rb"(?<![A-Za-z0-9+.-])http\+unix://%2F[^\s\"'<>`\\^{}|/?#\x00-\x1f\x7f]*"
+    rb"(?:[/?#][^\s\"'<>`\\^{}|\x00-\x1f\x7f]*)?", re.IGNORECASE)
+_UNIX_PARTS = re.compile(r"http\+unix://(%2F[^/?#]*)(.*)", re.IGNORECASE | re.DOTALL)
 #: what ends a sentence rather than a URL, when it is the URL's last character
 _TRAILING = b".,;:!?"
 _PAIRS = {ord(")"): ord("("), ord("]"): ord("[")}
@@ -50,7 +62,8 @@ def find_urls(line: bytes) -> list[PrintedUrl]:
     if b"://" not in line:
         return []
     found: list[PrintedUrl] = []
-    for m in _URL.finditer(line):
+    matches = sorted([*_URL.finditer(line), *_UNIX_URL.finditer(line)], key=lambda m: m.start())
+    for m in matches:
         raw = _trim(m.group(0))
         if len(raw) > MAX_URL:
             continue
@@ -58,6 +71,22 @@ def find_urls(line: bytes) -> list[PrintedUrl]:
         if url not in found:
             found.append(url)
     return found
+
+
+def unix_target(url: str) -> tuple[str, str] | None:
+    """``http+unix://%2Fpath%2Fapp.sock/x?y`` → (``/path/app.sock``, ``/x?y``); None for any
+    other URL or a path that cannot name a socket (``spec.check_path``)."""
+    m = _UNIX_PARTS.fullmatch(url) if isinstance(url, str) and len(url) <= MAX_URL else None
+    if m is None:
+        return None
+    path, rest = unquote(m.group(1)), m.group(2)
+    try:
+        check_path(path)
+    except SpecError:
+        return None
+    if not path.startswith("/") or urls._bad_char(rest) is not None:
+        return None
+    return path, rest if rest.startswith("/") else "/" + rest
 
 
 def _trim(raw: bytes) -> bytes:

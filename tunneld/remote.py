@@ -321,3 +321,57 @@ def forget_command(session_ids: list[str]) -> str:
 def _check_id(session_id: str) -> str:
     _dir(session_id)
     return session_id
+
+
+# -- private sockets (`run --sock auto`) ---------------------------------------------------------
+#
+# A session's socket lives in a 0700 directory of its own, ``BASE/NAME.XXXXXX/web.sock``: BASE is
+# ``$XDG_RUNTIME_DIR/tunneld`` where the server has a usable runtime directory (a tmpfs only
+# its user reaches, emptied at logout), else ``$HOME/SOCK_DIR``.  Nobody else can connect to it,
+# unlike a TCP port on a shared login node's loopback.
+
+#: where socket directories live on the server without ``$XDG_RUNTIME_DIR``, under ``$HOME``
+SOCK_DIR = ".tunneld/sock"
+#: the socket's file name in its directory
+SOCK_NAME = "web.sock"
+#: the line the socket-directory command prints: this tag, the directory
+SOCK_TAG = "\x1etunneld-sock:"
+#: the longest socket path a server can listen on (Linux's sun_path: 108 bytes with its NUL)
+SOCK_PATH_MAX = 107
+#: a socket directory made by ``sock_dir_command`` (checked before ``rm -rf`` reaches a shell)
+_SOCK_DIR_RE = re.compile(r"^/[^\0\n]*/(?:tunneld|\.tunneld/sock)/[A-Za-z0-9][A-Za-z0-9_.-]*"
+                          r"\.[A-Za-z0-9]{6}\Z")
+
+
+def sock_dir_command(name: str) -> str:
+    """Text that makes a private directory for session ``name``'s socket and prints
+    ``SOCK_TAG`` + its path."""
+    _dir(name)
+    return "\n".join([
+        "umask 077",
+        'if [ -n "$XDG_RUNTIME_DIR" ] && [ -d "$XDG_RUNTIME_DIR" ] && '
+        '[ -w "$XDG_RUNTIME_DIR" ] && [ -O "$XDG_RUNTIME_DIR" ]; then',
+        '  base="$XDG_RUNTIME_DIR/tunneld"',
+        "else",
+        f'  base="$HOME/{SOCK_DIR}"',
+        "fi",
+        'mkdir -p -- "$base" && chmod 700 -- "$base" || exit 1',
+        f'd=$(mktemp -d "$base/{name}.XXXXXX") && chmod 700 -- "$d" || exit 1',
+        f"printf '%s%s\\n' {shlex.quote(SOCK_TAG)} \"$d\"",
+    ])
+
+
+def parse_sock_dir(text: str) -> str | None:
+    """The directory ``sock_dir_command`` printed, or None."""
+    for line in text.split("\n"):   # (not splitlines: it splits at the tag's \x1e too)
+        if line.startswith(SOCK_TAG):
+            d = line[len(SOCK_TAG):]
+            return d if _SOCK_DIR_RE.match(d) and "/../" not in d else None
+    return None
+
+
+def sock_remove_command(directory: str) -> str:
+    """Text that removes a socket directory ``sock_dir_command`` made (and nothing else)."""
+    if not _SOCK_DIR_RE.match(directory) or "/../" in directory:
+        raise ValueError(f"not a socket directory of tunneld's: {directory!r}")
+    return f"rm -rf -- {shlex.quote(directory)}"

@@ -105,8 +105,11 @@ class Session:
         self.url_opened = False
         #: remote port → the host of the first printed URL with that port; the URLs taken
         #: (listed, or being forwarded)
-        self.url_ports: dict[int, str] = {}
+        self.url_ports: dict[int | str, str] = {}
         self.url_seen: set[str] = set()
+        #: ``run --sock auto``: the socket path on the server, and its private directory
+        self.sock: str | None = None
+        self.sock_dir: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._log_fd: int | None = None
         self._followers: set[asyncio.Queue[bytes | None]] = set()
@@ -323,7 +326,8 @@ class Session:
             "words": self.words,
             "state": self.state.value, "exit_status": self.exit_status,
             "exit_signal": self.exit_signal, "error": self.error, "pid": self.pid,
-            "port": self.port, "opens": self.opens, "urls": [dict(u) for u in self.urls],
+            "port": self.port, "sock": self.sock, "opens": self.opens,
+            "urls": [dict(u) for u in self.urls],
             "started": iso_time(self.started),
             "ended": iso_time(self.ended) if self.ended else None,
             "log": str(self.log_path), "detached": self.detached,

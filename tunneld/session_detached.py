@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncssh
 
-from . import remote, sshrun, urls
+from . import printed, remote, sshrun, urls
 from .errors import ConnectError
 from .markers import MAX_LINE, Scanner
 from .session import KILL_TIMEOUT, READ_SIZE, Session, _offer
@@ -45,7 +45,7 @@ MAX_FOLLOW_STDERR = 64 * 1024
 #: keys of a detached session's record in the daemon's sessions file
 RECORD_KEYS = ("name", "host", "command", "words", "detached", "remote_id", "remote_dir",
                "server", "pid", "port", "log", "started", "ended", "state", "exit_status", "error",
-               "opens", "forwards", "urls", "url_opened", "received")
+               "opens", "forwards", "urls", "url_opened", "sock", "sock_dir", "received")
 
 
 class DetachedSession(Session):
@@ -86,13 +86,16 @@ class DetachedSession(Session):
         self.opens = int(record.get("opens") or 0)
         self.forwards = [f for f in record.get("forwards") or [] if isinstance(f, str)]
         self.urls = [u for u in record.get("urls") or [] if _is_url_entry(u)]
+        self.sock, self.sock_dir = _text(record.get("sock")), _text(record.get("sock_dir"))
         for u in self.urls:
             self.url_seen.add(u["remote"])
+            unix = printed.unix_target(u["remote"])
             try:
-                plan = urls.plan(u["remote"])
+                key, where = (unix[0], "unix") if unix else \
+                    (lambda p: (p.remote_port, p.remote_host))(urls.plan(u["remote"]))
             except urls.Refused:
                 continue
-            self.url_ports.setdefault(plan.remote_port, plan.remote_host)
+            self.url_ports.setdefault(key, where)
         self.url_opened = self.opens > 0 or bool(record.get("url_opened"))
         if record.get("ended") is not None or self.remote_id is None:
             state, status = record.get("state"), record.get("exit_status")
@@ -132,7 +135,8 @@ class DetachedSession(Session):
                 "log": str(self.log_path), "started": self.started, "ended": self.ended,
                 "state": self.state.value, "exit_status": self.exit_status,
                 "error": self.error, "opens": self.opens, "forwards": self.forwards,
-                "urls": self.urls, "url_opened": self.url_opened,
+                "urls": self.urls, "url_opened": self.url_opened, "sock": self.sock,
+                "sock_dir": self.sock_dir,
                 "received": self.received}
 
     # -- running -----------------------------------------------------------------------------

@@ -14,28 +14,25 @@ import asyncio
 import logging
 import random
 import socket
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import asyncssh
 
-from . import printed, remote, sshrun, urls
+from . import remote, sshrun
 from .config import Config
 from .errors import ConnectError, NotFound, SessionError, TunneldError, UsageError
 from .events import EventHub
 from .forwards import Forwards
 from .host import HostSupervisor, Prompter
-from .markers import BrowserOpen
 from .names import check_host_alias, check_session_name
 from .opener import Opener
-from .printed import PrintedUrl
 from .registry import Hosts
-from .session import MAX_SESSIONS, AttachedSession, Session, default_name
+from .session import MAX_SESSIONS, AttachedSession, Session, SessionHost, default_name
 from .session_detached import RECORD_KEYS, START_TIMEOUT, DetachedSession
+from .session_urls import SessionUrls
 from .state import SessionState, is_connected, state_phrase
 from .store import Store
-from .wire import iso_time
 
 log = logging.getLogger("tunneld")
 
@@ -46,11 +43,6 @@ FORGET_TIMEOUT = 15.0
 #: seconds a new session's command is watched for a failure at once (not found, syntax
 #: error) before `run` says it started
 START_CHECK = 1.5
-#: a limit: forwards remembered per session (made for its markers and printed URLs; they end
-#: with it and are restored with it)
-MAX_SESSION_FORWARDS = 16
-#: a limit: printed URLs forwarded and listed per session
-MAX_SESSION_URLS = 16
 #: where `run --port auto` looks for a free port, and how many it tries
 FREE_PORT_RANGE = (20000, 60000)
 FREE_PORT_TRIES = 50
@@ -65,6 +57,8 @@ class Sessions:
         self.events = events
         self.opener = opener
         self._config = config
+        #: markers, printed URLs and sockets of the sessions' output
+        self.links = SessionUrls(opener, events, config, self._changed)
         self.session_dir = session_dir
         #: session name → session (see the module docstring)
         self.by_name: dict[str, Session] = {}
@@ -89,9 +83,12 @@ class Sessions:
 
     async def run(self, host: str, command: list[str], name: str | None = None,
                   port: int | str | None = None, detach: bool = True,
-                  prompter: Prompter | None = None, follow: bool = False) -> dict[str, Any]:
+                  prompter: Prompter | None = None, follow: bool = False,
+                  sock: str | None = None) -> dict[str, Any]:
         """Start ``command`` on ``host`` as a session.  ``port``: None, "auto" or a number;
         it replaces ``{port}`` in the command, is exported as ``PORT`` and is forwarded.
+        ``sock="auto"``: a socket path in a private directory made on the server replaces
+        ``{sock}``, is exported as ``SOCK`` and is forwarded once something listens on it.
         ``detach``: the command outlives the connection and the daemon (else it runs in the
         SSH channel and ends with it).  Returns once the command runs on the server: a host
         that cannot be connected now (``prompter`` answers its login) raises ConnectError
@@ -124,12 +121,18 @@ class Sessions:
                 fwd = await self.forwards.ensure_forward(host, "localhost", port)
                 command = [a.replace("{port}", str(port)) for a in command]
                 env["PORT"] = str(port)
+            sock_dir = None if sock is None else await self._sock_dir(sup, name)
+            if sock_dir is not None:
+                sock = f"{sock_dir}/{remote.SOCK_NAME}"
+                command = [a.replace("{sock}", sock) for a in command]
+                env["SOCK"] = sock
         except BaseException:
             await self.hosts.release(host)   # no session: the host may have nothing left
             raise
         cls = DetachedSession if detach else AttachedSession
-        sess = cls(name, sup, command, self.session_dir / f"{name}.log", self._on_open,
+        sess = cls(name, sup, command, self.session_dir / f"{name}.log", self.links.on_open,
                    env=env, port=port, on_change=self._changed)
+        sess.sock, sess.sock_dir = sock, sock_dir
         self.by_name[name] = sess
         if replaced is not None:
             self._forget_remote(replaced)   # the new session took its name
@@ -138,6 +141,8 @@ class Sessions:
         self.events.publish("session", host=host, name=name, event="started",
                             state=sess.state.value, exit_status=None)
         self._start_reaper(sess)
+        if sock is not None:
+            self._spawn(self.links.wait_socket(sess))
         why = await sess.wait_started(self._config().defaults.hold_timeout + START_TIMEOUT + 5,
                                       0 if follow else START_CHECK)
         if why is not None:
@@ -148,7 +153,40 @@ class Sessions:
         if fwd is not None:
             result.update(port=port, forward=str(fwd.spec),
                           url=f"http://127.0.0.1:{fwd.spec.bind_port}/")
+        if sock is not None:
+            result.update(sock=sock)
         return result
+
+    async def _sock_dir(self, sup: HostSupervisor, name: str) -> str:
+        """A private directory on ``sup``'s server for session ``name``'s socket."""
+        conn = await sup.connection_for_client()
+        try:
+            r = await sshrun.run(conn, remote.sock_dir_command(name), FORGET_TIMEOUT)
+        except (asyncio.TimeoutError, asyncssh.Error, OSError) as exc:
+            raise SessionError(f"{sup.name}: could not make a directory for the socket: "
+                               f"{exc}") from None
+        found = remote.parse_sock_dir(str(r.stdout or ""))
+        if found is None:
+            raise SessionError(f"{sup.name}: could not make a private directory for the "
+                               f"socket under $XDG_RUNTIME_DIR/tunneld or ~/{remote.SOCK_DIR}: "
+                               f"{str(r.stderr or '').strip() or 'no answer'}")
+        size = len(f"{found}/{remote.SOCK_NAME}".encode())
+        if size > remote.SOCK_PATH_MAX:
+            await self._remove_sock_dir(sup, found)
+            raise SessionError(f"{sup.name}: the socket path in {found} would be {size} bytes; "
+                               f"a Unix socket path has at most {remote.SOCK_PATH_MAX}: use "
+                               "--port instead, or a server with a shorter $XDG_RUNTIME_DIR")
+        return found
+
+    async def _remove_sock_dir(self, sup: SessionHost, directory: str) -> None:
+        """Remove a session's socket directory on its server, if the host is connected now
+        (else it stays; `forget` tries again)."""
+        conn = sup.live_connection()
+        try:
+            if conn is not None:
+                await sshrun.run(conn, remote.sock_remove_command(directory), FORGET_TIMEOUT)
+        except (asyncio.TimeoutError, asyncssh.Error, OSError) as exc:
+            log.info("%s: could not remove %s on the server: %s", sup.name, directory, exc)
 
     async def _free_remote_port(self, sup: HostSupervisor) -> int:
         """A port nothing listens on, on the server's loopback, and free here too."""
@@ -167,99 +205,9 @@ class Sessions:
         raise ConnectError(f"{sup.name}: found no free port on the server in "
                            f"{FREE_PORT_TRIES} tries; pass --port NUMBER")
 
-    async def _on_open(self, sess: Session, ev: BrowserOpen | PrintedUrl) -> None:
-        if isinstance(ev, PrintedUrl):
-            await self._on_printed(sess, ev)
-            return
-        sess.url_opened = True   # a printed URL opens no second page (printed_urls="open")
-        try:
-            r = await self.opener.open(sess.host.name, ev.url, ev.node, f"session {sess.name}",
-                                       server=sess.server)
-        except TunneldError as exc:
-            log.warning("%s", exc)
-            return
-        self._keep_forward(sess, r.get("forward"))
-        self._changed(sess)   # opens and forwards are kept in the sessions file
-
-    def _keep_forward(self, sess: Session, fwd: str | None) -> None:
-        if fwd and fwd not in sess.forwards and len(sess.forwards) < MAX_SESSION_FORWARDS:
-            sess.forwards.append(fwd)
-
-    async def _on_printed(self, sess: Session, ev: PrintedUrl) -> None:
-        """A URL in the session's output: forward it and list it, open it if the host's
-        ``printed_urls`` says "open" and nothing was opened for the session yet."""
-        host = sess.host.name
-        mode = self._config().printed_urls(host)
-        if mode == "ignore":
-            return
-        try:
-            plan = urls.plan(ev.url)
-        except urls.Refused as exc:
-            log.debug("%s: session %s: printed URL not forwarded: %s", host, sess.name, exc)
-            return
-        if not printed.nearby(plan, sess.server):
-            return   # somebody else's server (a public name or address)
-        # a program that prints its address several ways (Flask's 127.0.0.1 and LAN address,
-        # Jupyter's hostname and 127.0.0.1) gets one forward: the first URL of each port
-        first = sess.url_ports.get(plan.remote_port)
-        if first is not None and first != plan.remote_host:
-            return
-        if ev.url in sess.url_seen:
-            return   # printed again (Jupyter repeats itself)
-        if len(sess.url_seen) >= MAX_SESSION_URLS:
-            if len(sess.url_seen) == MAX_SESSION_URLS:
-                sess.url_seen.add("")   # said once
-                log.info("%s: session %s printed more than %d URLs; the rest are not "
-                         "forwarded", host, sess.name, MAX_SESSION_URLS)
-            return
-        sess.url_ports[plan.remote_port] = plan.remote_host
-        sess.url_seen.add(ev.url)
-        open_it = mode == "open" and not sess.url_opened
-        sess.url_opened = sess.url_opened or open_it
-        source = f"session {sess.name}"
-        try:
-            routed = await self.opener.route(host, ev.url, None, source, sess.server)
-        except TunneldError as exc:
-            log.warning("%s: session %s printed %s; not forwarded: %s", host, sess.name,
-                        urls.redact(ev.url), exc)
-            return
-        entry = {"remote": ev.url, "local": routed.local, "seen": iso_time(time.time()),
-                 "forward": routed.forward}
-        sess.urls.append(entry)
-        self._keep_forward(sess, routed.forward)
-        log.info("%s: session %s printed %s: forwarded, at %s", host, sess.name,
-                 urls.redact(ev.url), urls.redact(routed.local))
-        self.events.publish("session", host=host, name=sess.name, event="url",
-                            state=sess.state.value, exit_status=None,
-                            url=urls.redact(routed.local), forward=routed.forward)
-        self._changed(sess)
-        if open_it:
-            sess.opens += 1
-            try:
-                await self.opener.launch(host, routed, source)
-            except TunneldError as exc:
-                log.warning("%s", exc)
-
     async def urls(self, name: str, open_newest: bool) -> dict[str, Any]:
-        """The URLs session ``name`` printed (rewritten to their local ends), newest last;
-        with ``open_newest`` the newest one is opened in the browser (once it is ready)."""
-        sess = self.session(name)
-        result: dict[str, Any] = {"name": name, "host": sess.host.name,
-                                  "urls": [dict(u) for u in sess.urls]}
-        if not open_newest:
-            return result
-        if not sess.urls:
-            raise NotFound(f"session {name} has printed no URL yet (`tunnelctl logs {name}` "
-                           "shows its output)" + ("" if sess.running else "; it has ended"))
-        if not sess.running:
-            raise UsageError(f"session {name} has ended ({sess.state}); its forwards went with "
-                             f"it: `tunnelctl run` it again")
-        newest = sess.urls[-1]
-        routed = await self.opener.route(sess.host.name, newest["remote"], None,
-                                         f"tunnelctl open {name}", sess.server)
-        result |= await self.opener.launch(sess.host.name, routed, f"tunnelctl open {name}",
-                                           explicit=True)
-        return result
+        """Session ``name``'s URLs; with ``open_newest`` its newest one is opened."""
+        return await self.links.urls(self.session(name), open_newest)
 
     # -- the end of a session ----------------------------------------------------------------
 
@@ -280,6 +228,8 @@ class Sessions:
         # its forwards go with it, but those another running session still uses
         keep = {f for s in self.by_name.values() if s is not sess and s.running
                 for f in s.forwards}
+        if sess.sock_dir is not None:   # (while the host is still connected)
+            await self._remove_sock_dir(sess.host, sess.sock_dir)
         await self.forwards.drop_auto(sess.host.name, sess.port, sess.forwards, keep)
 
     async def kill(self, name: str) -> dict[str, Any]:
@@ -331,6 +281,8 @@ class Sessions:
         if not isinstance(sess, DetachedSession) or sess.remote_id is None or sup is None:
             return
         text = remote.forget_command([sess.remote_id])
+        if sess.sock_dir is not None:
+            text += "; " + remote.sock_remove_command(sess.sock_dir)
 
         async def forget() -> None:
             try:
@@ -404,7 +356,7 @@ class Sessions:
             if not (isinstance(words, list) and words and all(isinstance(w, str) for w in words)):
                 words = [rec["command"]]
             sess = DetachedSession(name, sup, words, self.session_dir / f"{name}.log",
-                                   self._on_open, port=port, on_change=self._changed)
+                                   self.links.on_open, port=port, on_change=self._changed)
             try:
                 sess.resume(rec)
             except (OSError, ValueError, TypeError) as exc:

@@ -189,6 +189,14 @@ def port_choice(name: str, value: Any) -> int | str | None:
     return value
 
 
+def sock_choice(name: str, value: Any) -> str | None:
+    """``run --sock``: none or "auto"."""
+    if value is None or value == "auto":
+        return value
+    raise UsageError(f"--sock takes 'auto' (a socket in a private directory on the server), "
+                     f"not {_show(value)}")
+
+
 def command_words(name: str, value: Any) -> list[str]:
     """A session's command: its words (a string is one word)."""
     if isinstance(value, str):
@@ -211,7 +219,7 @@ ARGS: dict[str, dict[str, Checker]] = {
     "reconnect": {"host": host(required=False), "interactive": flag()},
     "login": {"host": host(), "interactive": flag()},
     "run": {"host": host(), "command": command_words, "name": session_name(required=False),
-            "port": port_choice, "detach": flag(True), "follow": flag(),
+            "port": port_choice, "sock": sock_choice, "detach": flag(True), "follow": flag(),
             "interactive": flag()},
     "sessions": {},
     "logs": {"name": text(), "follow": flag(), "all": flag()},
