@@ -99,7 +99,7 @@ NEARBY = [
     ("http://login1:8888/", True), ("http://login1.cluster.org:8888/", True),
     ("http://10.1.2.3:8501", True), ("http://192.168.5.5:5000", True),
     ("http://172.16.0.9:5000", True), ("http://[fd00::5]:9443", True),
-    ("http://169.254.1.1:80/", True),
+    ("http://169.254.169.254:80/latest/meta-data/", False), ("http://[fe80::1]:80/", False),
     ("http://93.184.216.34:8501", False), ("http://8.8.8.8:53/", False),
     ("https://pypi.org:443/simple", False), ("http://gpu012.other.org:8888/", False),
     ("http://evil.cluster.org.example.com:80/", False),
@@ -109,6 +109,11 @@ NEARBY = [
 @pytest.mark.parametrize("url,ok", NEARBY)
 def test_only_urls_the_server_reaches_for_us_are_forwarded(url, ok):
     assert printed.nearby(urls.plan(url), SERVER) is ok
+
+
+def test_a_two_label_server_name_gives_no_domain():
+    assert not printed.nearby(urls.plan("https://api.github.com:443/"), "example.com")
+    assert printed.nearby(urls.plan("http://example:443/"), "example.com")
 
 
 def test_without_the_servers_name_only_single_labels_and_addresses_count():

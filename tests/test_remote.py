@@ -346,7 +346,8 @@ def test_a_socket_directory_is_private_and_removed(sh, tmp_path, runtime):
         xdg = tmp_path / "run-user"
         xdg.mkdir(mode=0o700)
         sh.env["XDG_RUNTIME_DIR"] = str(xdg)
-    r = sh("umask 022\n" + remote.sock_dir_command("lab-1"))
+    # an attached session ends with its login: the runtime directory is fine for it
+    r = sh("umask 022\n" + remote.sock_dir_command("lab-1", outlives_login=False))
     assert r.returncode == 0, r.stderr
     d = remote.parse_sock_dir(r.stdout)
     assert d is not None, r.stdout
@@ -355,7 +356,7 @@ def test_a_socket_directory_is_private_and_removed(sh, tmp_path, runtime):
     for p in (Path(d), base):
         assert stat.S_IMODE(p.stat().st_mode) == 0o700
     # two sessions of one name get two directories
-    d2 = remote.parse_sock_dir(sh(remote.sock_dir_command("lab-1")).stdout)
+    d2 = remote.parse_sock_dir(sh(remote.sock_dir_command("lab-1", False)).stdout)
     assert d2 is not None and d2 != d
     (Path(d) / remote.SOCK_NAME).write_text("x")
     assert sh(remote.sock_remove_command(d)).returncode == 0
@@ -364,8 +365,48 @@ def test_a_socket_directory_is_private_and_removed(sh, tmp_path, runtime):
 
 def test_a_runtime_dir_of_someone_else_is_not_used(sh, tmp_path):
     sh.env["XDG_RUNTIME_DIR"] = str(tmp_path / "missing")
-    d = remote.parse_sock_dir(sh(remote.sock_dir_command("x")).stdout)
+    d = remote.parse_sock_dir(sh(remote.sock_dir_command("x", False)).stdout)
     assert d is not None and d.startswith(str(sh.home / ".tunneld" / "sock") + "/")
+
+
+def test_a_detached_session_avoids_a_runtime_dir_that_ends_with_the_login(sh, tmp_path):
+    """logind empties $XDG_RUNTIME_DIR when the last login ends (unless the user lingers):
+    a detached session outlives its connection, so its socket goes under ~ then."""
+    xdg = tmp_path / "run-user"
+    xdg.mkdir(mode=0o700)
+    sh.env["XDG_RUNTIME_DIR"] = str(xdg)
+    linger = Path("/var/lib/systemd/linger") / subprocess.run(
+        ["id", "-un"], capture_output=True, text=True).stdout.strip()
+    d = remote.parse_sock_dir(sh(remote.sock_dir_command("x", outlives_login=True)).stdout)
+    assert d is not None
+    expected = xdg / "tunneld" if linger.exists() else sh.home / ".tunneld" / "sock"
+    assert Path(d).parent == expected
+
+
+def test_directories_of_ended_owners_are_swept(sh):
+    """A session writes its shell's pid to DIR/owner (``shell_text``'s ``owner_dir``); the
+    next socket directory made on that server removes those whose owner has ended (an
+    attached session cut off with its connection leaves its directory behind otherwise)."""
+    make = remote.sock_dir_command("s", False)
+    ended, alive, starting = (remote.parse_sock_dir(sh(make).stdout) for _ in range(3))
+    assert ended and alive and starting
+    r = sh(remote.shell_text(["true"], owner_dir=ended))
+    assert r.returncode == 0 and (Path(ended) / "owner").read_text().strip().isdigit()
+    (Path(alive) / "owner").write_text(f"{os.getpid()}\n")
+    newest = remote.parse_sock_dir(sh(make).stdout)
+    assert newest and not Path(ended).exists()
+    assert Path(alive).exists() and Path(starting).exists()
+
+
+def test_sock_and_port_values_fill_both_forms(sh):
+    """``{sock}`` and ``{port}``: replaced in each word as typed, and quoted for the shell
+    in a one-word shell line (a home directory may hold a space)."""
+    values = {"sock": "/h o/me/web.sock", "port": "8123"}
+    argv = [sys.executable, "-c", "import sys; print(sys.argv[1:])", "{sock}", "p={port}"]
+    r = sh(remote.shell_text(argv, values))
+    assert r.stdout == "['/h o/me/web.sock', 'p=8123']\n", r.stderr
+    r = sh(remote.shell_text(["printf '%s|' {sock} {port}"], values))
+    assert r.stdout == "/h o/me/web.sock|8123|", r.stderr
 
 
 @pytest.mark.parametrize("bad", ["/", "/home/u", "/home/u/.tunneld/sock",

@@ -157,20 +157,21 @@ class Forwards:
                         f"{path or join_host_port(target_host, target_port)}")
 
     async def drop_auto(self, host: str, port: int | None, specs: list[str] = [],
-                        keep: set[str] = set()) -> None:
+                        keep: set[str] = set(), keep_ports: set[int] = set()) -> None:
         """A session ended: remove ``host``'s automatic forwards to its loopback's ``port``
         (its ``--port`` forward) and those of ``specs`` (made for its markers and printed
-        URLs), except the ``keep`` ones (another running session's); then release the host
-        if it is unused.  A forward someone `add`ed meanwhile is not automatic any more."""
+        URLs), except the ``keep`` ones and those to the loopback's ``keep_ports`` (other
+        running sessions'); then release the host if it is unused.  A forward someone
+        `add`ed meanwhile is not automatic any more."""
         async with self.hosts.lock:
             sup = self.hosts.get(host)
             for fwd in list(sup.forwards.values()) if sup else []:
-                text = str(fwd.spec)
-                if fwd.origin != "auto" or text in keep:
+                text, t = str(fwd.spec), fwd.spec
+                to_port = t.kind == "local" and not t.target_path and is_loopback(t.target_host)
+                if fwd.origin != "auto" or text in keep or \
+                        (to_port and t.target_port in keep_ports):
                     continue
-                if text in specs or (port is not None and fwd.spec.kind == "local" and
-                                     fwd.spec.target_port == port and
-                                     is_loopback(fwd.spec.target_host)):
+                if text in specs or (to_port and t.target_port == port):
                     await self._unbind(host, fwd)
             await self.hosts._release(host)
 

@@ -97,13 +97,24 @@ class Opener:
         return await self.launch(host, routed, source, explicit)
 
     async def route(self, host: str, url: str, node: str | None = None,
-                    source: str = "", server: str | None = None) -> Routed:
+                    source: str = "", server: str | None = None,
+                    socket_dir: str | None = None) -> Routed:
         """The forward that reaches ``url`` (an existing one or a new automatic one) and the
-        local URL it becomes; nothing is opened.  Raises as ``open`` does."""
+        local URL it becomes; nothing is opened.  ``socket_dir``: an ``http+unix://`` URL of
+        a socket in that directory (a session's own ``--sock``) is forwarded too; any other
+        is refused (a socket on the server is forwarded by a person: `tunnelctl add`).
+        Raises as ``open`` does."""
         sup = self.host_for(host)
         where = f" ({source})" if source else ""
         unix = printed.unix_target(url)
-        if unix is not None:   # http+unix://%2Fpath%2Fapp.sock/x: a socket on the server
+        if unix is None and url[:10].lower() == "http+unix:" or unix is not None and (
+                socket_dir is None or not unix[0].startswith(socket_dir + "/")):
+            log.warning("%s: refused to open a URL%s: not a socket of a `run --sock` session",
+                        host, where)
+            raise UsageError(f"{host}: not opened: http+unix:// URLs are followed only to the "
+                             "socket of a `tunnelctl run --sock auto` session; to reach another "
+                             "socket: tunnelctl add HOST LPORT:/path/app.sock")
+        if unix is not None:   # http+unix://%2Fpath%2Fapp.sock/x: the session's socket
             fwd = await self.ensure_forward(host, "", 0, unix[0])
             local = f"http://{_url_host(fwd.spec.bind_host)}:{fwd.spec.bind_port}{unix[1]}"
             return Routed(None, unix[0], str(fwd.spec), local)

@@ -10,12 +10,13 @@ credentials; punctuation that ends a sentence (``.``, ``,``, ``)``…) is not pa
 ``http+unix://%2Fpath%2Fapp.sock/lab?token=…`` (what Jupyter prints for ``--sock``) is found
 too: ``unix_target`` gives its socket path and the rest, forwarded to a local port.
 
-``nearby(plan, host, server)`` says whether a found URL names a place the server can reach for
+``nearby(plan, server)`` says whether a found URL names a place the server can reach for
 us: its loopback (``localhost``, 127/8, ``0.0.0.0``, ``::``, ``::1``), a private address
-(10/8, 172.16/12, 192.168/16, link-local, fc00::/7: the cluster's own network), a single-label
-host name (``gpu012``), or a name of the server's own domain (``gpu012.cluster.org`` for
-``login1.cluster.org``).  A public address or another domain's name (``pypi.org:443``) is not
-forwarded: it is somebody else's server.
+(10/8, 172.16/12, 192.168/16, fc00::/7: the cluster's own network; not link-local), a
+single-label host name (``gpu012``), or a name of the server's own domain
+(``gpu012.cluster.org`` for ``login1.cluster.org``; a server name of three labels or more).
+A public address or another domain's name (``pypi.org:443``) is not forwarded: it is
+somebody else's server.
 """
 
 from __future__ import annotations
@@ -114,12 +115,16 @@ def nearby(plan: Plan, server: str | None) -> bool:
     except ValueError:
         pass
     else:
-        return ip.is_private and not ip.is_global or ip.is_link_local
+        # the cluster's own network; not link-local (169.254.169.254 is a cloud's metadata
+        # service, fe80:: needs a zone)
+        return ip.is_private and not ip.is_global and not ip.is_link_local
     if "." not in host.rstrip("."):
         return True
     if not server:
         return False
     if same_host(host, server):
         return True
-    _, dot, domain = server.lower().rstrip(".").partition(".")
-    return bool(dot) and host.rstrip(".").endswith("." + domain)
+    # the server's own domain, when it is one (login1.cluster.org: *.cluster.org; not the
+    # whole of a two-label name's parent, example.com: *.com)
+    labels = server.lower().rstrip(".").split(".")
+    return len(labels) >= 3 and host.rstrip(".").endswith("." + ".".join(labels[1:]))

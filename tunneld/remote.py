@@ -30,16 +30,29 @@ KILL_GRACE = 5.0
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
-def shell_text(words: list[str]) -> str:
+def shell_text(words: list[str], values: dict[str, str] | None = None,
+               owner_dir: str | None = None) -> str:
     """The text the remote shell runs for a command given as ``words`` (tmux's rule): one
     word is a shell command line (pipes, ``&&``, ``$VAR``, ``~``, globs work); several words
-    arrive each exactly as given (quoted for the POSIX shell).  ``{port}``/``{sock}`` are
-    replaced in the words before this."""
+    arrive each exactly as given (quoted for the POSIX shell).  ``{NAME}`` is replaced by
+    ``values[NAME]`` (``{port}``, ``{sock}``) in the words, quoted in a shell line.
+    ``owner_dir``: the shell's pid is written to ``owner_dir/owner`` first (who uses a
+    socket directory; ``sock_dir_command`` sweeps the directories of ended owners)."""
     if not words:
         raise ValueError("no command")
+    values = values or {}
     if len(words) == 1:
-        return words[0]
-    return " ".join(shlex.quote(w) for w in words)
+        text = words[0]
+        for key, value in values.items():
+            text = text.replace("{" + key + "}", shlex.quote(value))
+    else:
+        argv = list(words)
+        for key, value in values.items():
+            argv = [w.replace("{" + key + "}", value) for w in argv]
+        text = " ".join(shlex.quote(w) for w in argv)
+    if owner_dir is not None:
+        text = f"printf '%s\\n' \"$$\" > {shlex.quote(owner_dir + '/owner')}\n" + text
+    return text
 
 
 def shown(words: list[str]) -> str:
@@ -343,19 +356,28 @@ _SOCK_DIR_RE = re.compile(r"^/[^\0\n]*/(?:tunneld|\.tunneld/sock)/[A-Za-z0-9][A-
                           r"\.[A-Za-z0-9]{6}\Z")
 
 
-def sock_dir_command(name: str) -> str:
+def sock_dir_command(name: str, outlives_login: bool) -> str:
     """Text that makes a private directory for session ``name``'s socket and prints
-    ``SOCK_TAG`` + its path."""
+    ``SOCK_TAG`` + its path; first it removes the directories whose owner (``shell_text``'s
+    ``owner_dir``) has ended.  ``outlives_login``: the session outlives its SSH connection
+    (detached), so ``$XDG_RUNTIME_DIR`` is used only where systemd keeps it after the last
+    login ends (lingering): else logind empties it when the connection drops."""
     _dir(name)
+    keep = '[ -e "/var/lib/systemd/linger/$(id -un)" ]' if outlives_login else "true"
     return "\n".join([
         "umask 077",
         'if [ -n "$XDG_RUNTIME_DIR" ] && [ -d "$XDG_RUNTIME_DIR" ] && '
-        '[ -w "$XDG_RUNTIME_DIR" ] && [ -O "$XDG_RUNTIME_DIR" ]; then',
+        f'[ -w "$XDG_RUNTIME_DIR" ] && [ -O "$XDG_RUNTIME_DIR" ] && {keep}; then',
         '  base="$XDG_RUNTIME_DIR/tunneld"',
         "else",
         f'  base="$HOME/{SOCK_DIR}"',
         "fi",
         'mkdir -p -- "$base" && chmod 700 -- "$base" || exit 1',
+        'for old in "$base"/*.??????; do',
+        '  o=$(cat "$old/owner" 2>/dev/null) || continue',
+        '  case "$o" in ""|*[!0-9]*) continue ;; esac',
+        '  kill -0 "$o" 2>/dev/null || rm -rf -- "$old"',
+        "done",
         f'd=$(mktemp -d "$base/{name}.XXXXXX") && chmod 700 -- "$d" || exit 1',
         f"printf '%s%s\\n' {shlex.quote(SOCK_TAG)} \"$d\"",
     ])
@@ -375,3 +397,36 @@ def sock_remove_command(directory: str) -> str:
     if not _SOCK_DIR_RE.match(directory) or "/../" in directory:
         raise ValueError(f"not a socket directory of tunneld's: {directory!r}")
     return f"rm -rf -- {shlex.quote(directory)}"
+
+
+# -- who listens on a port of the server (a printed loopback URL) ---------------------------------
+
+#: the first line of ``listener_uids_command``'s answer: this tag, the user's uid, and then one
+#: uid per listening socket of the port; ``-`` instead when the server has no /proc/net/tcp
+LISTENERS_TAG = "\x1etunneld-listeners:"
+
+
+def listener_uids_command(port: int) -> str:
+    """Text that prints who listens on TCP ``port`` of the server (Linux's /proc/net/tcp and
+    tcp6: state 0A is LISTEN, field 8 the owner's uid)."""
+    if not 1 <= port <= 65535:
+        raise ValueError(f"bad port {port}")
+    return "\n".join([
+        f"tag={shlex.quote(LISTENERS_TAG)}",
+        '[ -r /proc/net/tcp ] || { printf "%s-\\n" "$tag"; exit 0; }',
+        f"uids=$(awk '$4 == \"0A\" && $2 ~ /:{port:04X}$/ {{ print $8 }}' "
+        "/proc/net/tcp /proc/net/tcp6 2>/dev/null | tr '\\n' ' ')",
+        'printf "%s%s %s\\n" "$tag" "$(id -u)" "$uids"',
+    ])
+
+
+def parse_listeners(text: str) -> tuple[int, list[int]] | None:
+    """(the user's uid, the uids listening) from ``listener_uids_command``'s answer; None
+    when the server cannot say (no /proc/net/tcp, or no answer)."""
+    for line in text.split("\n"):
+        if line.startswith(LISTENERS_TAG):
+            fields = line[len(LISTENERS_TAG):].split()
+            if not fields or not all(f.isdigit() for f in fields):
+                return None
+            return int(fields[0]), [int(f) for f in fields[1:]]
+    return None

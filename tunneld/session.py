@@ -19,7 +19,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Coroutine, Protocol
 
 import asyncssh
 
@@ -70,11 +70,14 @@ class Session:
 
     def __init__(self, name: str, host: SessionHost, words: list[str], log_path: Path,
                  on_open: OnOpen, env: dict[str, str] | None = None,
-                 port: int | None = None, on_change: OnChange | None = None):
+                 port: int | None = None, on_change: OnChange | None = None,
+                 values: dict[str, str] | None = None):
         self.name = name
         self.host = host
-        #: the command as given (``remote.shell_text``: one word is a shell line)
+        #: the command as given (``remote.shell_text``: one word is a shell line), and what
+        #: replaces its ``{port}``/``{sock}``
         self.words = list(words)
+        self.values = dict(values or {})
         #: the command as shown (pasted back after ``--``, it gives the same words)
         self.command = remote.shown(self.words)
         self.env = env or {}
@@ -120,6 +123,10 @@ class Session:
         self.done = asyncio.Event()
         #: set once the command runs on the server (its pid is known), or the session ended
         self.up = asyncio.Event()
+
+    def shell_text(self) -> str:
+        """What the remote shell runs for the command."""
+        return remote.shell_text(self.words, self.values, self.sock_dir)
 
     @property
     def running(self) -> bool:
@@ -235,7 +242,12 @@ class Session:
         stall output."""
         if isinstance(ev, BrowserOpen):
             self.opens += 1
-        task = asyncio.get_running_loop().create_task(self._open_one(ev))
+        self.background(self._open_one(ev))
+
+    def background(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` for this session; the reaper waits for it (``settle``) before the
+        session's forwards go."""
+        task = asyncio.get_running_loop().create_task(coro)
         self._open_tasks.add(task)
         task.add_done_callback(self._open_tasks.discard)
 
@@ -344,7 +356,7 @@ class AttachedSession(Session):
 
     async def _body(self) -> None:
         conn = await self.host.connection_for_client()
-        text = remote.session_command(remote.shell_text(self.words), self.env)
+        text = remote.session_command(self.shell_text(), self.env)
         self._proc = proc = await sshrun.start(conn, text)
         self._to(SessionEvent.STARTED)
         log.info("%s: session %s started: %s", self.host.name, self.name, self.command)

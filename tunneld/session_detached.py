@@ -156,8 +156,7 @@ class DetachedSession(Session):
         conn = await self.host.connection_for_client()
         self.remote_id = f"{self.name}-{secrets.token_hex(4)}"
         self._changed()   # recorded before it may start: a daemon killed now can look later
-        text = remote.detached_start_command(self.remote_id, remote.shell_text(self.words),
-                                              self.env)
+        text = remote.detached_start_command(self.remote_id, self.shell_text(), self.env)
         try:
             result = await sshrun.run(conn, text, START_TIMEOUT)
         except (asyncio.TimeoutError, asyncssh.Error, OSError) as exc:

@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import asyncssh
 
-from . import printed, urls
+from . import printed, remote, sshrun, urls
 from .config import Config
 from .errors import NotFound, TunneldError, UsageError
 from .events import EventHub
@@ -39,6 +39,13 @@ MAX_SESSION_URLS = 16
 #: at most) before it is given up, logged
 SOCK_WAIT = 600.0
 SOCK_POLL_MAX = 1.0
+#: seconds a printed loopback URL's port may take to be listened on (by the user: see
+#: ``_not_ours``), and the interval of the looks
+LISTEN_WAIT = 3.0
+LISTEN_POLL = 0.25
+#: seconds a ``--sock`` socket's plain URL waits, with printed_urls="open", for the program
+#: to print its own (with a token) before it is opened instead
+SOCK_OPEN_GRACE = 3.0
 
 
 class SessionUrls:
@@ -76,12 +83,16 @@ class SessionUrls:
         nothing was opened for the session yet."""
         host = sess.host.name
         mode = self._config().printed_urls(host)
-        if mode == "ignore":
+        if mode == "ignore" and not own_socket:   # (`--sock auto` asked for its forward)
             return
         key: int | str
         unix = printed.unix_target(url)
         if unix is not None:
             key, where = unix[0], "unix"
+            if sess.sock_dir is None or not key.startswith(sess.sock_dir + "/"):
+                log.info("%s: session %s printed %s: not its own socket; not forwarded", host,
+                         sess.name, urls.redact(url))
+                return
             if own_socket and key in sess.url_ports:
                 return   # the program printed its socket's URL itself (with its token)
         else:
@@ -96,7 +107,7 @@ class SessionUrls:
         first = sess.url_ports.get(key)
         if first is not None and first != where:
             return   # the same port printed under another address: one forward
-        if any(seen.startswith(url) for seen in sess.url_seen):
+        if any(_says_no_more(url, seen) for seen in sess.url_seen):
             return   # printed again (Jupyter repeats itself), or less of it (no token)
         if len(sess.url_seen) >= MAX_SESSION_URLS:
             if len(sess.url_seen) == MAX_SESSION_URLS:
@@ -106,22 +117,61 @@ class SessionUrls:
             return
         sess.url_ports[key] = where
         sess.url_seen.add(url)
-        open_it = mode == "open" and not sess.url_opened
+        if unix is None and plan.is_loopback:
+            why = await self._not_ours(sess, plan.remote_port)
+            if why is not None:
+                log.warning("%s: session %s printed %s, but %s: not forwarded; start the "
+                            "program with --ip=0.0.0.0 (it then prints its node's name) or let "
+                            "it open the browser (the marker names its node)", host, sess.name,
+                            urls.redact(url), why)
+                return
+        # the socket's own URL is opened only if the program prints none (with its token)
+        open_it = mode == "open" and not sess.url_opened and not own_socket
         sess.url_opened = sess.url_opened or open_it
         source = f"session {sess.name}"
         try:
-            routed = await self.opener.route(host, url, None, source, sess.server)
+            routed = await self.opener.route(host, url, None, source, sess.server,
+                                             sess.sock_dir)
         except TunneldError as exc:
             log.warning("%s: session %s printed %s; not forwarded: %s", host, sess.name,
                         urls.redact(url), exc)
             return
         self._list(sess, url, routed)
+        if own_socket and mode == "open" and not sess.url_opened:
+            await _wait_done(sess, SOCK_OPEN_GRACE)
+            open_it = sess.running and not sess.url_opened
+            sess.url_opened = sess.url_opened or open_it
         if open_it:
             sess.opens += 1
             try:
                 await self.opener.launch(host, routed, source)
             except TunneldError as exc:
                 log.warning("%s", exc)
+
+    async def _not_ours(self, sess: Session, port: int) -> str | None:
+        """Why the server's loopback ``port`` is not the user's own (another user listens
+        there, or nobody within ``LISTEN_WAIT``: the program runs elsewhere, a compute node);
+        None if it is, or if the server cannot say (no /proc/net/tcp)."""
+        deadline = time.monotonic() + LISTEN_WAIT
+        while True:
+            conn = sess.host.live_connection()
+            if conn is None:
+                return None   # (the forward waits for the host like any other)
+            try:
+                r = await sshrun.run(conn, remote.listener_uids_command(port), LISTEN_WAIT + 10)
+            except (asyncio.TimeoutError, asyncssh.Error, OSError):
+                return None
+            found = remote.parse_listeners(str(r.stdout or ""))
+            if found is None:
+                return None
+            me, uids = found
+            if me in uids:
+                return None
+            if uids:
+                return f"port {port} of the server belongs to another user (uid {uids[0]})"
+            if time.monotonic() + LISTEN_POLL > deadline:
+                return f"nothing of yours listens on port {port} of the server"
+            await asyncio.sleep(LISTEN_POLL)
 
     def _list(self, sess: Session, url: str, routed: Routed) -> None:
         host = sess.host.name
@@ -155,10 +205,7 @@ class SessionUrls:
                 log.warning("%s: session %s: nothing listened on %s within %gs; its port is "
                             "not forwarded", sess.host.name, sess.name, path, SOCK_WAIT)
                 return
-            try:
-                await asyncio.wait_for(asyncio.shield(sess.done.wait()), delay)
-            except asyncio.TimeoutError:
-                pass
+            await _wait_done(sess, delay)
             delay = min(SOCK_POLL_MAX, delay * 1.5)
         else:
             return
@@ -180,6 +227,26 @@ class SessionUrls:
                              f"it: `tunnelctl run` it again")
         source = f"tunnelctl open {name}"
         routed = await self.opener.route(sess.host.name, sess.urls[-1]["remote"], None, source,
-                                         sess.server)
+                                         sess.server, sess.sock_dir)
+        self._keep_forward(sess, routed.forward)   # (made again if it had gone)
         result |= await self.opener.launch(sess.host.name, routed, source, explicit=True)
         return result
+
+
+def _says_no_more(url: str, seen: str) -> bool:
+    """``url`` is ``seen``, or the start of it up to a path, query or fragment
+    (``http://h:8888/`` of ``http://h:8888/lab?token=…``; not ``http://h:5000`` of
+    ``http://h:50001/``)."""
+    if not seen.startswith(url):
+        return False
+    rest = seen[len(url):]
+    return not rest or url.endswith(("/", "?", "&")) or rest[0] in "/?#&"
+
+
+async def _wait_done(sess: Session, timeout: float) -> None:
+    """Until ``sess`` ends, at most ``timeout`` seconds."""
+    waiter = asyncio.ensure_future(sess.done.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()

@@ -113,25 +113,23 @@ class Sessions:
                     raise ConnectError(f"{host} {state_phrase(sup.state)}: the command was not"
                                        " started" + (f": {sup.why()}" if sup.last_error else ""))
             env: dict[str, str] = {}
+            values: dict[str, str] = {}   # {port} and {sock} in the command
             fwd = None
             if port is not None:
                 if port == "auto":
                     port = await self._free_remote_port(sup)
                 assert isinstance(port, int)
                 fwd = await self.forwards.ensure_forward(host, "localhost", port)
-                command = [a.replace("{port}", str(port)) for a in command]
-                env["PORT"] = str(port)
-            sock_dir = None if sock is None else await self._sock_dir(sup, name)
+                values["port"] = env["PORT"] = str(port)
+            sock_dir = None if sock is None else await self._sock_dir(sup, name, detach)
             if sock_dir is not None:
-                sock = f"{sock_dir}/{remote.SOCK_NAME}"
-                command = [a.replace("{sock}", sock) for a in command]
-                env["SOCK"] = sock
+                sock = values["sock"] = env["SOCK"] = f"{sock_dir}/{remote.SOCK_NAME}"
         except BaseException:
             await self.hosts.release(host)   # no session: the host may have nothing left
             raise
         cls = DetachedSession if detach else AttachedSession
         sess = cls(name, sup, command, self.session_dir / f"{name}.log", self.links.on_open,
-                   env=env, port=port, on_change=self._changed)
+                   env=env, port=port, on_change=self._changed, values=values)
         sess.sock, sess.sock_dir = sock, sock_dir
         self.by_name[name] = sess
         if replaced is not None:
@@ -142,7 +140,7 @@ class Sessions:
                             state=sess.state.value, exit_status=None)
         self._start_reaper(sess)
         if sock is not None:
-            self._spawn(self.links.wait_socket(sess))
+            sess.background(self.links.wait_socket(sess))
         why = await sess.wait_started(self._config().defaults.hold_timeout + START_TIMEOUT + 5,
                                       0 if follow else START_CHECK)
         if why is not None:
@@ -157,11 +155,11 @@ class Sessions:
             result.update(sock=sock)
         return result
 
-    async def _sock_dir(self, sup: HostSupervisor, name: str) -> str:
+    async def _sock_dir(self, sup: HostSupervisor, name: str, detached: bool) -> str:
         """A private directory on ``sup``'s server for session ``name``'s socket."""
         conn = await sup.connection_for_client()
         try:
-            r = await sshrun.run(conn, remote.sock_dir_command(name), FORGET_TIMEOUT)
+            r = await sshrun.run(conn, remote.sock_dir_command(name, detached), FORGET_TIMEOUT)
         except (asyncio.TimeoutError, asyncssh.Error, OSError) as exc:
             raise SessionError(f"{sup.name}: could not make a directory for the socket: "
                                f"{exc}") from None
@@ -174,8 +172,8 @@ class Sessions:
         if size > remote.SOCK_PATH_MAX:
             await self._remove_sock_dir(sup, found)
             raise SessionError(f"{sup.name}: the socket path in {found} would be {size} bytes; "
-                               f"a Unix socket path has at most {remote.SOCK_PATH_MAX}: use "
-                               "--port instead, or a server with a shorter $XDG_RUNTIME_DIR")
+                               f"a Unix socket path has at most {remote.SOCK_PATH_MAX}: pick a "
+                               "shorter --name, or use --port instead")
         return found
 
     async def _remove_sock_dir(self, sup: SessionHost, directory: str) -> None:
@@ -225,12 +223,13 @@ class Sessions:
         self.events.publish("session", host=sess.host.name, name=sess.name, event="ended",
                             state=sess.state.value, exit_status=sess.exit_status)
         await sess.settle(self._config().defaults.ready_timeout + 30)
-        # its forwards go with it, but those another running session still uses
-        keep = {f for s in self.by_name.values() if s is not sess and s.running
-                for f in s.forwards}
         if sess.sock_dir is not None:   # (while the host is still connected)
             await self._remove_sock_dir(sess.host, sess.sock_dir)
-        await self.forwards.drop_auto(sess.host.name, sess.port, sess.forwards, keep)
+        # its forwards go with it, but those another running session still uses
+        others = [s for s in self.by_name.values() if s is not sess and s.running]
+        keep = {f for s in others for f in s.forwards}
+        await self.forwards.drop_auto(sess.host.name, sess.port, sess.forwards, keep,
+                                      {s.port for s in others if s.port is not None})
 
     async def kill(self, name: str) -> dict[str, Any]:
         sess = self.session(name)
@@ -368,6 +367,8 @@ class Sessions:
             running += 1
             sess.host = sup = self.hosts.supervisor(host)
             sup.start()
+            if sess.sock is not None and sess.sock not in sess.url_ports:
+                sess.background(self.links.wait_socket(sess))   # not listening yet then
             for text in sess.forwards:
                 await self._restore_forward(host, text, None)
             if port:

@@ -142,3 +142,45 @@ def test_a_flask_apps_running_on_line_follows_printed_urls(daemon, sshd, opened,
         d.wait_for(lambda: not auto_forwards(d, sshd.host), what="the forward removed")
     finally:
         d.ctl("kill", "web", check=False)
+
+
+def test_a_loopback_url_of_another_users_port_is_not_forwarded(daemon, sshd, opened,
+                                                                tmp_path):
+    """On a shared login node a program on a compute node that prints
+    ``http://127.0.0.1:PORT/`` must not get us forwarded to whoever listens on the login
+    node's PORT: another uid's listener (and a port nobody listens on) is refused, said in
+    the log; our own listener on the same kind of URL is taken."""
+    import shutil
+    import subprocess
+    if shutil.which("setpriv") is None:
+        pytest.fail("setpriv is needed (util-linux; .ci/run installs it)")
+    d = with_recorder(daemon, opened, tmp_path)
+    theirs, nobody = free_port(), free_port()
+    other = subprocess.Popen(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+         "http.server", str(theirs), "--bind", "127.0.0.2", "--directory", "/"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.2", theirs), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the other user's server did not start"
+                time.sleep(0.05)
+        code = (f"print('http://127.0.0.2:{theirs}/lab?token=x'); "
+                f"print('http://localhost:{nobody}/'); import time; time.sleep(60)")
+        d.ctl("run", sshd.host, "--name", "srun", "--", sys.executable, "-u", "-c", code)
+        d.wait_for(lambda: "belongs to another user (uid 65534)" in d.log(tail=None),
+                   what="the refusal of the other user's port")
+        d.wait_for(lambda: f"nothing of yours listens on port {nobody}" in d.log(tail=None),
+                   what="the refusal of a port nobody listens on")
+        assert session(d, "srun")["urls"] == [] and auto_forwards(d, sshd.host) == []
+        assert f"printed http://127.0.0.2:{theirs}/lab?token=…, but" in d.log(tail=None)
+    finally:
+        other.kill()
+        other.wait()
+        d.ctl("kill", "srun", check=False)
+        d.close()
+        reap_detached(d)

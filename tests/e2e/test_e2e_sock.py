@@ -48,19 +48,23 @@ def opened(tmp_path):
 
 @pytest.fixture
 def runtime_dir(sshd):
-    """The server's sessions get ``XDG_RUNTIME_DIR``, a short 0700 directory (as
-    pam_systemd's /run/user/UID: the fixture's HOME is too long for a socket path)."""
-    d = Path(tempfile.mkdtemp(prefix="td-r", dir="/tmp"))
+    """The server's sessions get a short HOME and ``XDG_RUNTIME_DIR``, a 0700 directory (as
+    pam_systemd's /run/user/UID); the fixture's own HOME is too long for a socket path.
+    Yields (home, runtime dir)."""
+    top = Path(tempfile.mkdtemp(prefix="td-r", dir="/tmp"))
     try:
-        d.chmod(0o700)
+        home, xdg = top / "h", top / "x"
+        home.mkdir()
+        xdg.mkdir(mode=0o700)
         line = f"SetEnv HOME={sshd.server_home}"
         text = sshd.sshd_config.read_text()
         assert line in text
-        sshd.sshd_config.write_text(text.replace(line, f"{line} XDG_RUNTIME_DIR={d}"))
+        sshd.sshd_config.write_text(text.replace(line, f"SetEnv HOME={home} "
+                                                       f"XDG_RUNTIME_DIR={xdg}"))
         sshd.start()
-        yield d
+        yield home, xdg
     finally:
-        shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(top, ignore_errors=True)
 
 
 def test_a_home_too_long_for_a_socket_path_is_a_clear_error(daemon, sshd):
@@ -84,12 +88,14 @@ def test_a_private_socket_is_made_forwarded_and_removed(daemon, sshd, opened, tm
         m = re.search(r"socket (/\S+): forwarded", r.stderr)
         assert m, r.stderr
         sock = Path(m.group(1))
-        home = runtime_dir / "tunneld"
-        assert sock.parent.parent == home and sock.name == "web.sock", sock
-        for p in (home, sock.parent):
+        # a detached session outlives its login: not in the runtime directory (no linger)
+        home, xdg = runtime_dir
+        base = home / ".tunneld" / "sock" if not mode else xdg / "tunneld"
+        assert sock.parent.parent == base and sock.name == "web.sock", sock
+        for p in (base, sock.parent):
             assert stat.S_IMODE(p.stat().st_mode) == 0o700
         s = session(d, "priv")
-        assert s["sock"] == str(sock) and "{sock}" not in s["command"]
+        assert s["sock"] == str(sock) and s["words"][-1] == "{sock}"   # as typed
         (u,) = wait_urls(d, "priv")
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", u["local"]), u
         assert urllib.request.urlopen(u["local"] + "x?y", timeout=20).read() == \
