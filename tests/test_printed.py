@@ -119,3 +119,18 @@ def test_a_two_label_server_name_gives_no_domain():
 def test_without_the_servers_name_only_single_labels_and_addresses_count():
     assert printed.nearby(urls.plan("http://gpu012:8888/"), None)
     assert not printed.nearby(urls.plan("http://gpu012.cluster.org:8888/"), None)
+
+
+@pytest.mark.parametrize("url", [
+    "http+unix://%2Fh%2F.tunneld%2Fsock%2Fx.abc123%2F..%2F..%2Fvar%2Frun%2Fdocker.sock/v1/",
+    "http+unix://%2Fh%2F.tunneld%2Fsock%2Fx.abc123%2F.%2Fweb.sock/",
+    "http+unix://%2Fh%2F%2Fweb.sock/", "http+unix://%2Fh%2Fweb.sock%0A/",
+    "http+unix://relative.sock/"])
+def test_a_unix_url_names_one_socket_plainly(url):
+    assert printed.unix_target(url) is None
+
+
+def test_a_unix_url_gives_its_socket_and_the_rest():
+    assert printed.unix_target("http+unix://%2Fh%2Fs.abc123%2Fweb.sock/lab?token=t") == \
+        ("/h/s.abc123/web.sock", "/lab?token=t")
+    assert printed.unix_target("http+unix://%2Fh%2Fweb.sock?x=1") == ("/h/web.sock", "/?x=1")

@@ -384,18 +384,31 @@ def test_a_detached_session_avoids_a_runtime_dir_that_ends_with_the_login(sh, tm
 
 
 def test_directories_of_ended_owners_are_swept(sh):
-    """A session writes its shell's pid to DIR/owner (``shell_text``'s ``owner_dir``); the
-    next socket directory made on that server removes those whose owner has ended (an
-    attached session cut off with its connection leaves its directory behind otherwise)."""
+    """A session with a socket directory writes ``HOST PID`` (of tunneld's own sh that runs
+    the command) to DIR/owner, attached and detached; the next socket directory made on that
+    server removes those whose owner on this host has ended, and those never owned for 10
+    minutes; a live owner's, one of another host (a home shared by login nodes) and a
+    directory just made stay."""
     make = remote.sock_dir_command("s", False)
-    ended, alive, starting = (remote.parse_sock_dir(sh(make).stdout) for _ in range(3))
-    assert ended and alive and starting
-    r = sh(remote.shell_text(["true"], owner_dir=ended))
-    assert r.returncode == 0 and (Path(ended) / "owner").read_text().strip().isdigit()
-    (Path(alive) / "owner").write_text(f"{os.getpid()}\n")
+    dirs = [remote.parse_sock_dir(sh(make).stdout) for _ in range(6)]
+    assert all(dirs)
+    ended, detached, alive, elsewhere, fresh, stale = (Path(d) for d in dirs)
+    host = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
+    r = sh(remote.session_command("true", {remote.SOCK_DIR_ENV: str(ended)}))
+    assert r.returncode == 0, r.stderr
+    h, pid = (ended / "owner").read_text().split()
+    assert h == host and pid.isdigit()
+    s = start(sh, "owned-1", "true", {remote.SOCK_DIR_ENV: str(detached)})
+    wait_file(Path(s.dir) / "status")
+    assert (detached / "owner").read_text().split()[0] == host
+    (alive / "owner").write_text(f"{host} {os.getpid()}\n")
+    (elsewhere / "owner").write_text("another-login-node 999999\n")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
     newest = remote.parse_sock_dir(sh(make).stdout)
-    assert newest and not Path(ended).exists()
-    assert Path(alive).exists() and Path(starting).exists()
+    assert newest
+    assert not ended.exists() and not detached.exists() and not stale.exists()
+    assert alive.exists() and elsewhere.exists() and fresh.exists()
 
 
 def test_sock_and_port_values_fill_both_forms(sh):

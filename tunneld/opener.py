@@ -88,27 +88,28 @@ class Opener:
 
     async def open(self, host: str, url: str, node: str | None = None,
                    source: str = "", server: str | None = None,
-                   explicit: bool = False) -> dict[str, Any]:
+                   explicit: bool = False, socket: str | None = None) -> dict[str, Any]:
         """Open ``url`` (as printed on ``host``, or on compute node ``node`` behind it) in the
         local browser.  ``server``: ``host``'s own host name if known (else it is asked for
         when ``node`` is given).  ``explicit``: a person asked for it (no duplicate check).
+        ``socket``: as for ``route``.
         Raises UsageError (refused URL) or ConnectError (host down, port never ready)."""
-        routed = await self.route(host, url, node, source, server)
+        routed = await self.route(host, url, node, source, server, socket)
         return await self.launch(host, routed, source, explicit)
 
     async def route(self, host: str, url: str, node: str | None = None,
                     source: str = "", server: str | None = None,
-                    socket_dir: str | None = None) -> Routed:
+                    socket: str | None = None) -> Routed:
         """The forward that reaches ``url`` (an existing one or a new automatic one) and the
-        local URL it becomes; nothing is opened.  ``socket_dir``: an ``http+unix://`` URL of
-        a socket in that directory (a session's own ``--sock``) is forwarded too; any other
-        is refused (a socket on the server is forwarded by a person: `tunnelctl add`).
+        local URL it becomes; nothing is opened.  ``socket``: an ``http+unix://`` URL of that
+        socket (a session's own ``--sock``) is forwarded too; any other is refused (a socket
+        on the server is forwarded by a person: `tunnelctl add`).
         Raises as ``open`` does."""
         sup = self.host_for(host)
         where = f" ({source})" if source else ""
         unix = printed.unix_target(url)
         if unix is None and url[:10].lower() == "http+unix:" or unix is not None and (
-                socket_dir is None or not unix[0].startswith(socket_dir + "/")):
+                socket is None or unix[0] != socket):
             log.warning("%s: refused to open a URL%s: not a socket of a `run --sock` session",
                         host, where)
             raise UsageError(f"{host}: not opened: http+unix:// URLs are followed only to the "

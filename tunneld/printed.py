@@ -85,8 +85,9 @@ def unix_target(url: str) -> tuple[str, str] | None:
         check_path(path)
     except SpecError:
         return None
-    if not path.startswith("/") or urls._bad_char(rest) is not None:
-        return None
+    if not path.startswith("/") or urls._bad_char(rest) is not None or \
+            any(part in ("", ".", "..") for part in path[1:].split("/")):
+        return None   # (one name for one socket: no "..", ".", "//")
     return path, rest if rest.startswith("/") else "/" + rest
 
 

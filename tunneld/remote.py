@@ -30,14 +30,12 @@ KILL_GRACE = 5.0
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
-def shell_text(words: list[str], values: dict[str, str] | None = None,
-               owner_dir: str | None = None) -> str:
+def shell_text(words: list[str], values: dict[str, str] | None = None) -> str:
     """The text the remote shell runs for a command given as ``words`` (tmux's rule): one
     word is a shell command line (pipes, ``&&``, ``$VAR``, ``~``, globs work); several words
     arrive each exactly as given (quoted for the POSIX shell).  ``{NAME}`` is replaced by
-    ``values[NAME]`` (``{port}``, ``{sock}``) in the words, quoted in a shell line.
-    ``owner_dir``: the shell's pid is written to ``owner_dir/owner`` first (who uses a
-    socket directory; ``sock_dir_command`` sweeps the directories of ended owners)."""
+    ``values[NAME]`` (``{port}``, ``{sock}``) in the words, quoted in a shell line (so not
+    inside quotes there: ``"$SOCK"`` is the way to quote it yourself)."""
     if not words:
         raise ValueError("no command")
     values = values or {}
@@ -50,8 +48,6 @@ def shell_text(words: list[str], values: dict[str, str] | None = None,
         for key, value in values.items():
             argv = [w.replace("{" + key + "}", value) for w in argv]
         text = " ".join(shlex.quote(w) for w in argv)
-    if owner_dir is not None:
-        text = f"printf '%s\\n' \"$$\" > {shlex.quote(owner_dir + '/owner')}\n" + text
     return text
 
 
@@ -70,7 +66,7 @@ def session_command(command: str, env: dict[str, str] | None = None) -> str:
     ``command`` is shell text (``shell_text``): the remote shell interprets it."""
     return "\n".join([f"printf '%s%s\\n' {shlex.quote(PID_TAG)} \"$$\"",
                       "um=$(umask)", "umask 077", 'base="$HOME"/.tunneld',
-                      *_BROWSER_HELPER, 'umask "$um"', *_exports(env), command])
+                      *_BROWSER_HELPER, 'umask "$um"', *_exports(env), _OWNER, command])
 
 
 def kill_tree_command(pid: int, grace: float = KILL_GRACE) -> str:
@@ -173,9 +169,17 @@ _BROWSER_HELPER = [
     'export BROWSER',
 ]
 
+#: a session with a socket directory (``SOCK_DIR_ENV`` set) records who uses it: this host
+#: and the pid of the shell that runs the command until it ends (``sock_dir_command`` sweeps
+#: the directories of ended owners)
+SOCK_DIR_ENV = "TUNNELD_SOCK_DIR"
+_OWNER = (f'[ -z "${SOCK_DIR_ENV}" ] || printf \'%s %s\\n\' "{_HOSTNAME}" "$$" '
+          f'> "${SOCK_DIR_ENV}/owner"')
+
 _RUNNER = """dir=$1
 trap : TERM INT HUP
 echo $$ > "$dir/pid.tmp" && mv -f "$dir/pid.tmp" "$dir/pid"
+""" + _OWNER + """
 umask "$3"
 "${SHELL:-/bin/sh}" -c "$2" </dev/null >>"$dir/log" 2>&1
 st=$?
@@ -358,10 +362,11 @@ _SOCK_DIR_RE = re.compile(r"^/[^\0\n]*/(?:tunneld|\.tunneld/sock)/[A-Za-z0-9][A-
 
 def sock_dir_command(name: str, outlives_login: bool) -> str:
     """Text that makes a private directory for session ``name``'s socket and prints
-    ``SOCK_TAG`` + its path; first it removes the directories whose owner (``shell_text``'s
-    ``owner_dir``) has ended.  ``outlives_login``: the session outlives its SSH connection
-    (detached), so ``$XDG_RUNTIME_DIR`` is used only where systemd keeps it after the last
-    login ends (lingering): else logind empties it when the connection drops."""
+    ``SOCK_TAG`` + its path; first it removes the directories whose owner (``_OWNER``) on
+    this host has ended, and those left without an owner for 10 minutes.
+    ``outlives_login``: the session outlives its SSH connection (detached), so
+    ``$XDG_RUNTIME_DIR`` is used only where systemd keeps it after the last login ends
+    (lingering): else logind empties it when the connection drops."""
     _dir(name)
     keep = '[ -e "/var/lib/systemd/linger/$(id -un)" ]' if outlives_login else "true"
     return "\n".join([
@@ -373,10 +378,18 @@ def sock_dir_command(name: str, outlives_login: bool) -> str:
         f'  base="$HOME/{SOCK_DIR}"',
         "fi",
         'mkdir -p -- "$base" && chmod 700 -- "$base" || exit 1',
+        f'me="{_HOSTNAME}"',
         'for old in "$base"/*.??????; do',
-        '  o=$(cat "$old/owner" 2>/dev/null) || continue',
-        '  case "$o" in ""|*[!0-9]*) continue ;; esac',
-        '  kill -0 "$o" 2>/dev/null || rm -rf -- "$old"',
+        '  [ -d "$old" ] || continue',
+        '  if [ -f "$old/owner" ]; then',
+        '    read -r h o < "$old/owner" || continue',
+        '    case "$o" in ""|*[!0-9]*) continue ;; esac',
+        # a home shared by several login nodes: only this host's pids can be asked after
+        '    [ "$h" = "$me" ] && ! kill -0 "$o" 2>/dev/null && rm -rf -- "$old"',
+        # never started (the daemon or the connection went between mktemp and the start)
+        '  elif [ -n "$(find "$old" -maxdepth 0 -mmin +10 2>/dev/null)" ]; then',
+        '    rm -rf -- "$old"',
+        "  fi",
         "done",
         f'd=$(mktemp -d "$base/{name}.XXXXXX") && chmod 700 -- "$d" || exit 1',
         f"printf '%s%s\\n' {shlex.quote(SOCK_TAG)} \"$d\"",

@@ -126,7 +126,7 @@ class Session:
 
     def shell_text(self) -> str:
         """What the remote shell runs for the command."""
-        return remote.shell_text(self.words, self.values, self.sock_dir)
+        return remote.shell_text(self.words, self.values)
 
     @property
     def running(self) -> bool:

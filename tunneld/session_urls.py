@@ -65,7 +65,7 @@ class SessionUrls:
         sess.url_opened = True   # a printed URL opens no second page (printed_urls="open")
         try:
             r = await self.opener.open(sess.host.name, ev.url, ev.node, f"session {sess.name}",
-                                       server=sess.server)
+                                       server=sess.server, socket=sess.sock)
         except TunneldError as exc:
             log.warning("%s", exc)
             return
@@ -89,7 +89,7 @@ class SessionUrls:
         unix = printed.unix_target(url)
         if unix is not None:
             key, where = unix[0], "unix"
-            if sess.sock_dir is None or not key.startswith(sess.sock_dir + "/"):
+            if key != sess.sock:
                 log.info("%s: session %s printed %s: not its own socket; not forwarded", host,
                          sess.name, urls.redact(url))
                 return
@@ -120,6 +120,7 @@ class SessionUrls:
         if unix is None and plan.is_loopback:
             why = await self._not_ours(sess, plan.remote_port)
             if why is not None:
+                del sess.url_ports[key]   # its port is free for the next address printed
                 log.warning("%s: session %s printed %s, but %s: not forwarded; start the "
                             "program with --ip=0.0.0.0 (it then prints its node's name) or let "
                             "it open the browser (the marker names its node)", host, sess.name,
@@ -130,8 +131,7 @@ class SessionUrls:
         sess.url_opened = sess.url_opened or open_it
         source = f"session {sess.name}"
         try:
-            routed = await self.opener.route(host, url, None, source, sess.server,
-                                             sess.sock_dir)
+            routed = await self.opener.route(host, url, None, source, sess.server, sess.sock)
         except TunneldError as exc:
             log.warning("%s: session %s printed %s; not forwarded: %s", host, sess.name,
                         urls.redact(url), exc)
@@ -227,7 +227,7 @@ class SessionUrls:
                              f"it: `tunnelctl run` it again")
         source = f"tunnelctl open {name}"
         routed = await self.opener.route(sess.host.name, sess.urls[-1]["remote"], None, source,
-                                         sess.server, sess.sock_dir)
+                                         sess.server, sess.sock)
         self._keep_forward(sess, routed.forward)   # (made again if it had gone)
         result |= await self.opener.launch(sess.host.name, routed, source, explicit=True)
         return result

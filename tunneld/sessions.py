@@ -106,6 +106,7 @@ class Sessions:
             name = default_name(command, set(self.by_name))
         await self.forwards.check_new_host(host)
         sup = self.hosts.host_for(host)
+        fwd = None
         try:
             if not is_connected(sup.state):
                 await sup.next_attempt(prompter, self._config().defaults.connect_timeout + 1)
@@ -114,7 +115,6 @@ class Sessions:
                                        " started" + (f": {sup.why()}" if sup.last_error else ""))
             env: dict[str, str] = {}
             values: dict[str, str] = {}   # {port} and {sock} in the command
-            fwd = None
             if port is not None:
                 if port == "auto":
                     port = await self._free_remote_port(sup)
@@ -124,8 +124,15 @@ class Sessions:
             sock_dir = None if sock is None else await self._sock_dir(sup, name, detach)
             if sock_dir is not None:
                 sock = values["sock"] = env["SOCK"] = f"{sock_dir}/{remote.SOCK_NAME}"
+                env[remote.SOCK_DIR_ENV] = sock_dir   # (its owner is recorded there)
         except BaseException:
-            await self.hosts.release(host)   # no session: the host may have nothing left
+            # no session: not its --port forward either, and the host may have nothing left
+            if fwd is not None:
+                await self.forwards.drop_auto(host, fwd.spec.target_port, keep_ports={
+                    s.port for s in self.by_name.values()
+                    if s.running and s.port is not None and s.host.name == host})
+            else:
+                await self.hosts.release(host)
             raise
         cls = DetachedSession if detach else AttachedSession
         sess = cls(name, sup, command, self.session_dir / f"{name}.log", self.links.on_open,
@@ -226,7 +233,8 @@ class Sessions:
         if sess.sock_dir is not None:   # (while the host is still connected)
             await self._remove_sock_dir(sess.host, sess.sock_dir)
         # its forwards go with it, but those another running session still uses
-        others = [s for s in self.by_name.values() if s is not sess and s.running]
+        others = [s for s in self.by_name.values() if s is not sess and s.running and
+                  s.host.name == sess.host.name]
         keep = {f for s in others for f in s.forwards}
         await self.forwards.drop_auto(sess.host.name, sess.port, sess.forwards, keep,
                                       {s.port for s in others if s.port is not None})
