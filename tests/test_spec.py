@@ -262,6 +262,7 @@ def test_parse_socket_path(text, bind, port, path, shown):
     ("1:2:8090:/x.sock", "4 fields"),
     ("8090:~user/x.sock", "starts with / or ~/"),
     ("8090:run/app.sock", "starts with / or ~/"),
+    ("8090:relative.sock", "starts with / or ~/"),
     ("8090:x/y:80", "starts with / or ~/"),
     ("8090:~", "starts with / or ~/"),
     (":/x.sock", "not a port"),

@@ -204,6 +204,19 @@ def test_a_table_is_cut_to_the_terminal_width(capsys):
     assert capsys.readouterr().out.splitlines()[1].split() == ["bb", "ok", "short"]
 
 
+def test_a_table_into_a_pipe_is_whole_unless_columns_says(capsys, monkeypatch):
+    """`tunnelctl sessions | grep …` (stdout is no terminal here): nothing cut, so a
+    command can be pasted back; COLUMNS still cuts."""
+    from tunnelctl.render import table
+    rows = [("NAME", "COMMAND"), ("a", "y" * 300)]
+    monkeypatch.delenv("COLUMNS", raising=False)
+    table(rows, squeeze=(1,))
+    assert capsys.readouterr().out.splitlines()[1].endswith("y" * 300)
+    monkeypatch.setenv("COLUMNS", "60")
+    table(rows, squeeze=(1,))
+    assert capsys.readouterr().out.splitlines()[1].endswith("…")
+
+
 #: Europe/Berlin's rule spelled out (CET; CEST from the last Sunday of March to the last one of
 #: October), so that the test needs no tzdata
 BERLIN = "CET-1CEST,M3.5.0,M10.5.0/3"

@@ -79,8 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     _no_prompt(p)
 
     p = sub.add_parser("run", help="run a remote command as a session, output watched",
-                       usage="tunnelctl run HOST [--name N] [--port auto|N] [--follow] "
-                             "[--no-detach] [--no-prompt] -- COMMAND...")
+                       usage="tunnelctl run HOST [--name N] [--port auto|N] [--sock auto] "
+                             "[--follow] [--no-detach] [--no-prompt] -- COMMAND...",
+                       epilog="Several words after -- reach the server each as typed; one "
+                              "word is a command line for the server's shell: "
+                              "tunnelctl run HOST -- 'cd ~/proj && jupyter lab'. {port} and "
+                              "{sock} are replaced in both (quoted for the shell in one word).")
     p.add_argument("host")
     p.add_argument("--name", help="session name (default: the command's name and a number)")
     p.add_argument("--port", metavar="auto|N",
@@ -100,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(command=[])
 
     p = sub.add_parser("sessions", help="sessions with state and exit status")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true",
+                   help="every field whole, as JSON (words, urls, sock…: docs/reference.md)")
     p.add_argument("--prune", action="store_true",
                    help="forget every ended session (and its logs)")
 

@@ -345,7 +345,10 @@ def _open_session(name: str, list_only: bool) -> int:
         if not r["urls"]:
             print(f"session {name} has printed no URL yet", file=sys.stderr)
         for u in r["urls"]:
-            print(f"{u['local']}  (printed as {u['remote']}, {render.ago(u['seen'])} ago)")
+            print(f"{u['local']}  (remote {u['remote']}, seen {render.ago(u['seen'])} ago)")
+        if r.get("state") not in (None, "starting", "running", "disconnected"):
+            print(f"session {name} has ended ({r['state']}): these forwards went with it",
+                  file=sys.stderr)
         return EXIT_OK
     if r.get("opened"):
         print(f"opened {r['url']}")

@@ -8,6 +8,7 @@ clock.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Any, Sequence
 
@@ -61,11 +62,16 @@ def table(rows: Sequence[tuple[str, ...]], indent: str = "", squeeze: tuple[int,
           width: int | None = None) -> None:
     """Columns padded to their widest cell; the last column is not padded.  The columns
     ``squeeze`` (indexes; e.g. an error, a command) are cut with "…" so that rows fit the
-    terminal's width (``COLUMNS``, else the terminal, else 80); ``--json`` has them whole."""
+    terminal's width (``COLUMNS``, else the terminal; not cut into a pipe or a file);
+    ``--json`` has them whole."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     if width is None:
+        import os
         import shutil
-        width = shutil.get_terminal_size().columns
+        if not os.environ.get("COLUMNS") and not sys.stdout.isatty():
+            width = 1 << 30   # into a pipe or a file: whole (as ps does)
+        else:
+            width = shutil.get_terminal_size().columns
     over = len(indent) + sum(widths) + 2 * (len(widths) - 1) - width
     for i in sorted(squeeze, key=lambda i: -widths[i]):
         if over <= 0:
@@ -126,7 +132,9 @@ def print_sessions(sessions: list[dict[str, Any]]) -> None:
         print("no sessions; start one with `tunnelctl run HOST -- COMMAND`")
         return
     # the newest URL each printed, at its local end (a column only when one did)
-    newest = [(x.get("urls") or [{}])[-1].get("local") or "" for x in sessions]
+    live = ("starting", "running", "disconnected")   # an ended one's forwards went with it
+    newest = [(x.get("urls") or [{}])[-1].get("local") or "" if x["state"] in live else ""
+              for x in sessions]
     rows: list[tuple[str, ...]] = [
         ("NAME", "HOST", "STATE", "EXIT", "MODE", "PORT", "STARTED", "URL", "COMMAND")]
     for x, url in zip(sessions, newest):

@@ -216,9 +216,13 @@ class SessionUrls:
         ``open_newest`` the newest one is opened in the browser (once it is ready)."""
         name = sess.name
         result: dict[str, Any] = {"name": name, "host": sess.host.name,
+                                  "state": sess.state.value,
                                   "urls": [dict(u) for u in sess.urls]}
         if not open_newest:
             return result
+        if not sess.urls and sess.sock is not None and sess.running:
+            raise NotFound(f"session {name}: nothing accepts connections on its socket "
+                           f"{sess.sock} yet (`tunnelctl logs {name}` shows its output)")
         if not sess.urls:
             raise NotFound(f"session {name} has printed no URL yet (`tunnelctl logs {name}` "
                            "shows its output)" + ("" if sess.running else "; it has ended"))

@@ -113,7 +113,8 @@ class Sessions:
                 if not is_connected(sup.state):
                     raise ConnectError(f"{host} {state_phrase(sup.state)}: the command was not"
                                        " started" + (f": {sup.why()}" if sup.last_error else ""))
-            env: dict[str, str] = {}
+            # Python programs' output arrives as printed (their URLs with it), as on a terminal
+            env: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
             values: dict[str, str] = {}   # {port} and {sock} in the command
             if port is not None:
                 if port == "auto":
@@ -178,9 +179,16 @@ class Sessions:
         size = len(f"{found}/{remote.SOCK_NAME}".encode())
         if size > remote.SOCK_PATH_MAX:
             await self._remove_sock_dir(sup, found)
-            raise SessionError(f"{sup.name}: the socket path in {found} would be {size} bytes; "
-                               f"a Unix socket path has at most {remote.SOCK_PATH_MAX}: pick a "
-                               "shorter --name, or use --port instead")
+            base = found.rsplit("/", 1)[0]
+            fits = len(f"{base}/x.XXXXXX/{remote.SOCK_NAME}".encode()) <= remote.SOCK_PATH_MAX
+            raise SessionError(
+                f"{sup.name}: a socket for this session would be {size} bytes long under "
+                f"{base}/ (a Unix socket path has at most {remote.SOCK_PATH_MAX}); nothing was "
+                "started. " + ("Pick a shorter --name, or use --port auto." if fits else
+                               "That directory is too long for any name (the server gives no "
+                               "usable $XDG_RUNTIME_DIR): use --port auto, or start the "
+                               "program on a socket in a short directory of your own and "
+                               "forward it: tunnelctl add HOST LPORT:/short/dir/app.sock"))
         return found
 
     async def _remove_sock_dir(self, sup: SessionHost, directory: str) -> None:

@@ -240,7 +240,7 @@ def parse(text: str, default_bind: str = DEFAULT_BIND) -> list[ForwardSpec]:
     if m is not None:
         return [_parse_path(text, text[:m.start()], text[m.end():], default_bind)]
     fields = _split(text)
-    if any(f.startswith("~") or "/" in f for f in fields):
+    if any(f.startswith("~") or "/" in f or f.endswith(".sock") for f in fields):
         raise SpecError(f"forward spec {text!r}: a socket path on the server starts with / "
                         "or ~/ (e.g. 8090:/run/app.sock or 8090:~/app.sock)")
     bind = default_bind

@@ -79,7 +79,7 @@ def test_jupyter_servers_token_url_is_forwarded_listed_and_served(daemon, sshd, 
         table = d.ctl("sessions").stdout
         assert "URL" in table.splitlines()[0]
         r = d.ctl("open", "lab", "--list")
-        assert r.stdout.startswith(u["local"] + "  (printed as " + u["remote"]), r.stdout
+        assert r.stdout.startswith(u["local"] + "  (remote " + u["remote"]), r.stdout
         r = d.ctl("open", "lab")
         assert wait_opened(opened) == [u["local"]] and "opened" in r.stdout
         # tokens are kept in the JSON, never written to the log
@@ -171,7 +171,8 @@ def test_a_loopback_url_of_another_users_port_is_not_forwarded(daemon, sshd, ope
                 time.sleep(0.05)
         code = (f"print('http://127.0.0.2:{theirs}/lab?token=x'); "
                 f"print('http://localhost:{nobody}/'); import time; time.sleep(60)")
-        d.ctl("run", sshd.host, "--name", "srun", "--", sys.executable, "-u", "-c", code)
+        # (no -u: a session's Python prints unbuffered, PYTHONUNBUFFERED=1, as on a terminal)
+        d.ctl("run", sshd.host, "--name", "srun", "--", sys.executable, "-c", code)
         d.wait_for(lambda: "belongs to another user (uid 65534)" in d.log(tail=None),
                    what="the refusal of the other user's port")
         d.wait_for(lambda: f"nothing of yours listens on port {nobody}" in d.log(tail=None),
