@@ -91,6 +91,20 @@ def unix_target(url: str) -> tuple[str, str] | None:
     return path, rest if rest.startswith("/") else "/" + rest
 
 
+def url_key(url: str) -> tuple[int | str, str] | None:
+    """What a session lists a printed URL under (``Session.url_ports``: one forward per key)
+    and where it leads: a socket's (path, ``"unix"``), else (remote port, remote host); None
+    for a URL the rules refuse.  ``session_urls.SessionUrls._printed`` keys URLs so."""
+    unix = unix_target(url)
+    if unix is not None:
+        return unix[0], "unix"
+    try:
+        plan = urls.plan(url)
+    except urls.Refused:
+        return None
+    return plan.remote_port, plan.remote_host
+
+
 def _trim(raw: bytes) -> bytes:
     """Without sentence punctuation and unbalanced closing brackets at its end."""
     while raw:

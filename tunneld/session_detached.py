@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncssh
 
-from . import printed, remote, sshrun, urls
+from . import printed, remote, sshrun
 from .errors import ConnectError
 from .markers import MAX_LINE, Scanner
 from .session import KILL_TIMEOUT, READ_SIZE, Session, _offer
@@ -89,13 +89,9 @@ class DetachedSession(Session):
         self.sock, self.sock_dir = _text(record.get("sock")), _text(record.get("sock_dir"))
         for u in self.urls:
             self.url_seen.add(u["remote"])
-            unix = printed.unix_target(u["remote"])
-            try:
-                key, where = (unix[0], "unix") if unix else \
-                    (lambda p: (p.remote_port, p.remote_host))(urls.plan(u["remote"]))
-            except urls.Refused:
-                continue
-            self.url_ports.setdefault(key, where)
+            found = printed.url_key(u["remote"])
+            if found is not None:
+                self.url_ports.setdefault(*found)
         self.url_opened = self.opens > 0 or bool(record.get("url_opened"))
         if record.get("ended") is not None or self.remote_id is None:
             state, status = record.get("state"), record.get("exit_status")

@@ -273,13 +273,11 @@ def parse(text: str, default_bind: str = DEFAULT_BIND) -> list[ForwardSpec]:
 def _parse_path(text: str, head: str, path: str, default_bind: str) -> ForwardSpec:
     """``[BIND:]LPORT`` (``head``) to the socket ``path`` on the server."""
     fields = _split(head)
-    if len(fields) == 1:
-        bind, port_field = default_bind, fields[0]
-    elif len(fields) == 2:
-        bind, port_field = parse_bind(fields[0], text), fields[1]
-    else:
+    split = _bind_and_port(fields, text, default_bind)
+    if split is None:
         raise SpecError(f"forward spec {text!r} has {len(fields) + 1} fields; a forward to a "
                         "Unix socket is [BIND:]LPORT:PATH, e.g. 8090:/run/app.sock")
+    bind, port_field = split
     ports = _ports(port_field, text, "local port")
     if len(ports) != 1:
         raise SpecError(f"forward spec {text!r} names a range of local ports for one socket "
@@ -287,6 +285,15 @@ def _parse_path(text: str, head: str, path: str, default_bind: str) -> ForwardSp
                         "per socket)")
     check_path(path, text)
     return ForwardSpec(bind, ports[0], "", 0, target_path=path)
+
+
+def _bind_and_port(fields: list[str], shown: str, default_bind: str) -> tuple[str, str] | None:
+    """``[BIND:]PORT`` fields → (bind address, the port field); None for more fields."""
+    if len(fields) == 1:
+        return default_bind, fields[0]
+    if len(fields) == 2:
+        return parse_bind(fields[0], shown), fields[1]
+    return None
 
 
 def check_path(path: str, text: str | None = None) -> None:
@@ -370,12 +377,10 @@ def parse_socks(text: str, default_bind: str = DEFAULT_BIND) -> list[ForwardSpec
     if not text:
         raise SpecError("empty SOCKS spec; expected e.g. -D 1080 or -D 127.0.0.1:1080")
     fields = _split(text)
-    if len(fields) == 1:
-        bind, port_field = default_bind, fields[0]
-    elif len(fields) == 2:
-        bind, port_field = parse_bind(fields[0], shown), fields[1]
-    else:
+    split = _bind_and_port(fields, shown, default_bind)
+    if split is None:
         raise SpecError(f"SOCKS spec {shown!r} has {len(fields)} fields; expected [BIND:]PORT")
+    bind, port_field = split
     ports = _ports(port_field, shown, "port")
     if len(ports) != 1:
         raise SpecError(f"SOCKS spec {shown!r} names a range; one SOCKS proxy listens on one "
