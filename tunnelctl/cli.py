@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a remote command as a session, output watched",
                        usage="tunnelctl run HOST [--name N] [--port auto|N] [--sock auto] "
-                             "[--follow] [--no-detach] [--no-prompt] -- COMMAND...",
+                             "[--job 'OPTIONS' [--scheduler S]] [--follow] [--no-detach] "
+                             "[--no-prompt] -- COMMAND...",
                        epilog="Several words after -- reach the server each as typed; one "
                               "word is a command line for the server's shell: "
                               "tunnelctl run HOST -- 'cd ~/proj && jupyter lab'. {port} and "
@@ -94,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'auto': a Unix socket path in a private (0700) directory on the "
                         "server replaces {sock} in COMMAND, exported as SOCK; a local port is "
                         "forwarded to it once the command listens there")
+    p.add_argument("--job", metavar="'OPTIONS'",
+                   help="run COMMAND as a batch job, submitted with these scheduler options "
+                        "(one argument: --job '-p gpu --time=4:00:00'; '' for none); "
+                        "`kill` cancels it; with --port the port is on the job's node "
+                        "('auto': chosen there when the job starts)")
+    p.add_argument("--scheduler", choices=("slurm", "pbs", "lsf"),
+                   help="the server's batch scheduler (default: the one it has)")
     p.add_argument("--follow", "-f", action="store_true",
                    help="stream the output until the session ends")
     p.add_argument("--no-detach", dest="detach", action="store_false",

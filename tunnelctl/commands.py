@@ -191,10 +191,21 @@ def cmd_run(a: argparse.Namespace) -> int:
                   "that exists: tunnelctl add HOST LPORT:/path/app.sock)", file=sys.stderr)
             return EXIT_USAGE
         extra["sock"] = "auto"
+    if a.job is not None:
+        extra["job"] = a.job
+    if a.scheduler is not None:
+        extra["scheduler"] = a.scheduler
     if a.follow:
         extra["follow"] = True   # we see how it ends: no start check in the daemon
     extra |= _interactive(a)
     r = call("run", host=a.host, command=command, name=a.name, port=port, **extra)
+    job = r.get("job")
+    if job:
+        where = f" (port {job['port']} on its node)" if job.get("port") else \
+            " (its port is chosen on its node)" if a.port == "auto" else ""
+        print(f"tunnelctl: session {r['name']}: {job['scheduler']} job {job['id']} submitted "
+              f"on {a.host}, {render.job_phrase(r)}{where}; `tunnelctl sessions` shows it, "
+              f"`tunnelctl kill {r['name']}` cancels it", file=sys.stderr)
     if a.follow:
         print(f"tunnelctl: session {r['name']} started on {a.host}", file=sys.stderr)
         if r.get("url"):

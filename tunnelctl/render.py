@@ -126,22 +126,59 @@ def session_line(r: dict[str, Any]) -> str:
     return r.get("error") or r.get("state", "?")
 
 
+def job_phrase(x: dict[str, Any]) -> str:
+    """A batch job's state for a person: ``pending (Priority)``, ``running on gpu012``,
+    ``failed (exit 3)``, ``timeout``…; the session's own while it is disconnected."""
+    job = x.get("job") or {}
+    state = job.get("state") or x["state"]
+    if x["state"] == "disconnected":
+        return f"disconnected (job {state}{' on ' + job['node'] if job.get('node') else ''})"
+    if state == "pending":
+        return f"pending ({job['reason']})" if job.get("reason") else "pending"
+    if state in ("running", "suspended") and job.get("node"):
+        return f"{state} on {job['node']}"
+    if state == "failed" and x.get("exit_status") is not None:
+        return f"failed (exit {x['exit_status']})"
+    return state
+
+
+def time_left(job: dict[str, Any]) -> str:
+    """``3:52:10 left`` of a running job with a known end; else empty."""
+    end = _utc(job.get("ends") or "")
+    if end is None:
+        return ""
+    s = max(0, int(end - time.time()))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d} left"
+
+
 def print_sessions(sessions: list[dict[str, Any]]) -> None:
     """`tunnelctl sessions`: a table cut to the terminal's width."""
     if not sessions:
         print("no sessions; start one with `tunnelctl run HOST -- COMMAND`")
         return
     # the newest URL each printed, at its local end (a column only when one did)
-    live = ("starting", "running", "disconnected")   # an ended one's forwards went with it
+    live = ("starting", "pending", "running", "disconnected")   # an ended one's forwards went
     newest = [(x.get("urls") or [{}])[-1].get("local") or "" if x["state"] in live else ""
               for x in sessions]
+    jobs = any(x.get("job") for x in sessions)
     rows: list[tuple[str, ...]] = [
         ("NAME", "HOST", "STATE", "EXIT", "MODE", "PORT", "STARTED", "URL", "COMMAND")]
     for x, url in zip(sessions, newest):
-        ex = "" if x["state"] in ("starting", "running", "disconnected") else session_line(x)
-        mode = "detached" if x.get("detached", False) else "attached"
-        rows.append((x["name"], x["host"], x["state"], ex, mode, str(x["port"] or ""),
+        job = x.get("job")
+        if job:
+            state, mode = job_phrase(x), f"job {job.get('id') or '-'}"
+            left = time_left(job) if x["state"] in live else ""
+            ex = "" if x["state"] in live else (
+                f"exit status {x['exit_status']}" if x.get("exit_status") is not None else "")
+            ex = left or ex
+        else:
+            state = x["state"]
+            ex = "" if x["state"] in live else session_line(x)
+            mode = "detached" if x.get("detached", False) else "attached"
+        rows.append((x["name"], x["host"], state, ex, mode, str(x["port"] or ""),
                      ago(x["started"]) + " ago", url, x["command"]))
+    if jobs:
+        rows[0] = ("NAME", "HOST", "STATE", "EXIT/LEFT", "MODE/JOB") + rows[0][5:]
     if not any(newest):
         rows = [r[:7] + r[8:] for r in rows]
         table(rows, squeeze=(7, 3))
@@ -180,6 +217,8 @@ def format_event(ev: dict[str, Any]) -> str:
             if ev.get("exit_status") is not None:
                 how = f"{how}, exit status {ev['exit_status']}"
             return f"{head} session {ev.get('name')} ended ({how})"
+        if ev.get("event") == "job" and isinstance(ev.get("job"), dict):
+            return f"{head} session {ev.get('name')}: job {job_phrase(ev)}"
         return f"{head} session {ev.get('name')} {ev.get('event')}"
     if kind == "open":
         src = f" ({ev['source']})" if ev.get("source") else ""

@@ -58,6 +58,8 @@ class Defaults(Strict):
     stop_timeout: float = Field(10.0, ge=0, le=600)
     #: URLs printed in a session's output (see ``PrintedUrls``)
     printed_urls: PrintedUrls = "forward"
+    #: minutes before a batch job's time limit that a desktop notification warns of its end
+    job_warning: float = Field(10.0, ge=0, le=24 * 60)
 
     @field_validator("bind")
     @classmethod

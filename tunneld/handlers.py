@@ -19,6 +19,7 @@ from .errors import TunneldError, UsageError
 from .host import Prompter
 from .manager import Manager
 from .registry import host_result
+from .state import SessionState
 
 #: bytes of session output per progress line
 OUTPUT_CHUNK = 32 * 1024
@@ -112,7 +113,8 @@ class Handlers:
         return await self.m.sessions.run(a["host"], a["command"], name=a["name"],
                                          port=a["port"], detach=a["detach"],
                                          prompter=_prompter(a, peer), follow=a["follow"],
-                                         sock=a["sock"])
+                                         sock=a["sock"], job=a["job"],
+                                         scheduler=a["scheduler"])
 
     async def sessions(self, a: dict[str, Any], peer: Peer) -> Any:
         return self.m.sessions_snapshot()
@@ -145,6 +147,12 @@ class Handlers:
         until the session ends.  Output travels as ``{"output": text}`` progress lines."""
         sess = self.m.sessions.session(a["name"])
         queue = sess.follow() if a["follow"] else None
+        job = sess.snapshot().get("job")
+        if job and sess.state is SessionState.PENDING:
+            reason = f" ({job['reason']})" if job.get("reason") else ""
+            await peer({"message": f"tunnelctl: session {sess.name}: job {job['id']} is "
+                                   f"pending{reason}; its output comes when it runs"
+                                   + ("; following" if a["follow"] else "")})
         text = codecs.getincrementaldecoder("utf-8")(errors="replace")
         try:
             size = sess.log_path.stat().st_size if sess.log_path.exists() else 0

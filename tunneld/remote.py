@@ -30,25 +30,36 @@ KILL_GRACE = 5.0
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
-def shell_text(words: list[str], values: dict[str, str] | None = None) -> str:
+def shell_text(words: list[str], values: dict[str, str] | None = None,
+               shell_vars: dict[str, str] | None = None) -> str:
     """The text the remote shell runs for a command given as ``words`` (tmux's rule): one
     word is a shell command line (pipes, ``&&``, ``$VAR``, ``~``, globs work); several words
     arrive each exactly as given (quoted for the POSIX shell).  ``{NAME}`` is replaced by
     ``values[NAME]`` (``{port}``, ``{sock}``) in the words, quoted in a shell line (so not
-    inside quotes there: ``"$SOCK"`` is the way to quote it yourself)."""
+    inside quotes there: ``"$SOCK"`` is the way to quote it yourself); or, for a name in
+    ``shell_vars``, by that shell variable's value when the text runs (``{port}`` of a batch
+    job → ``"$PORT"``, chosen on its node)."""
     if not words:
         raise ValueError("no command")
     values = values or {}
+    later = {"{" + k + "}": f'"${v}"' for k, v in (shell_vars or {}).items()}
     if len(words) == 1:
         text = words[0]
         for key, value in values.items():
-            text = text.replace("{" + key + "}", shlex.quote(value))
-    else:
-        argv = list(words)
-        for key, value in values.items():
+            if "{" + key + "}" not in later:
+                text = text.replace("{" + key + "}", shlex.quote(value))
+        for key, expansion in later.items():
+            text = text.replace(key, expansion)
+        return text
+    argv = list(words)
+    for key, value in values.items():
+        if "{" + key + "}" not in later:
             argv = [w.replace("{" + key + "}", value) for w in argv]
-        text = " ".join(shlex.quote(w) for w in argv)
-    return text
+    if not later:
+        return " ".join(shlex.quote(w) for w in argv)
+    split = re.compile("(" + "|".join(re.escape(k) for k in later) + ")")
+    return " ".join("".join(later[p] if p in later else shlex.quote(p)
+                            for p in split.split(w) if p) or "''" for w in argv)
 
 
 def shown(words: list[str]) -> str:

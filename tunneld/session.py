@@ -97,6 +97,9 @@ class Session:
         self.pid: int | None = None
         #: the server's host name (a marker naming another host ran on a node); detached only
         self.server: str | None = None
+        #: where the command runs when that is not the server: a batch job's node (its
+        #: output's loopback URLs mean that node)
+        self.node: str | None = None
         self.remote_dir: str | None = None
         self.opens = 0
         #: local forwards made for this session's markers and printed URLs ("LISTEN:TARGET"

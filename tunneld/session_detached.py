@@ -45,7 +45,7 @@ MAX_FOLLOW_STDERR = 64 * 1024
 #: keys of a detached session's record in the daemon's sessions file
 RECORD_KEYS = ("name", "host", "command", "words", "detached", "remote_id", "remote_dir",
                "server", "pid", "port", "log", "started", "ended", "state", "exit_status", "error",
-               "opens", "forwards", "urls", "url_opened", "sock", "sock_dir", "received")
+               "opens", "forwards", "urls", "url_opened", "sock", "sock_dir", "received", "job")
 
 
 class DetachedSession(Session):

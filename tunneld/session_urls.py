@@ -64,7 +64,8 @@ class SessionUrls:
             return
         sess.url_opened = True   # a printed URL opens no second page (printed_urls="open")
         try:
-            r = await self.opener.open(sess.host.name, ev.url, ev.node, f"session {sess.name}",
+            r = await self.opener.open(sess.host.name, ev.url, ev.node or sess.node,
+                                       f"session {sess.name}",
                                        server=sess.server, socket=sess.sock)
         except TunneldError as exc:
             log.warning("%s", exc)
@@ -117,7 +118,7 @@ class SessionUrls:
             return
         sess.url_ports[key] = where
         sess.url_seen.add(url)
-        if unix is None and plan.is_loopback:
+        if unix is None and plan.is_loopback and sess.node is None:
             why = await self._not_ours(sess, plan.remote_port)
             if why is not None:
                 del sess.url_ports[key]   # its port is free for the next address printed
@@ -131,7 +132,8 @@ class SessionUrls:
         sess.url_opened = sess.url_opened or open_it
         source = f"session {sess.name}"
         try:
-            routed = await self.opener.route(host, url, None, source, sess.server, sess.sock)
+            routed = await self.opener.route(host, url, sess.node, source, sess.server,
+                                             sess.sock)
         except TunneldError as exc:
             log.warning("%s: session %s printed %s; not forwarded: %s", host, sess.name,
                         urls.redact(url), exc)
@@ -230,8 +232,8 @@ class SessionUrls:
             raise UsageError(f"session {name} has ended ({sess.state}); its forwards went with "
                              f"it: `tunnelctl run` it again")
         source = f"tunnelctl open {name}"
-        routed = await self.opener.route(sess.host.name, sess.urls[-1]["remote"], None, source,
-                                         sess.server, sess.sock)
+        routed = await self.opener.route(sess.host.name, sess.urls[-1]["remote"], sess.node,
+                                         source, sess.server, sess.sock)
         self._keep_forward(sess, routed.forward)   # (made again if it had gone)
         result |= await self.opener.launch(sess.host.name, routed, source, explicit=True)
         return result

@@ -25,11 +25,13 @@ from .errors import ConnectError, NotFound, SessionError, TunneldError, UsageErr
 from .events import EventHub
 from .forwards import Forwards
 from .host import HostSupervisor, Prompter
+from .jobwatch import Jobs
 from .names import check_host_alias, check_session_name
 from .opener import Opener
 from .registry import Hosts
 from .session import MAX_SESSIONS, AttachedSession, Session, SessionHost, default_name
 from .session_detached import RECORD_KEYS, START_TIMEOUT, DetachedSession
+from .session_job import JobSession
 from .session_urls import SessionUrls
 from .state import SessionState, is_connected, state_phrase
 from .store import Store
@@ -59,6 +61,8 @@ class Sessions:
         self._config = config
         #: markers, printed URLs and sockets of the sessions' output
         self.links = SessionUrls(opener, events, config, self._changed)
+        #: batch jobs: their sessions and each host's watch of them
+        self.jobs = Jobs(forwards, events, config, self.links.on_open, self._changed)
         self.session_dir = session_dir
         #: session name → session (see the module docstring)
         self.by_name: dict[str, Session] = {}
@@ -84,7 +88,8 @@ class Sessions:
     async def run(self, host: str, command: list[str], name: str | None = None,
                   port: int | str | None = None, detach: bool = True,
                   prompter: Prompter | None = None, follow: bool = False,
-                  sock: str | None = None) -> dict[str, Any]:
+                  sock: str | None = None, job: str | None = None,
+                  scheduler: str | None = None) -> dict[str, Any]:
         """Start ``command`` on ``host`` as a session.  ``port``: None, "auto" or a number;
         it replaces ``{port}`` in the command, is exported as ``PORT`` and is forwarded.
         ``sock="auto"``: a socket path in a private directory made on the server replaces
@@ -94,7 +99,10 @@ class Sessions:
         that cannot be connected now (``prompter`` answers its login) raises ConnectError
         and makes no session; a command that fails at once (not found, a syntax error)
         raises SessionError with its first lines of output (the ended session is listed),
-        unless the client ``follow``s the output itself (then it sees how the command ends)."""
+        unless the client ``follow``s the output itself (then it sees how the command ends).
+        ``job``: the command runs as a batch job with these scheduler options (``session_job``;
+        ``scheduler``: the server's, else the one it has); ``run`` returns once it is queued."""
+        options = self.jobs.check_run(job, scheduler, detach, sock)
         replaced: Session | None = None
         if name is not None:
             old = self.by_name.get(name)
@@ -116,7 +124,11 @@ class Sessions:
             # Python programs' output arrives as printed (their URLs with it), as on a terminal
             env: dict[str, str] = {"PYTHONUNBUFFERED": "1"}
             values: dict[str, str] = {}   # {port} and {sock} in the command
-            if port is not None:
+            if port is not None and job is not None:
+                # a job's port is on its node: forwarded once the job runs there
+                if port != "auto":
+                    values["port"] = env["PORT"] = str(port)
+            elif port is not None:
                 if port == "auto":
                     port = await self._free_remote_port(sup)
                 assert isinstance(port, int)
@@ -135,9 +147,14 @@ class Sessions:
             else:
                 await self.hosts.release(host)
             raise
-        cls = DetachedSession if detach else AttachedSession
-        sess = cls(name, sup, command, self.session_dir / f"{name}.log", self.links.on_open,
-                   env=env, port=port, on_change=self._changed, values=values)
+        log_path = self.session_dir / f"{name}.log"
+        if job is not None:
+            sess: Session = self.jobs.new(name, sup, command, log_path, env, values, port,
+                                          scheduler, options)
+        else:
+            cls = DetachedSession if detach else AttachedSession
+            sess = cls(name, sup, command, log_path, self.links.on_open, env=env, port=port,
+                       on_change=self._changed, values=values)
         sess.sock, sess.sock_dir = sock, sock_dir
         self.by_name[name] = sess
         if replaced is not None:
@@ -147,6 +164,7 @@ class Sessions:
         self.events.publish("session", host=host, name=name, event="started",
                             state=sess.state.value, exit_status=None)
         self._start_reaper(sess)
+        self.jobs.track(sess)
         if sock is not None:
             sess.background(self.links.wait_socket(sess))
         why = await sess.wait_started(self._config().defaults.hold_timeout + START_TIMEOUT + 5,
@@ -161,6 +179,8 @@ class Sessions:
                           url=f"http://127.0.0.1:{fwd.spec.bind_port}/")
         if sock is not None:
             result.update(sock=sock)
+        if isinstance(sess, JobSession):
+            result.update(job=sess.job())
         return result
 
     async def _sock_dir(self, sup: HostSupervisor, name: str, detached: bool) -> str:
@@ -370,8 +390,11 @@ class Sessions:
             words = rec.get("words")
             if not (isinstance(words, list) and words and all(isinstance(w, str) for w in words)):
                 words = [rec["command"]]
-            sess = DetachedSession(name, sup, words, self.session_dir / f"{name}.log",
-                                   self.links.on_open, port=port, on_change=self._changed)
+            log_path = self.session_dir / f"{name}.log"
+            sess = self.jobs.new(name, sup, words, log_path, {}, {}, None, None, []) \
+                if rec.get("job") is not None else \
+                DetachedSession(name, sup, words, log_path, self.links.on_open, port=port,
+                                on_change=self._changed)
             try:
                 sess.resume(rec)
             except (OSError, ValueError, TypeError) as exc:
@@ -390,6 +413,7 @@ class Sessions:
             if port:
                 await self._restore_forward(host, str(port), port)
             self._start_reaper(sess)
+            self.jobs.track(sess)
         if records:
             log.info("took up %d detached session(s), %d of them running", len(records),
                      running)

@@ -155,6 +155,8 @@ def forward_follow(state: ForwardState, up: bool) -> ForwardState:
 
 class SessionState(_Named):
     STARTING = "starting"
+    #: a batch job waits in the scheduler's queue
+    PENDING = "pending"
     RUNNING = "running"
     #: detached: the connection is down, the command runs on
     DISCONNECTED = "disconnected"
@@ -165,7 +167,9 @@ class SessionState(_Named):
 
 
 class SessionEvent(_Named):
-    #: the command runs on the server (its pid is known)
+    #: a batch job was submitted (it waits in the queue), or is seen waiting again
+    QUEUED = "queued"
+    #: the command runs on the server (its pid is known; a job: it runs on its node)
     STARTED = "started"
     #: detached: the connection went away (the command runs on)
     DISCONNECTED = "disconnected"
@@ -189,12 +193,19 @@ SESSION_ENDED = frozenset({S.EXITED, S.KILLED, S.FAILED, S.LOST})
 SESSION_TABLE: dict[tuple[SessionState, SessionEvent], SessionState] = {
     (S.STARTING, SE.STARTED): S.RUNNING,
     (S.STARTING, SE.DISCONNECTED): S.DISCONNECTED,
+    (S.STARTING, SE.QUEUED): S.PENDING,
+    (S.PENDING, SE.STARTED): S.RUNNING,
+    (S.PENDING, SE.DISCONNECTED): S.DISCONNECTED,
+    (S.DISCONNECTED, SE.QUEUED): S.PENDING,   # a job, seen again while it still waits
+    (S.RUNNING, SE.QUEUED): S.PENDING,        # a job requeued (node failure, preemption)
     (S.RUNNING, SE.DISCONNECTED): S.DISCONNECTED,
     (S.DISCONNECTED, SE.REATTACHED): S.RUNNING,
     (S.DISCONNECTED, SE.STARTED): S.RUNNING,   # a start whose answer was lost, found
     **{(s, e): end for s in (S.STARTING, S.RUNNING, S.DISCONNECTED)
        for e, end in ((SE.EXITED, S.EXITED), (SE.KILLED, S.KILLED), (SE.FAILED, S.FAILED),
                       (SE.LOST, S.LOST))},
+    **{(S.PENDING, e): end for e, end in ((SE.EXITED, S.EXITED), (SE.KILLED, S.KILLED),
+                                           (SE.FAILED, S.FAILED), (SE.LOST, S.LOST))},
 }
 
 

@@ -34,6 +34,7 @@ import time
 from typing import Any, Callable
 
 from .errors import ProtocolError, TunneldError, UsageError
+from .jobs import SCHEDULERS
 from .names import check_host_alias, check_session_name
 
 #: bumped when a request or reply changes incompatibly
@@ -197,6 +198,14 @@ def sock_choice(name: str, value: Any) -> str | None:
                      f"not {_show(value)}")
 
 
+def scheduler_choice(name: str, value: Any) -> str | None:
+    """``run --scheduler``: none (found on the server) or one tunneld knows."""
+    if value is None or value in SCHEDULERS:
+        return value
+    raise UsageError(f"--scheduler takes {', '.join(SCHEDULERS)} (or leave it out: the server's "
+                     f"is found), not {_show(value)}")
+
+
 def command_words(name: str, value: Any) -> list[str]:
     """A session's command: its words (a string is one word)."""
     if isinstance(value, str):
@@ -220,7 +229,9 @@ ARGS: dict[str, dict[str, Checker]] = {
     "login": {"host": host(), "interactive": flag()},
     "run": {"host": host(), "command": command_words, "name": session_name(required=False),
             "port": port_choice, "sock": sock_choice, "detach": flag(True), "follow": flag(),
-            "interactive": flag()},
+            "interactive": flag(),
+            # a batch job: the scheduler's options (one string, split as a shell would)
+            "job": text(required=False), "scheduler": scheduler_choice},
     "sessions": {},
     "logs": {"name": text(), "follow": flag(), "all": flag()},
     "kill": {"name": text()},

@@ -1,0 +1,436 @@
+"""Batch jobs as sessions (``run --job``): submitted to the server's scheduler, watched in its
+queue, their output followed from the first byte, cancelled by ``kill``.
+
+A ``JobSession`` is a detached session whose command runs in a job script (``jobs``) on a
+compute node instead of under a runner on the login node.  What it shares with
+``DetachedSession``: the session directory on the server, the local log as the copy of the
+remote one (``received``), the scanner across re-attaches, the sessions file and the take-up
+by the next daemon.  What differs:
+
+- the start is a submission (``jobs.submit_command``); the session is ``pending`` until the
+  job runs, then ``running`` (``node`` says where);
+- the job's state comes from the scheduler, asked by the host's ``jobwatch.JobWatch`` (one
+  query for all the host's jobs), and from the job's own ``run`` and ``status`` files, which
+  the follower reports as soon as they appear;
+- a job the scheduler ended (time limit, cancel, node failure) writes no status: once a poll
+  says it ended, the follower is stopped and the log fetched to its end;
+- markers and printed URLs in the log were printed on the job's node (``Session.node``);
+- ``--port`` is forwarded to NODE:PORT once the job runs (with ``--port auto`` the job
+  chooses PORT on its node);
+- a notification when it starts running, and ``job_warning`` minutes before its time limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import Any, Callable
+
+import asyncssh
+
+from . import jobs, remote, sshrun
+from .errors import ConnectError
+from .jobs import JOB_ENDED, JobInfo, Run
+from .notify import notify
+from .session import READ_SIZE
+from .session_detached import MAX_FOLLOW_STDERR, START_TIMEOUT, DetachedSession
+from .state import SessionEvent, SessionState
+
+log = logging.getLogger("tunneld")
+
+#: seconds the follower may still deliver the log's last bytes once the job has ended
+END_GRACE = 2.0
+#: the job's states that end the session, and how
+_FAILED = {"timeout": "it reached its time limit", "cancelled": "it was cancelled",
+           "node failure": "its node failed", "out of memory": "it ran out of memory",
+           "preempted": "it was preempted"}
+
+#: called when the job runs on a node with a port to forward (``--port``)
+OnRunning = Callable[["JobSession"], None]
+
+
+class JobSession(DetachedSession):
+    """See the module docstring.  ``job`` is what ``sessions --json`` shows of the job."""
+
+    def __init__(self, *args: Any, scheduler: str | None = None, options: list[str] = [],
+                 port_auto: bool = False, warn_minutes: Callable[[], float] = lambda: 10.0,
+                 on_running: OnRunning | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.scheduler = scheduler
+        self.options = list(options)
+        self.port_auto = port_auto
+        self.job_id: str | None = None
+        self.job_state = "submitting"
+        self.reason = ""
+        self.time_limit: int | None = None
+        #: wall-clock times: the job started on its node, its time limit ends
+        self.job_started: float | None = None
+        self.ends: float | None = None
+        #: the port the program listens on, on the node (``--port``; auto: chosen there)
+        self.job_port: int | None = None
+        #: notifications sent ("running", "warning"), once each, kept across restarts
+        self.notified: list[str] = []
+        self._warn_minutes = warn_minutes
+        self._on_running = on_running
+        #: set once a poll says the job has left the queue (or ended) without a status
+        self._final = asyncio.Event()
+        self._final_status: int | None = None
+        #: called to make the host's watch look again soon (set by the watch)
+        self.poke: Callable[[], None] = lambda: None
+
+    # -- what is shown and kept --------------------------------------------------------------
+
+    def job(self) -> dict[str, Any]:
+        from .wire import iso_time
+        return {"id": self.job_id, "scheduler": self.scheduler, "state": self.job_state,
+                "reason": self.reason or None, "node": self.node, "time_limit": self.time_limit,
+                "started": iso_time(self.job_started) if self.job_started else None,
+                "ends": iso_time(self.ends) if self.ends and self.running else None,
+                "port": self.job_port}
+
+    def snapshot(self) -> dict[str, Any]:
+        return super().snapshot() | {"job": self.job(), "port": self.job_port}
+
+    def record(self) -> dict[str, Any]:
+        return super().record() | {"job": {
+            "id": self.job_id, "scheduler": self.scheduler, "options": self.options,
+            "port_auto": self.port_auto, "state": self.job_state, "reason": self.reason,
+            "node": self.node, "time_limit": self.time_limit, "started": self.job_started,
+            "ends": self.ends, "port": self.job_port, "notified": self.notified}}
+
+    def resume(self, record: dict[str, Any]) -> None:
+        job = record.get("job") or {}
+        if not isinstance(job, dict):
+            raise ValueError("bad job record")
+        job_id, sched = job.get("id"), job.get("scheduler")
+        if job_id is not None and not (isinstance(job_id, str) and jobs.JOB_ID_RE.match(job_id)):
+            raise ValueError(f"bad job id {job_id!r}")
+        if sched not in jobs.SCHEDULERS and not (sched is None and job_id is None):
+            raise ValueError(f"bad scheduler {sched!r}")
+        self.job_id, self.scheduler = job_id, sched
+        self.options = [o for o in job.get("options") or [] if isinstance(o, str)]
+        self.port_auto = job.get("port_auto") is True
+        state, reason = job.get("state"), job.get("reason")
+        self.job_state = state if isinstance(state, str) and state in jobs.JOB_STATES \
+            else "pending"
+        self.reason = reason if isinstance(reason, str) else ""
+        node = job.get("node")
+        self.node = node if isinstance(node, str) and node else None
+        self.time_limit = _num(job.get("time_limit"), int)
+        self.job_started, self.ends = _num(job.get("started")), _num(job.get("ends"))
+        self.job_port = _num(job.get("port"), int)
+        self.notified = [n for n in job.get("notified") or [] if n in ("running", "warning")]
+        super().resume(record)
+
+    # -- submitting --------------------------------------------------------------------------
+
+    async def _body(self) -> None:
+        if self.remote_id is None:
+            await self._submit()
+        elif self.job_id is None:
+            # taken up from a daemon that stopped while submitting: was it submitted?
+            self._submitted(await self._probe_submit())
+        await self._attach_until_end()
+
+    async def _submit(self) -> None:
+        conn = await self.host.connection_for_client()
+        if self.scheduler is None:
+            self.scheduler = await self._detect(conn)
+        self.remote_id = f"{self.name}-{secrets.token_hex(4)}"
+        self._changed()   # recorded before it may be submitted: a daemon killed now can look
+        command = remote.shell_text(self.words, self.values,
+                                    {"port": "PORT"} if self.port_auto else None)
+        script = jobs.job_script(self.remote_id, command, self.env, self.port_auto,
+                                 self.scheduler)
+        text = jobs.submit_command(self.remote_id, self.name, self.scheduler, self.options,
+                                   script)
+        try:
+            result = await sshrun.run(conn, text, START_TIMEOUT)
+        except (asyncio.TimeoutError, asyncssh.Error, OSError) as exc:
+            log.info("%s: session %s: no answer from the submission (%s); asking the server "
+                     "once connected", self.host.name, self.name, exc or type(exc).__name__)
+            result = await self._probe_submit()
+        if result.exit_status == jobs.REFUSED:
+            said = str(result.stderr or "").strip() or "no reason given"
+            self.remote_id = None   # (the submission removed its directory)
+            raise ConnectError(said)
+        self._submitted(result)
+
+    async def _detect(self, conn: asyncssh.SSHClientConnection) -> str:
+        try:
+            r = await sshrun.run(conn, jobs.detect_command(), START_TIMEOUT)
+        except (asyncio.TimeoutError, asyncssh.Error, OSError) as exc:
+            raise ConnectError(f"{self.host.name}: cannot ask which batch scheduler it has: "
+                               f"{exc}") from None
+        found = str(r.stdout or "").strip()
+        if found not in jobs.SCHEDULERS:
+            raise ConnectError(f"{self.host.name} has no batch scheduler tunneld knows "
+                               "(neither sbatch, bsub nor qsub is on the PATH of its "
+                               "non-interactive shell); name one with --scheduler "
+                               "slurm|pbs|lsf, or run the command without --job")
+        return found
+
+    async def _probe_submit(self) -> asyncssh.SSHCompletedProcess:
+        assert self.remote_id is not None
+        conn = await self._connected()
+        return await sshrun.run(conn, jobs.probe_submit_command(self.remote_id), START_TIMEOUT)
+
+    def _submitted(self, result: Any) -> None:
+        assert self.scheduler is not None
+        found = jobs.parse_job_line(self.scheduler, str(result.stdout or ""))
+        if found is None:
+            said = str(result.stderr or "").strip().splitlines()
+            raise ConnectError(f"{self.host.name}: session {self.name}: the job was not "
+                               f"submitted ({said[-1] if said else 'no job id came back'})")
+        self.job_id, self.server, self.remote_dir = found.job_id, found.server, found.dir
+        self.job_state = "pending"
+        self._to(SessionEvent.QUEUED)
+        log.info("%s: session %s: submitted job %s (%s, %s): %s", self.host.name, self.name,
+                 self.job_id, self.scheduler, self.remote_dir, self.command)
+        self.up.set()   # `run` returns: the job is in the queue
+        self._changed()
+
+    # -- following ---------------------------------------------------------------------------
+
+    async def _attach_until_end(self) -> None:
+        delay = 1.0
+        while True:
+            conn = await self._connected()
+            if self._final.is_set():
+                if not await self._drain(conn):
+                    continue
+                self._end_from_scheduler()
+                return
+            end = await self._follow(conn)
+            if end == "final":
+                continue   # fetch the rest, then end
+            if end is None:
+                self._disconnected("the connection was lost")
+                deadline = time.monotonic() + delay
+                while self.host.live_connection() is conn and time.monotonic() < deadline:
+                    await self.host.wait_change(deadline - time.monotonic())
+                delay = min(10.0, delay * 2) if self.host.live_connection() is conn else 1.0
+                continue
+            if isinstance(end, str):   # "gone"
+                self.error = (f"its directory {self.remote_dir or self.remote_id} on the "
+                              "server is gone")
+                self._to(SessionEvent.LOST)
+                return
+            size, status = end
+            if self.received < size and not await self._catch_up(conn, size):
+                continue
+            self.job_state = "completed" if status == 0 else "failed"
+            self.poke()
+            self._ended_with(status, lost="it ended without an exit status")
+            return
+
+    async def _follow(self, conn: asyncssh.SSHClientConnection
+                      ) -> tuple[int, int | None] | str | None:
+        """Stream the log from ``received`` until the job's status is written (the end
+        line's values), the scheduler ended it (``"final"``), or the connection was lost
+        (None)."""
+        assert self.remote_id is not None
+        try:
+            proc = await sshrun.start(conn, jobs.follow_command(self.remote_id, self.received))
+        except (asyncssh.Error, OSError) as exc:
+            log.info("%s: session %s: cannot follow: %s", self.host.name, self.name, exc)
+            return None
+        self._proc = proc
+        out = asyncio.ensure_future(self._pump(proc))
+        err = asyncio.ensure_future(self._pump_err(proc))
+        final = asyncio.ensure_future(self._final.wait())
+        try:
+            if self.state is SessionState.DISCONNECTED:
+                self._to(SessionEvent.REATTACHED if self.job_state == "running" else
+                         SessionEvent.QUEUED, f"following again at byte {self.received}",
+                         quiet=False)
+            await asyncio.wait({out, final}, return_when=asyncio.FIRST_COMPLETED)
+            if not out.done():   # the scheduler ended it: the last bytes, then stop
+                await asyncio.wait({out}, timeout=END_GRACE)
+                return "final"
+            out.result()
+            said = await asyncio.wait_for(err, 10)
+            await asyncio.wait_for(proc.wait(check=False), 10)
+        except (asyncssh.Error, OSError, asyncio.TimeoutError) as exc:
+            log.info("%s: session %s: following stopped: %s", self.host.name, self.name, exc)
+            return None
+        finally:
+            for t in (out, err, final):
+                t.cancel()
+            self._proc = None
+            proc.close()
+        return remote.parse_end_line(said)
+
+    async def _pump(self, proc: asyncssh.SSHClientProcess[bytes]) -> None:
+        while True:
+            data = await proc.stdout.read(READ_SIZE)
+            if not data:
+                return
+            self._take(data)
+
+    async def _pump_err(self, proc: asyncssh.SSHClientProcess[bytes]) -> str:
+        kept = ""
+        while True:
+            line = await proc.stderr.readline()
+            if not line:
+                return kept
+            text = line.decode("utf-8", "replace")
+            if text.startswith(jobs.RUN_TAG):
+                run = jobs.parse_run(text)
+                if run is not None:
+                    self.saw_run(run)
+            elif len(kept) < MAX_FOLLOW_STDERR:
+                kept += text
+
+    async def _drain(self, conn: asyncssh.SSHClientConnection) -> bool:
+        """Fetch the log from ``received`` to its end; False if the connection dropped."""
+        assert self.remote_id is not None
+        try:
+            proc = await sshrun.start(conn, remote.tail_command(self.remote_id, self.received))
+            try:
+                await self._pump(proc)
+                await asyncio.wait_for(proc.wait(check=False), 10)
+            finally:
+                proc.close()
+        except (asyncssh.Error, OSError, asyncio.TimeoutError) as exc:
+            log.info("%s: session %s: fetching the log's end failed: %s", self.host.name,
+                     self.name, exc)
+            return False
+        return proc.exit_status == 0
+
+    # -- what the scheduler and the job's files say ----------------------------------------
+
+    def saw_run(self, run: Run) -> None:
+        """The job's ``run`` file: it runs on ``run.node``."""
+        if self.node == run.node and (self.job_port or not self.port_auto):
+            return
+        self.node = run.node
+        self.job_started = run.started or self.job_started or time.time()
+        if self.port_auto and run.port:
+            self.job_port = run.port
+        if self.job_state == "pending":
+            self.job_state = "running"
+        if self.state is SessionState.PENDING:
+            self._to(SessionEvent.STARTED, f"job {self.job_id} on {self.node}", quiet=False)
+        log.info("%s: session %s: job %s runs on %s%s", self.host.name, self.name, self.job_id,
+                 self.node, f", port {self.job_port}" if self.job_port else "")
+        self._notify_once("running", f"{self.name} is running on {self.node}")
+        if self.job_port and self._on_running is not None:
+            self._on_running(self)
+        self.poke()
+        self._changed()
+
+    def saw_job(self, info: JobInfo | None, run: Run | None, status: int | None,
+                now: float) -> None:
+        """A poll's answer about this job (None: the scheduler no longer knows it)."""
+        if not self.running or self._final.is_set():
+            return
+        if run is not None:
+            self.saw_run(run)
+        if info is None:
+            self._final_status = status
+            self.job_state = ("completed" if status == 0 else "failed" if status is not None
+                              else "ended")
+            self._final.set()
+            return
+        before = (self.job_state, self.reason, self.node, self.ends)
+        self.job_state, self.reason = info.state, info.reason
+        self.time_limit = info.time_limit or self.time_limit
+        if info.node and info.state != "pending":
+            self.node = info.node
+        if info.state == "running":
+            if info.time_left is not None:
+                self.ends = now + info.time_left
+            if self.state is SessionState.PENDING and self.node:
+                self._to(SessionEvent.STARTED, f"job {self.job_id} on {self.node}",
+                         quiet=False)
+                self._notify_once("running", f"{self.name} is running on {self.node}")
+        elif info.state == "pending" and self.state is SessionState.RUNNING:
+            self._to(SessionEvent.QUEUED, f"job {self.job_id} was requeued", quiet=False)
+        if info.state in JOB_ENDED:
+            self._final_status = status if status is not None else info.exit_code
+            if info.state in ("completed", "failed") and self._final_status is not None:
+                self.job_state = "completed" if self._final_status == 0 else "failed"
+            self._final.set()
+        if before != (self.job_state, self.reason, self.node, self.ends):
+            self._changed()
+
+    def warn_due(self, now: float) -> float | None:
+        """When the walltime warning is due (wall-clock), or None; sends it once due."""
+        if self.ends is None or "warning" in self.notified or not self.running or \
+                self.job_state != "running":
+            return None
+        minutes = self._warn_minutes()
+        due = self.ends - minutes * 60
+        if now < due:
+            return due
+        left = max(0, round((self.ends - now) / 60))
+        self._notify_once("warning", f"{self.name} on {self.node} ends in {left} min: save "
+                                     "your work")
+        self._changed()
+        return None
+
+    def _notify_once(self, what: str, text: str) -> None:
+        if what in self.notified:
+            return
+        self.notified.append(what)
+        log.info("%s: session %s: %s", self.host.name, self.name, text)
+        notify("tunneld", text)
+
+    def _end_from_scheduler(self) -> None:
+        state = self.job_state
+        status = self._final_status
+        if self._kill_requested:
+            self.job_state = "cancelled"
+            self.exit_status = status
+            self._to(SessionEvent.KILLED)
+        elif state in _FAILED:
+            self.error = f"job {self.job_id} {_FAILED[state]}"
+            self._to(SessionEvent.FAILED)
+        else:
+            self._ended_with(status, lost=f"job {self.job_id} left the queue without an "
+                                          "exit status (the scheduler keeps no record of it)")
+
+    # -- kill --------------------------------------------------------------------------------
+
+    async def _kill(self) -> str:
+        if self.job_id is None:
+            deadline = time.monotonic() + START_TIMEOUT
+            while self.job_id is None and self.running and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            if self.job_id is None:
+                self._stop_task()
+                return f"session {self.name} stopped before its job was submitted"
+        assert self.scheduler is not None
+        try:
+            conn = await self.host.connection_for_client()
+        except ConnectError as exc:
+            self._kill_requested = False
+            raise ConnectError(f"{exc}; job {self.job_id} of session {self.name} was not "
+                               "cancelled: kill it again once the host is connected") from None
+        text = jobs.cancel_command(self.scheduler, self.job_id)
+        try:
+            r = await sshrun.run(conn, text, 30)
+            said = (str(r.stdout or "") + str(r.stderr or "")).strip()
+            ok = r.exit_status == 0
+        except (asyncio.TimeoutError, asyncssh.Error, OSError) as exc:
+            said, ok = f"{text.split()[0]} failed: {exc}", False
+        log.info("%s: session %s: %s: %s", self.host.name, self.name, text,
+                 said.replace("\n", "; ") or "done")
+        if not ok and self.running:
+            self._kill_requested = False
+            raise ConnectError(f"{self.host.name}: {text} failed: {said or 'no reason given'}")
+        self.poke()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.done.wait()), 60)
+        except asyncio.TimeoutError:
+            return f"{text}: done; the scheduler has not ended the job yet"
+        return f"{text}: job {self.job_id} cancelled"
+
+
+def _num(value: Any, kind: type = float) -> Any:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return kind(value)
+    return None
