@@ -175,10 +175,18 @@ def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
     """``run HOST [opts] -- CMD...``: everything after the first ``--`` is the command,
     untouched by option parsing."""
     first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    command = None
     if first is not None and argv[first] == "run" and "--" in argv[first:]:
         i = argv.index("--", first)
-        return argv[:i], argv[i + 1:]
-    return argv, None
+        argv, command = argv[:i], argv[i + 1:]
+    if first is not None and argv[first] == "run":
+        # `--job '--time=2:00:00'`: the scheduler's options are its value, dashes and all
+        # (argparse would take a value that starts with a dash for an option of its own)
+        argv = list(argv)
+        for i in range(len(argv) - 2, first, -1):
+            if argv[i] == "--job":
+                argv[i:i + 2] = [f"--job={argv[i + 1]}"]
+    return argv, command
 
 
 def verbs(ap: argparse.ArgumentParser) -> dict[str, tuple[str, argparse.ArgumentParser]]:

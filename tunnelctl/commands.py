@@ -330,7 +330,8 @@ def cmd_completion(a: argparse.Namespace) -> int:
 
 def cmd_kill(a: argparse.Namespace) -> int:
     r = call("kill", name=a.session)
-    print(f"{r['name']}: {r['state']}")
+    # a batch job: what the scheduler's cancel said (`scancel 81723: job 81723 cancelled`)
+    print(f"{r['name']}: {r['state']}" + (f" ({r['said']})" if r.get("job") else ""))
     return EXIT_OK
 
 

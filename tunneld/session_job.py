@@ -33,6 +33,8 @@ import asyncssh
 from . import jobs, remote, sshrun
 from .errors import ConnectError
 from .jobs import JOB_ENDED, JobInfo, Run
+from .markers import BrowserOpen
+from .printed import PrintedUrl
 from .notify import notify
 from .session import READ_SIZE
 from .session_detached import MAX_FOLLOW_STDERR, START_TIMEOUT, DetachedSession
@@ -42,10 +44,13 @@ log = logging.getLogger("tunneld")
 
 #: seconds the follower may still deliver the log's last bytes once the job has ended
 END_GRACE = 2.0
+#: seconds a marker or URL in the job's output waits for the job's node to be known
+PLACED_WAIT = 30.0
 #: the job's states that end the session, and how
-_FAILED = {"timeout": "it reached its time limit", "cancelled": "it was cancelled",
-           "node failure": "its node failed", "out of memory": "it ran out of memory",
-           "preempted": "it was preempted"}
+_FAILED = {"timeout": "reached its time limit",
+           "cancelled": "was cancelled (not by `tunnelctl kill`)",
+           "node failure": "ended with a failure of its node", "out of memory": "ran out of memory",
+           "preempted": "was preempted"}
 
 #: called when the job runs on a node with a port to forward (``--port``)
 OnRunning = Callable[["JobSession"], None]
@@ -79,6 +84,8 @@ class JobSession(DetachedSession):
         self._final_status: int | None = None
         #: called to make the host's watch look again soon (set by the watch)
         self.poke: Callable[[], None] = lambda: None
+        #: set once the job's node is known (its output's URLs wait for it)
+        self._placed = asyncio.Event()
 
     # -- what is shown and kept --------------------------------------------------------------
 
@@ -122,6 +129,8 @@ class JobSession(DetachedSession):
         self.job_started, self.ends = _num(job.get("started")), _num(job.get("ends"))
         self.job_port = _num(job.get("port"), int)
         self.notified = [n for n in job.get("notified") or [] if n in ("running", "warning")]
+        if self.node is not None:
+            self._placed.set()
         super().resume(record)
 
     # -- submitting --------------------------------------------------------------------------
@@ -302,11 +311,30 @@ class JobSession(DetachedSession):
 
     # -- what the scheduler and the job's files say ----------------------------------------
 
+    def _open(self, ev: BrowserOpen | PrintedUrl) -> None:
+        """A marker or a printed URL in the job's output: acted on once the job's node is
+        known (the follower reports it on another stream, which may come later)."""
+        if self._placed.is_set():
+            super()._open(ev)
+            return
+        if isinstance(ev, BrowserOpen):
+            self.opens += 1
+
+        async def placed() -> None:
+            try:
+                await asyncio.wait_for(self._placed.wait(), PLACED_WAIT)
+            except asyncio.TimeoutError:
+                log.info("%s: session %s: the job's node is not known; its output's URLs are "
+                         "taken as the server's", self.host.name, self.name)
+            await self._open_one(ev)
+        self.background(placed())
+
     def saw_run(self, run: Run) -> None:
         """The job's ``run`` file: it runs on ``run.node``."""
         if self.node == run.node and (self.job_port or not self.port_auto):
             return
         self.node = run.node
+        self._placed.set()
         self.job_started = run.started or self.job_started or time.time()
         if self.port_auto and run.port:
             self.job_port = run.port
@@ -340,6 +368,7 @@ class JobSession(DetachedSession):
         self.time_limit = info.time_limit or self.time_limit
         if info.node and info.state != "pending":
             self.node = info.node
+            self._placed.set()
         if info.state == "running":
             if info.time_left is not None:
                 self.ends = now + info.time_left

@@ -273,7 +273,8 @@ class Sessions:
             raise UsageError(f"session {sess.name} had already ended ({sess.state}); "
                              f"`tunnelctl forget {sess.name}` removes it from the list")
         said = await sess.kill()
-        return {"name": sess.name, "state": sess.state.value, "said": said}
+        return {"name": sess.name, "state": sess.state.value, "said": said,
+                "job": sess.job() if isinstance(sess, JobSession) else None}
 
     def forget(self, names: list[str], ended: bool = False) -> dict[str, Any]:
         """Remove ended sessions from the list (and their logs, here and on the server):
