@@ -50,6 +50,8 @@ class JobWatch:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._pending_delay = POLL_PENDING
+        #: poked since the last poll: the next one comes soon
+        self._soon = False
         #: the last failed query's message (logged once per run of failures)
         self._failing = ""
 
@@ -69,8 +71,6 @@ class JobWatch:
         if self._task is not None:
             self._task.cancel()
 
-    _soon = False
-
     async def _loop(self) -> None:
         while True:
             self.sessions = {s for s in self.sessions if s.running and not s.detaching}
@@ -81,23 +81,27 @@ class JobWatch:
                 await self.host.wait_change(POLL_MAX)
                 continue
             await self._poll(conn)
-            now = time.time()
-            dues = [d for s in self.sessions if (d := s.warn_due(now)) is not None]
-            if self._soon:
-                delay, self._soon = POLL_SOON, False
-            elif any(s.state is SessionState.PENDING or s.job_state == "pending"
-                     for s in self.sessions):
-                delay = self._pending_delay
-                self._pending_delay = min(POLL_MAX, self._pending_delay * 1.5)
-            else:
-                delay = POLL_RUNNING
-            if dues:
-                delay = max(0.5, min(delay, min(dues) - now + 0.5))
+            delay = self.next_delay(time.time())
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), delay)
             except asyncio.TimeoutError:
                 pass
+
+    def next_delay(self, now: float) -> float:
+        """Seconds until the next poll (and the walltime warnings due by then are sent)."""
+        dues = [d for s in self.sessions if (d := s.warn_due(now)) is not None]
+        if self._soon:
+            delay, self._soon = POLL_SOON, False
+        elif any(s.state is SessionState.PENDING or s.job_state == "pending"
+                 for s in self.sessions):
+            delay = self._pending_delay
+            self._pending_delay = min(POLL_MAX, self._pending_delay * 1.5)
+        else:
+            delay = POLL_RUNNING
+        if dues:
+            delay = max(0.5, min(delay, min(dues) - now + 0.5))
+        return delay
 
     async def _poll(self, conn: asyncssh.SSHClientConnection) -> None:
         by_sched: dict[str, dict[str, JobSession]] = {}

@@ -347,6 +347,7 @@ class Session:
             "ended": iso_time(self.ended) if self.ended else None,
             "log": str(self.log_path), "detached": self.detached,
             "remote_dir": self.remote_dir, "server": self.server,
+            "job": None,   # a batch job's (``session_job``)
         }
 
 

@@ -34,8 +34,8 @@ from . import jobs, remote, sshrun
 from .errors import ConnectError
 from .jobs import JOB_ENDED, JobInfo, Run
 from .markers import BrowserOpen
-from .printed import PrintedUrl
 from .notify import notify
+from .printed import PrintedUrl
 from .session import READ_SIZE
 from .session_detached import MAX_FOLLOW_STDERR, START_TIMEOUT, DetachedSession
 from .state import SessionEvent, SessionState
