@@ -190,6 +190,8 @@ class SSHServer:
     listen_host: str = "127.0.0.1"
     # the NetNS made for this server by netns_ssh_server() (None otherwise)
     ns: NetNS | None = field(default=None, repr=False)
+    # extra environment of the commands this sshd runs (sshd_config ``SetEnv``, after HOME)
+    server_env: dict[str, str] = field(default_factory=dict)
     _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     # (pid, starttime) of session processes seen under the listener; kept so
     # that kill_connections() still finds them after stop() orphaned them
@@ -259,12 +261,17 @@ class SSHServer:
     # ---- setup ---------------------------------------------------------
     @classmethod
     def create(cls, base: Path, *, port: int | None = None, host: str = "testhost",
-               netns: str | None = None, listen_host: str = "127.0.0.1") -> SSHServer:
+               netns: str | None = None, listen_host: str = "127.0.0.1",
+               server_env: dict[str, str] | None = None) -> SSHServer:
         """Generate keys and config files under ``base`` (does not start sshd).
 
         ``port`` defaults to a free port on ``listen_host``, or to 22 with ``netns``
-        (a fresh namespace has nothing listening).
+        (a fresh namespace has nothing listening).  ``server_env`` is extra environment
+        for the commands sshd runs (e.g. ``{"SLURM_CONF": ...}``; no spaces or quotes).
         """
+        for key, value in (server_env or {}).items():
+            assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key), key
+            assert not re.search(r"[\s\"'\\]", value), f"SetEnv cannot carry {value!r}"
         if port is None:
             port = 22 if netns is not None else _free_port(listen_host)
         workdir = base / "sshd"
@@ -292,6 +299,7 @@ class SSHServer:
             sshd_path=_find_sshd(),
             netns=netns,
             listen_host=listen_host,
+            server_env=dict(server_env or {}),
         )
         server._write_files()
         return server
@@ -332,7 +340,8 @@ class SSHServer:
                 "PrintMotd no",
                 # remote commands get a throw-away HOME (detached sessions keep their
                 # directories under it), not the real one of the user the tests run as
-                f"SetEnv HOME={self.server_home}",
+                " ".join([f"SetEnv HOME={self.server_home}",
+                          *(f"{k}={v}" for k, v in self.server_env.items())]),
                 "",
             ])
         )
@@ -1160,3 +1169,4 @@ def fault_proxy(sshd: SSHServer) -> Iterator[FaultProxy]:
         yield proxy
     finally:
         proxy.close()
+
