@@ -1170,3 +1170,8 @@ def fault_proxy(sshd: SSHServer) -> Iterator[FaultProxy]:
     finally:
         proxy.close()
 
+
+# --------------------------------------------------------------------------
+# a real Slurm cluster in namespaces (tests/e2e/slurm.py; it imports the above)
+
+from slurm import slurm_cluster  # noqa: E402, F401
