@@ -45,14 +45,18 @@ variant is not offered: at this cost every test gets a cluster with no jobs in i
 
 Time limits: slurmctld looks for jobs over their limit only every 30 s (``PERIODIC_TIMEOUT``,
 a compile-time constant of slurmctld's background loop, counted from slurmctld's start; no
-slurm.conf setting shortens it, ``OverTimeLimit=0`` adds nothing), so a job with
-``--time=1`` ends as TIMEOUT between 60 and ~91 s after it started (measured: 76 s and 87 s
-in one run, all three jobs of that run ended at the same check); ``--time=0:10`` is rounded
-up to one minute (TimeLimit=00:01:00).  The job's output file (its stderr, i.e.
+slurm.conf setting shortens it, ``OverTimeLimit=0`` adds nothing): a job is ended at the
+first check after its limit, i.e. a job with ``--time=1`` ends as TIMEOUT 60-90 s after it
+started.  A job submitted as soon as the fixture yields starts ~3.5 s after slurmctld did and
+times out at slurmctld's start + 90 s: measured 85.4-87.2 s over four runs (a job started
+13 s later: 72-76 s, at the same check).  Tests waiting for a TIMEOUT need
+``@pytest.mark.timeout`` well over 90 s.  ``--time=0:10`` is rounded up to one
+minute (TimeLimit=00:01:00).  The job's output file (its stderr, i.e.
 ``slurm-<id>.out`` unless ``-e`` is given) gets ``slurmstepd-tdnode1: error: *** JOB <id> ON
 tdnode1 CANCELLED AT <YYYY-MM-DDTHH:MM:SS> DUE TO TIME LIMIT ***`` (note the
-``slurmstepd-<node>:`` prefix); ``KillWait=2``: SIGTERM, SIGKILL 2 s later.  Job state
-TIMEOUT, reason TimeLimit, ExitCode 0:15.  Recorded outputs of every Slurm command a
+``slurmstepd-<node>:`` prefix; ``scancel`` of a running job writes the same line without
+``DUE TO TIME LIMIT``); ``KillWait=2``: SIGTERM, SIGKILL 2 s later.  Job state TIMEOUT,
+reason TimeLimit, ExitCode 0:15.  Recorded outputs of every Slurm command a
 session parser needs: ``tests/e2e/record_slurm_outputs.py`` writes them.
 """
 
