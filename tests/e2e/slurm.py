@@ -29,23 +29,35 @@ The layout (see :class:`SlurmCluster` for the API)::
 * Jobs run as root.  ``--export=ALL`` (the default) hands the submitting environment to the
   job (``HOME``, ``SLURM_CONF``, anything exported); ``PATH`` is the submitter's.
 * Partitions: ``debug`` (default, all nodes, no time limit) and ``gpu`` (the last node,
-  ``MaxTime=5``: ``--time=6 -p gpu`` is refused at submission).  Each node has 2 CPUs
-  whatever the machine has (``SlurmdParameters=config_overrides``), ``select/cons_tres``
-  with ``CR_Core``: an ``--exclusive`` job keeps every other job of its node pending
-  (reason ``Resources``, later ones ``Priority``).  No accounting: ``sacct`` fails
-  ("Slurm accounting storage is disabled", exit 1).  Ended jobs stay visible to
-  ``squeue -t all`` and ``scontrol show job`` for ``MinJobAge`` (600 s).
+  ``MaxTime=5``; ``EnforcePartLimits=ALL``: ``-p gpu --time=6`` is refused by sbatch).
+  Each node has 2 CPUs whatever the machine has (``SlurmdParameters=config_overrides``),
+  ``select/cons_tres`` with ``CR_Core``: an ``--exclusive`` job keeps every other job of its
+  node pending (reason ``Resources``).  No accounting: ``sacct`` fails ("Slurm accounting
+  storage is disabled", exit 1).  Ended jobs stay visible to ``squeue -t all`` and
+  ``scontrol show job`` for ``MinJobAge`` (600 s).  ``extra_conf`` changes global keywords.
+* The fixture yields once slurmctld's scheduler has run its first cycle (it does ~3 s after
+  slurmctld starts, whatever is queued); from then on a submitted job starts within ~1 s
+  (``batch_sched_delay=0``; slurmctld's loop ticks once a second).
 
-Measured on the development VM (2 CPUs): start-up (namespaces, munged, sshd, slurmctld,
-slurmd, the node IDLE) takes about 1.5 s; teardown about 0.2 s.
+Start-up, measured on the development VM (2 CPUs): ~3.4 s, of which ~0.5 s until the node
+is IDLE and ~3 s waiting for that first scheduling cycle; teardown ~0.1 s.  A module-scoped
+variant is not offered: at this cost every test gets a cluster with no jobs in it.
 
-Time limits: slurmctld looks for jobs over their limit only every 30 s (a fixed
-``PERIODIC_TIMEOUT`` in slurmctld, no slurm.conf setting shortens it; ``OverTimeLimit=0``
-adds nothing), so a job with ``--time=1`` ends as TIMEOUT 60-90 s after it started
-(measured: 62-91 s over runs); ``--time=0:10`` is rounded up to one minute.  The job's
-output file gets ``slurmstepd: error: *** JOB <id> ON tdnode1 CANCELLED AT
-<YYYY-MM-DDTHH:MM:SS> DUE TO TIME LIMIT ***`` (its stderr, i.e. ``slurm-<id>.out`` unless
-``-e`` is given); ``KillWait=2``: SIGTERM, and SIGKILL 2 s later.
+Time limits: slurmctld looks for jobs over their limit only every 30 s (``PERIODIC_TIMEOUT``,
+a compile-time constant of slurmctld's background loop, counted from slurmctld's start; no
+slurm.conf setting shortens it, ``OverTimeLimit=0`` adds nothing): a job is ended at the
+first check after its limit, i.e. a job with ``--time=1`` ends as TIMEOUT 60-90 s after it
+started.  A job submitted as soon as the fixture yields starts ~3.5 s after slurmctld did and
+times out at slurmctld's start + 90 s: measured 85.4-87.2 s over four runs (a job started
+13 s later: 72-76 s, at the same check).  Tests waiting for a TIMEOUT need
+``@pytest.mark.timeout`` well over 90 s.  ``--time=0:10`` is rounded up to one
+minute (TimeLimit=00:01:00).  The job's output file (its stderr, i.e.
+``slurm-<id>.out`` unless ``-e`` is given) gets ``slurmstepd-tdnode1: error: *** JOB <id> ON
+tdnode1 CANCELLED AT <YYYY-MM-DDTHH:MM:SS> DUE TO TIME LIMIT ***`` (note the
+``slurmstepd-<node>:`` prefix; ``scancel`` of a running job writes the same line without
+``DUE TO TIME LIMIT``); ``KillWait=2``: SIGTERM, SIGKILL 2 s later.  Job state TIMEOUT,
+reason TimeLimit, ExitCode 0:15.  Recorded outputs of every Slurm command a
+session parser needs: ``tests/e2e/record_slurm_outputs.py`` writes them.
 """
 
 from __future__ import annotations
@@ -89,7 +101,7 @@ LOGIN_NAME = "tdlogin"
 NODE_PREFIX = "tdnode"
 COMPUTE_NET = 252           # node i's /30 is 10.252.i.0/30: .1 login end, .2 node end
 MAX_NODES = 2
-START_TIMEOUT = 30.0        # until every node is IDLE
+START_TIMEOUT = 30.0        # until every node is IDLE and the scheduler has run once
 DAEMON_TIMEOUT = 10.0       # one daemon answering (munged's socket, slurmctld's ping)
 COMMAND_TIMEOUT = 30.0      # one Slurm client command
 ETC_NETNS = Path("/etc/netns")
@@ -143,6 +155,14 @@ def _sweep_stale_etc_netns() -> None:
         return
     for entry in ETC_NETNS.iterdir():
         m = re.fullmatch(rf"{NETNS_PREFIX}(\d+)-(\d+)", entry.name)
+        if m is not None and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _sweep_stale_workdirs() -> None:
+    """Remove /tmp/td-slurm-<pid>-* directories of test processes that died."""
+    for entry in Path("/tmp").glob("td-slurm-*-*"):
+        m = re.fullmatch(r"td-slurm-(\d+)-\w+", entry.name)
         if m is not None and not _pid_alive(int(m.group(1))):
             shutil.rmtree(entry, ignore_errors=True)
 
@@ -484,6 +504,16 @@ class SlurmCluster:
             return all(states.get(n) == "idle" for n in self.nodes)
         _wait(idle, timeout, f"nodes {', '.join(self.nodes)} IDLE", interval=0.1)
 
+    def _wait_scheduler(self, timeout: float) -> None:
+        """Until slurmctld's main scheduler has run once (``sdiag``): it first runs ~3 s
+        after slurmctld started, whatever is queued; then a job starts within ~1 s."""
+        def ran() -> bool:
+            self._check_alive()
+            out = self.run(["sdiag"], timeout=10).stdout
+            m = re.search(r"Main schedule statistics.*?Total cycles:\s*(\d+)", out, re.S)
+            return m is not None and int(m.group(1)) > 0
+        _wait(ran, timeout, "slurmctld's first scheduling cycle (sdiag)", interval=0.1)
+
     def stop(self) -> None:
         """Kill the daemons this cluster started (then the namespaces go: see the ctx)."""
         for proc in self._procs.values():
@@ -500,15 +530,16 @@ class SlurmCluster:
 @contextlib.contextmanager
 def slurm_cluster_ctx(base: Path, *, nodes: int = 1, alias: str = "cluster",
                       extra_conf: dict[str, str] | None = None) -> Iterator[SlurmCluster]:
-    """Start a :class:`SlurmCluster` (SSH files under ``base``, daemons' files in a short
-    /tmp/td-slurm-* directory: Unix socket paths are limited to 108 bytes).  ``extra_conf``
-    replaces or adds global slurm.conf keywords (e.g. ``{"MinJobAge": "5"}``).  On exit, also
-    after a failure, kill every process in its namespaces, delete the namespaces (and with
-    them the veth pairs), ``/etc/netns/<ns>`` and the temp dir."""
+    """Start a :class:`SlurmCluster`: SSH files under ``base``, the daemons' files in a short
+    /tmp/td-slurm-<pid>-* directory (Unix socket paths are limited to 108 bytes).
+    ``extra_conf`` replaces or adds global slurm.conf keywords (e.g. ``{"MinJobAge": "5"}``).
+    On exit, also after a failure, kill every process in its namespaces, delete the
+    namespaces (and with them the veth pairs), ``/etc/netns/<ns>`` and the temp dir."""
     _require_slurm()
     assert 1 <= nodes <= MAX_NODES, nodes
     t0 = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix="td-slurm-", dir="/tmp"))
+    _sweep_stale_workdirs()
+    work = Path(tempfile.mkdtemp(prefix=f"td-slurm-{os.getpid()}-", dir="/tmp"))
     work.chmod(0o755)  # munged wants its socket's directories searchable by all
     for sub in ("munge", "state", "spool", "log", "run"):
         (work / sub).mkdir(mode=0o755)
@@ -552,6 +583,7 @@ def slurm_cluster_ctx(base: Path, *, nodes: int = 1, alias: str = "cluster",
             for name in node_ns:
                 cluster._start_slurmd(name)
             cluster._wait_idle(max(1.0, START_TIMEOUT - (time.monotonic() - t0)))
+            cluster._wait_scheduler(max(1.0, START_TIMEOUT - (time.monotonic() - t0)))
         except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as e:
             raise RuntimeError(f"Slurm cluster did not start: {e}\n"
                                f"{cluster.log_tails()}") from e

@@ -10,11 +10,9 @@ sessions``; ``reap_detached`` kills and removes the ones a test made).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
@@ -24,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from slurm import compute_node  # a namespace reachable only from the login namespace
 from test_e2e_sessions import (_alive, _descendants, reap_detached, script, wait_opened,
                                with_recorder)
 
@@ -312,39 +311,6 @@ COMPUTE_PROG = textwrap.dedent("""
     webbrowser.open("file://" + page)
     threading.Event().wait(90)
 """)
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
-
-
-@contextlib.contextmanager
-def compute_node(login_ns: str):
-    """A network namespace reachable only from ``login_ns`` (a veth pair between the two,
-    a /30 of 10.252.0.0/16); yields (its name, its address)."""
-    block = os.getpid() % 16384
-    base = block * 4
-    ip_login = f"10.252.{base // 256}.{base % 256 + 1}"
-    ip_node = f"10.252.{base // 256}.{base % 256 + 2}"
-    name, a, b = f"tdcomp{os.getpid()}", f"tdc{block}a", f"tdc{block}b"
-    _ip("netns", "add", name)
-    try:
-        _ip("link", "add", a, "type", "veth", "peer", "name", b)
-        _ip("link", "set", a, "netns", login_ns)
-        _ip("link", "set", b, "netns", name)
-        _ip("-n", login_ns, "addr", "add", f"{ip_login}/30", "dev", a)
-        _ip("-n", name, "addr", "add", f"{ip_node}/30", "dev", b)
-        _ip("-n", login_ns, "link", "set", a, "up")
-        _ip("-n", name, "link", "set", b, "up")
-        _ip("-n", name, "link", "set", "lo", "up")
-        yield name, ip_node
-    finally:
-        r = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
-        for pid in r.stdout.split():
-            with contextlib.suppress(OSError):
-                os.kill(int(pid), signal.SIGKILL)
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
-        subprocess.run(["ip", "link", "del", a], capture_output=True)
 
 
 @pytest.mark.parametrize("mode", ["detached", "attached"])
