@@ -179,6 +179,11 @@ def test_a_rejected_submission_is_runs_error_in_the_schedulers_words(jd, slurm_c
     assert s["state"] == "failed" and s["job"]["id"] is None
     sess_dirs = c.login.server_home / ".tunneld" / "sessions"
     assert not [p for p in sess_dirs.iterdir() if p.name.startswith("bad-")]
+    # over a limit (the gpu partition's MaxTime is 5 minutes)
+    r = d.ctl("run", c.host, "--name", "long", "--job", "-p gpu --time=6", "--", "true",
+              check=False)
+    assert r.returncode == 1 and "sbatch: error: Batch job submission failed: Requested " \
+        "time limit is invalid (missing or exceeds some limit)" in r.stderr, r.stderr
     # an option tunneld must set itself is refused before anything reaches the server
     r = d.ctl("run", c.host, "--job", "--output=x.out", "--", "true", check=False)
     assert r.returncode == 1 and "--output is tunneld's to set" in r.stderr
