@@ -169,6 +169,10 @@ class Sessions:
             sess.background(self.links.wait_socket(sess))
         why = await sess.wait_started(self._config().defaults.hold_timeout + START_TIMEOUT + 5,
                                       0 if follow else START_CHECK)
+        if isinstance(sess, JobSession) and sess.job_id is None and not sess.running:
+            # refused by the scheduler (its own words), or it could not be submitted
+            raise SessionError(f"{host}: session {name}: the job was not submitted:\n"
+                               f"{sess.error or sess.state}")
         if why is not None:
             raise SessionError(f"{host}: session {name} did not start: {why}\n(`tunnelctl "
                                f"logs {name}` shows all of it)")
