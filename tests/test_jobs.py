@@ -311,3 +311,16 @@ def test_job_ids_are_checked_before_they_reach_a_shell():
         jobs.cancel_command("slurm", "1; rm -rf ~")
     with pytest.raises(ValueError):
         jobpoll.poll_command("slurm", {"1 2": "a-1-0001"})
+
+
+def test_a_job_record_is_checked_when_taken_up():
+    job = jobs.checked_record({"id": "81723", "scheduler": "slurm", "node": "gpu012",
+                               "port": 8888, "notified": ["running", "bogus"],
+                               "state": "running", "ends": 1.5e9, "time_limit": True})
+    assert job["node"] == "gpu012" and job["port"] == 8888 and job["notified"] == ["running"]
+    assert job["time_limit"] is None and job["ends"] == 1.5e9 and job["state"] == "running"
+    assert jobs.checked_record({"node": "a;b", "state": "weird"})["node"] is None
+    for bad in ({"id": "1; rm -rf ~", "scheduler": "slurm"}, {"id": "1", "scheduler": "x"},
+                ["not", "a", "dict"]):
+        with pytest.raises(ValueError):
+            jobs.checked_record(bad)

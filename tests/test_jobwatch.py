@@ -131,3 +131,15 @@ def test_a_requeued_job_is_pending_again_and_an_unknown_end_is_lost(tmp_path, mo
     sess.saw_job(None, None, None, 0.0)   # gone from queue and accounting, no status file
     sess._end_from_scheduler()
     assert sess.state is SessionState.LOST and "left the queue without" in sess.error
+
+
+def test_a_job_the_scheduler_calls_failed_without_a_status_is_asked_once_more(tmp_path,
+                                                                             monkeypatch):
+    sess, _ = _job_session(tmp_path, monkeypatch)
+    sess.saw_job(JobInfo("running", "", "gpu012"), None, None, 0.0)
+    sess.saw_job(JobInfo("failed", "NonZeroExitCode", "gpu012"), None, None, 0.0)
+    assert not sess._final.is_set()          # its status file may just not be seen yet
+    sess.saw_job(JobInfo("failed", "NonZeroExitCode", "gpu012"), None, None, 0.0)
+    assert sess._final.is_set()
+    sess._end_from_scheduler()
+    assert sess.state is SessionState.FAILED and "failed before its command ran" in sess.error

@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 import shlex
 from dataclasses import dataclass
+from typing import Any
 
 from . import remote
 from .remote import _BROWSER_HELPER, _HOSTNAME, _dir, _exports
@@ -259,6 +260,36 @@ def cancel_command(scheduler: str, job_id: str) -> str:
     if not JOB_ID_RE.match(job_id):
         raise ValueError(f"bad job id {job_id!r}")
     return f"{_CANCEL[scheduler]} {shlex.quote(job_id)}"
+
+
+def checked_record(job: Any) -> dict[str, Any]:
+    """A job session's ``job`` record (the sessions file), every field checked: a bad id or
+    scheduler raises ValueError, anything else malformed takes its default."""
+    if not isinstance(job, dict):
+        raise ValueError("bad job record")
+    job_id, sched = job.get("id"), job.get("scheduler")
+    if job_id is not None and not (isinstance(job_id, str) and JOB_ID_RE.match(job_id)):
+        raise ValueError(f"bad job id {job_id!r}")
+    if sched not in SCHEDULERS and not (sched is None and job_id is None):
+        raise ValueError(f"bad scheduler {sched!r}")
+
+    def num(key: str, kind: type = float) -> Any:
+        v = job.get(key)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+        return kind(v) if ok else None
+    state, reason, node = job.get("state"), job.get("reason"), job.get("node")
+    return {
+        "id": job_id, "scheduler": sched,
+        "options": [o for o in job.get("options") or [] if isinstance(o, str)],
+        "port_auto": job.get("port_auto") is True,
+        "state": state if isinstance(state, str) and state in JOB_STATES else "pending",
+        "reason": reason if isinstance(reason, str) else "",
+        "node": node if isinstance(node, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,253}", node)
+        else None,
+        "time_limit": num("time_limit", int), "started": num("started"), "ends": num("ends"),
+        "port": num("port", int),
+        "notified": [n for n in job.get("notified") or [] if n in ("running", "warning")],
+    }
 
 
 # -- following the job's output -------------------------------------------------------------------

@@ -82,6 +82,8 @@ class JobSession(DetachedSession):
         #: set once a poll says the job has left the queue (or ended) without a status
         self._final = asyncio.Event()
         self._final_status: int | None = None
+        #: a poll saw the job completed or failed without its exit status once
+        self._end_seen = False
         #: called to make the host's watch look again soon (set by the watch)
         self.poke: Callable[[], None] = lambda: None
         #: set once the job's node is known (its output's URLs wait for it)
@@ -108,27 +110,13 @@ class JobSession(DetachedSession):
             "ends": self.ends, "port": self.job_port, "notified": self.notified}}
 
     def resume(self, record: dict[str, Any]) -> None:
-        job = record.get("job") or {}
-        if not isinstance(job, dict):
-            raise ValueError("bad job record")
-        job_id, sched = job.get("id"), job.get("scheduler")
-        if job_id is not None and not (isinstance(job_id, str) and jobs.JOB_ID_RE.match(job_id)):
-            raise ValueError(f"bad job id {job_id!r}")
-        if sched not in jobs.SCHEDULERS and not (sched is None and job_id is None):
-            raise ValueError(f"bad scheduler {sched!r}")
-        self.job_id, self.scheduler = job_id, sched
-        self.options = [o for o in job.get("options") or [] if isinstance(o, str)]
-        self.port_auto = job.get("port_auto") is True
-        state, reason = job.get("state"), job.get("reason")
-        self.job_state = state if isinstance(state, str) and state in jobs.JOB_STATES \
-            else "pending"
-        self.reason = reason if isinstance(reason, str) else ""
-        node = job.get("node")
-        self.node = node if isinstance(node, str) and node else None
-        self.time_limit = _num(job.get("time_limit"), int)
-        self.job_started, self.ends = _num(job.get("started")), _num(job.get("ends"))
-        self.job_port = _num(job.get("port"), int)
-        self.notified = [n for n in job.get("notified") or [] if n in ("running", "warning")]
+        job = jobs.checked_record(record.get("job") or {})   # raises ValueError
+        self.job_id, self.scheduler, self.options = job["id"], job["scheduler"], job["options"]
+        self.port_auto, self.job_state, self.reason = job["port_auto"], job["state"], \
+            job["reason"]
+        self.node, self.time_limit, self.job_port = job["node"], job["time_limit"], job["port"]
+        self.job_started, self.ends, self.notified = job["started"], job["ends"], \
+            job["notified"]
         if self.node is not None:
             self._placed.set()
         super().resume(record)
@@ -378,6 +366,13 @@ class JobSession(DetachedSession):
                 self._notify_once("running", f"{self.name} is running on {self.node}")
         elif info.state == "pending" and self.state is SessionState.RUNNING:
             self._to(SessionEvent.QUEUED, f"job {self.job_id} was requeued", quiet=False)
+        if info.state in ("completed", "failed") and status is None and \
+                info.exit_code is None and not self._end_seen:
+            # it ended by itself but its status file was not seen yet: the follower sees it
+            # at once (or the next poll does); only then is the end taken from the scheduler
+            self._end_seen = True
+            self.poke()
+            return
         if info.state in JOB_ENDED:
             self._final_status = status if status is not None else info.exit_code
             if info.state in ("completed", "failed") and self._final_status is not None:
@@ -418,6 +413,12 @@ class JobSession(DetachedSession):
         elif state in _FAILED:
             self.error = f"job {self.job_id} {_FAILED[state]}"
             self._to(SessionEvent.FAILED)
+        elif status is None and state in ("completed", "failed"):
+            # the scheduler says how, the job wrote no status (its script did not get there)
+            self.exit_status = 0 if state == "completed" else None
+            self.error = None if state == "completed" else \
+                f"job {self.job_id} failed before its command ran (`tunnelctl logs {self.name}`)"
+            self._to(SessionEvent.EXITED if state == "completed" else SessionEvent.FAILED)
         else:
             self._ended_with(status, lost=f"job {self.job_id} left the queue without an "
                                           "exit status (the scheduler keeps no record of it)")
@@ -458,8 +459,3 @@ class JobSession(DetachedSession):
             return f"{text}: done; the scheduler has not ended the job yet"
         return f"{text}: job {self.job_id} cancelled"
 
-
-def _num(value: Any, kind: type = float) -> Any:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
-        return kind(value)
-    return None

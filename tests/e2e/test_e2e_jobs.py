@@ -158,14 +158,19 @@ def test_a_job_pending_behind_an_exclusive_one_shows_why_then_runs(jd, slurm_clu
     r = d.ctl("logs", "waiter")
     assert "is pending (Resources); its output comes when it runs" in r.stderr
     assert r.stdout == ""
+    # the next daemon takes the waiting job up
+    assert d.stop() == 0
+    d.start()
+    s = wait_job(d, "waiter", "pending")
+    assert s["job"]["reason"] == "Resources" and s["state"] == "pending"
     c.run(["scancel", blocker], check=True)
     s = wait_job(d, "waiter", "running", timeout=60)
     assert s["job"]["node"] == "tdnode1" and s["state"] == "running"
     d.wait_for(lambda: "started" in d.ctl("logs", "waiter").stdout, timeout=20,
                what="the job's output")
-    assert "waiter is running on tdnode1" in d.log(tail=None)
-    events = d.log(tail=None)
-    assert "session waiter: pending -> running (job" in events
+    log = d.log(tail=None)
+    assert log.count("waiter is running on tdnode1") == 1   # the notification, once
+    assert "session waiter: pending -> running (job" in log
     d.ctl("kill", "waiter")
     wait_job(d, "waiter", "killed")
 
