@@ -53,7 +53,7 @@ NODE_PORT_RANGE = (20000, 60000)
 #: a job's state, in one vocabulary: (still in the queue or running) or ended
 JOB_LIVE = ("pending", "running", "suspended")
 JOB_ENDED = ("completed", "failed", "timeout", "cancelled", "node failure", "out of memory",
-             "preempted", "ended")
+             "preempted", "ended", "not submitted")
 JOB_STATES = JOB_LIVE + JOB_ENDED
 
 _SLURM_STATES = {

@@ -93,8 +93,8 @@ class JobWatch:
         dues = [d for s in self.sessions if (d := s.warn_due(now)) is not None]
         if self._soon:
             delay, self._soon = POLL_SOON, False
-        elif any(s.state is SessionState.PENDING or s.job_state == "pending"
-                 for s in self.sessions):
+        elif any(s.state in (SessionState.STARTING, SessionState.PENDING) or
+                 s.job_state == "pending" for s in self.sessions):
             delay = self._pending_delay
             self._pending_delay = min(POLL_MAX, self._pending_delay * 1.5)
         else:

@@ -125,7 +125,12 @@ class JobSession(DetachedSession):
 
     async def _body(self) -> None:
         if self.remote_id is None:
-            await self._submit()
+            try:
+                await self._submit()
+            except BaseException:
+                if self.job_id is None:
+                    self.job_state = "not submitted"
+                raise
         elif self.job_id is None:
             # taken up from a daemon that stopped while submitting: was it submitted?
             self._submitted(await self._probe_submit())
@@ -187,6 +192,7 @@ class JobSession(DetachedSession):
         log.info("%s: session %s: submitted job %s (%s, %s): %s", self.host.name, self.name,
                  self.job_id, self.scheduler, self.remote_dir, self.command)
         self.up.set()   # `run` returns: the job is in the queue
+        self.poke()     # its first state (and reason) soon
         self._changed()
 
     # -- following ---------------------------------------------------------------------------
