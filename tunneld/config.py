@@ -8,6 +8,7 @@ config.toml (optional)::
     keepalive_count_max = 2     # unanswered keepalives before the link is declared dead
     hold_timeout = 10           # seconds a client is held while its host is down
     printed_urls = "forward"    # URLs a session prints: "forward", "open" or "ignore"
+    open_max_age = 120          # seconds: older spool requests are listed, not opened
 
     [hosts.barhal]
     forwards = ["8090-8092", "18888:node42:8888"]
@@ -58,6 +59,9 @@ class Defaults(Strict):
     stop_timeout: float = Field(10.0, ge=0, le=600)
     #: URLs printed in a session's output (see ``PrintedUrls``)
     printed_urls: PrintedUrls = "forward"
+    #: seconds: a browser-open request from the server's spool older than this when tunneld
+    #: first sees it is listed (`tunnelctl opens`), not opened
+    open_max_age: float = Field(120.0, ge=0, le=30 * 86400)
 
     @field_validator("bind")
     @classmethod
@@ -72,6 +76,8 @@ class HostConfig(Strict):
     forwards: list[str] = []
     #: this host's ``printed_urls``, else ``[defaults]``'s
     printed_urls: PrintedUrls | None = None
+    #: this host's ``open_max_age``, else ``[defaults]``'s
+    open_max_age: float | None = Field(None, ge=0, le=30 * 86400)
 
     @field_validator("forwards")
     @classmethod
@@ -92,6 +98,11 @@ class Config(Strict):
         """What URLs printed in ``host``'s sessions get (its own setting, else the default)."""
         own = self.hosts[host].printed_urls if host in self.hosts else None
         return own or self.defaults.printed_urls
+
+    def open_max_age(self, host: str) -> float:
+        """``host``'s ``open_max_age`` (its own, else the default)."""
+        own = self.hosts[host].open_max_age if host in self.hosts else None
+        return self.defaults.open_max_age if own is None else own
 
     def forwards(self) -> dict[str, list[specmod.ForwardSpec]]:
         return {name: specmod.parse_all(h.forwards, self.defaults.bind)
