@@ -196,7 +196,10 @@ EOF
     printf '%sN\\t%s\\n' "$t" "$ci"
   fi
   if [ -n "$oi" ] && [ "$oi" = "$pi" ] && [ "$os" -gt "$po" ]; then
+    was=$po
     chunk "$g" "$pi" "$po" "$os" && po=$n
+    # the old file to its end first (in order), unless it makes no progress
+    if [ "$po" -lt "$os" ] && [ "$po" != "$was" ]; then {naps}; continue; fi
   fi
   if [ -n "$ni" ] && [ "$ni" = "$ci" ]; then
     if [ "$ns" -lt "$co" ]; then printf '%sT\\t%s\\n' "$t" "$ci"; co=0; fi

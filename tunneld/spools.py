@@ -66,6 +66,8 @@ class Spools:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._acting: dict[str, set[asyncio.Task[None]]] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
+        #: host → spool entries listed as too old since the last log line about them
+        self._old: dict[str, int] = {}
         self._save_handle: asyncio.TimerHandle | None = None
         self._closing = False
         hosts.watchers.append(self._host_changed)
@@ -175,6 +177,10 @@ class Spools:
                 for line in lines.feed(data):
                     self._line(sup, line)
                 self._save_soon()
+                old = self._old.pop(name, 0)
+                if old:
+                    log.info("%s: %d browser-open request(s) in the spool were older than "
+                             "open_max_age: listed (`tunnelctl opens`), not opened", name, old)
         except (asyncssh.Error, OSError) as exc:
             log.info("%s: the spool reader stopped: %s", name, exc)
         finally:
@@ -226,8 +232,7 @@ class Spools:
             self.requests.done(req, "old", f"older than open_max_age ({describe_age(ev.age)} "
                                            f"> {describe_age(limit)}); `tunnelctl open "
                                            f"--request {req.n}` opens it")
-            log.info("%s: a browser-open request from the spool is %s old; listed as %d, not "
-                     "opened", name, describe_age(ev.age), req.n)
+            self._old[name] = self._old.get(name, 0) + 1
             return
         acting = self._acting.setdefault(name, set())
         slots = self._slots.setdefault(name, asyncio.Semaphore(MAX_ACTING))
