@@ -63,7 +63,8 @@ class Spools:
         self.positions: dict[str, spool.Position] = {}
         #: host → (what its reader does, since when)
         self.status: dict[str, tuple[str, float]] = {}
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        #: host → (the supervisor followed, its task)
+        self._tasks: dict[str, tuple[HostSupervisor, asyncio.Task[None]]] = {}
         self._acting: dict[str, set[asyncio.Task[None]]] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
         #: host → spool entries listed as too old since the last log line about them
@@ -126,10 +127,11 @@ class Spools:
     def _host_changed(self, sup: HostSupervisor) -> None:
         if self._closing or sup.state is not HostState.CONNECTED:
             return
-        task = self._tasks.get(sup.name)
-        if task is None or task.done():
-            self._tasks[sup.name] = asyncio.get_running_loop().create_task(
-                self._follow(sup), name=f"spool:{sup.name}")
+        have = self._tasks.get(sup.name)
+        # (a reader of a supervisor the host no longer has ends on its own)
+        if have is None or have[1].done() or have[0] is not sup:
+            self._tasks[sup.name] = (sup, asyncio.get_running_loop().create_task(
+                self._follow(sup), name=f"spool:{sup.name}"))
 
     def _say(self, host: str, what: str) -> None:
         if self.status.get(host, ("",))[0] != what:
@@ -154,7 +156,8 @@ class Spools:
                     await sup.wait_change(deadline - time.monotonic())
                 delay = min(RETRY_MAX, delay * 2) if sup.live_connection() is conn else RETRY
         finally:
-            if self._tasks.get(name) is asyncio.current_task():
+            have = self._tasks.get(name)
+            if have is not None and have[1] is asyncio.current_task():
                 del self._tasks[name]
                 self._say(name, "not followed (the host is not connected)")
 
@@ -309,7 +312,8 @@ class Spools:
     async def close(self) -> None:
         """The daemon stops: end the readers, write the file."""
         self._closing = True
-        tasks = list(self._tasks.values()) + [t for s in self._acting.values() for t in s]
+        tasks = [t for _, t in self._tasks.values()] + \
+            [t for s in self._acting.values() for t in s]
         for t in tasks:
             t.cancel()
         if tasks:
