@@ -46,6 +46,9 @@ RETRY = 2.0
 RETRY_MAX = 60.0
 #: seconds between the changes of the list and positions and their write to the file
 SAVE_DELAY = 0.2
+#: seconds: a session's marker seen at most this long before a spool entry was asked for is
+#: taken as that entry's twin (the same request, printed and spooled by the helper)
+TWIN_SLACK = 30.0
 #: a limit: entries acted on at once per host (more wait for one to finish)
 MAX_ACTING = 8
 
@@ -237,11 +240,28 @@ class Spools:
                                            f"--request {req.n}` opens it")
             self._old[name] = self._old.get(name, 0) + 1
             return
+        twin = self._twin(req, time.time() - ev.age)
+        if twin is not None:
+            self.requests.done(req, "duplicate", f"the same request as {twin.n}, seen in the "
+                                                 f"output of {twin.source}")
+            return
         acting = self._acting.setdefault(name, set())
         slots = self._slots.setdefault(name, asyncio.Semaphore(MAX_ACTING))
         task = asyncio.get_running_loop().create_task(self._act(name, req, slots))
         acting.add(task)
         task.add_done_callback(acting.discard)
+
+    def _twin(self, req: Request, asked: float) -> Request | None:
+        """The marker a session read for the same request (the helper prints one and spools
+        it): same host, URL and node, seen since about when it was asked (this machine's
+        clock; the list is saved, so this holds across a daemon restart too)."""
+        for r in reversed(list(self.requests)):
+            if r.seen < asked - TWIN_SLACK:
+                return None
+            if r is not req and r.source.startswith("session ") and r.host == req.host and \
+                    r.url == req.url and (r.node == req.node or None in (r.node, req.node)):
+                return r
+        return None
 
     async def _act(self, host: str, req: Request, slots: asyncio.Semaphore) -> None:
         async with slots:
