@@ -235,3 +235,15 @@ def test_config_is_frozen(tmp_path):
 def test_config_forwards_are_local_only(tmp_path):
     with pytest.raises(ConfigError):
         load_config(_write(tmp_path, '[hosts.barhal]\nforwards = ["-R 9000:localhost:80"]\n'))
+
+
+def test_open_max_age_default_per_host_and_bad_values(tmp_path):
+    assert Config().open_max_age("any") == 120
+    cfg = load_config(_write(tmp_path, "[defaults]\nopen_max_age = 30\n[hosts.hpc]\nopen_max_age = 0\n"
+                          "[hosts.other]\nforwards = []\n"))
+    assert (cfg.open_max_age("hpc"), cfg.open_max_age("other"), cfg.open_max_age("x")) == \
+        (0, 30, 30)
+    for text, line in (("[defaults]\nopen_max_age = -1\n", 2),
+                       ("[hosts.hpc]\nopen_max_age = \"soon\"\n", 2)):
+        assert re.search(rf"config.toml:{line}: .*open_max_age",
+                         _config_error(_write(tmp_path, text)))

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("tunneld", "tunnelctl")
 #: modules with no I/O framework in them (design.md §2): tested byte-in / event-out
 PURE = ("spec", "markers", "printed", "urls", "state", "wire", "socks", "remote", "openfail",
-        "reload", "names", "errors", "desktop", "sshconfig", "jobs", "jobpoll")
+        "spool", "rcfile", "openlog", "jobs", "jobpoll",
+        "reload", "names", "errors", "desktop", "sshconfig")
 FRAMEWORKS = ("asyncio", "asyncssh", "pydantic", "uvloop")
 #: a module is one job: about this many lines at most
 MAX_LINES = 470

@@ -314,3 +314,30 @@ def test_sessions_shows_the_newest_url_only_when_one_was_printed(capsys, monkeyp
     head, _, b = capsys.readouterr().out.splitlines()
     assert head.split()[-2:] == ["URL", "COMMAND"]
     assert "http://127.0.0.1:8888/lab?token=t" in b and "/old" not in b
+
+
+def test_open_without_a_target_or_with_request_and_target_is_a_usage_error(env):
+    r = ctl(env, "open")
+    assert r.returncode == 2 and "--request N" in r.stderr
+    r = ctl(env, "open", "jupyter-1", "--request", "3")
+    assert r.returncode == 2 and "--request N takes no SESSION" in r.stderr
+    r = ctl(env, "open", "--request", "x")
+    assert r.returncode == 2 and "invalid int value" in r.stderr
+
+
+def test_opens_and_setup_remote_are_shown_for_a_person(capsys):
+    from tunnelctl.render import print_opens, print_setup
+    print_opens({"requests": [
+        {"n": 7, "seen": "2026-11-21T21:00:05Z", "host": "hpc", "node": "node42",
+         "source": "spool", "outcome": "old", "url": "http://127.0.0.1:8888/lab?token=abc",
+         "reason": "older than open_max_age (3h 5m > 2m)"}],
+        "spools": [{"host": "hpc", "state": "following ~/.tunneld/spool/opens",
+                    "since": "2026-11-21T21:00:00Z"}]})
+    out = capsys.readouterr().out
+    assert "node42" in out and "old" in out and "older than open_max_age" in out
+    assert "token=abc" not in out and "spool of hpc: following" in out
+    print_setup({"host": "hpc", "path": "/h/.bashrc", "line": "export BROWSER=X",
+                 "why": "bash", "apply": True, "added": True, "backup": "/h/.bashrc.b",
+                 "helper": "/h/.tunneld/bin/open-on-local", "lines": ["", "# c", "export B"]})
+    out = capsys.readouterr().out
+    assert "--- /h/.bashrc  (backup: /h/.bashrc.b)" in out and "+export B" in out

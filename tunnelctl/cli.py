@@ -135,13 +135,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("kill", help="stop a session's remote process and all its children")
     p.add_argument("session")
 
-    p = sub.add_parser("open", help="open a session's newest URL, or a URL printed on a host, "
-                                    "locally through the tunnel",
-                       usage="tunnelctl open SESSION [--list] | tunnelctl open HOST URL")
-    p.add_argument("target", metavar="SESSION|HOST")
+    p = sub.add_parser("open", help="open a session's newest URL, a URL printed on a host, "
+                                    "or a listed request, locally through the tunnel",
+                       usage="tunnelctl open SESSION [--list] | tunnelctl open HOST URL | "
+                             "tunnelctl open --request N")
+    p.add_argument("target", metavar="SESSION|HOST", nargs="?")
     p.add_argument("url", nargs="?", help="a URL as printed on HOST")
     p.add_argument("--list", action="store_true",
                    help="print the URLs the session printed (their local ends); open none")
+    p.add_argument("--request", type=int, metavar="N",
+                   help="open request N of `tunnelctl opens` (e.g. one too old to be opened "
+                        "on its own)")
+    _no_prompt(p)
+
+    p = sub.add_parser("opens", help="recent browser-open requests and what was done with each")
+    p.add_argument("--json", action="store_true",
+                   help="every field, as JSON (docs/reference.md)")
+
+    p = sub.add_parser("setup-remote",
+                       help="the line for the server's shell start-up file that sends every "
+                            "program's browser to tunneld (--apply: add it)",
+                       usage="tunnelctl setup-remote HOST [--apply] [--shell-file PATH]")
+    p.add_argument("host")
+    p.add_argument("--apply", action="store_true",
+                   help="install the BROWSER helper and add the line (once; after a backup)")
+    p.add_argument("--shell-file", metavar="PATH",
+                   help="the start-up file (default: ~/.bashrc for bash, ~/.zshrc for zsh, "
+                        "else ~/.profile; a relative PATH is under the home on the server)")
     _no_prompt(p)
 
     p = sub.add_parser("watch", help="copy stdin to stdout, opening browser-open markers")

@@ -336,6 +336,20 @@ def cmd_kill(a: argparse.Namespace) -> int:
 
 
 def cmd_open(a: argparse.Namespace) -> int:
+    if a.request is not None:
+        if a.target is not None or a.list:
+            print("tunnelctl open: --request N takes no SESSION, HOST, URL or --list",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        r = call("open", request=a.request, **_interactive(a))
+        print(f"request {a.request}: " + (f"opened {r['url']}" if r.get("opened") else
+                                          f"not opened ({r.get('reason')}): {r['url']}"))
+        return EXIT_OK
+    if a.target is None:
+        print("usage: tunnelctl open SESSION [--list] | tunnelctl open HOST URL | tunnelctl "
+              "open --request N\ntunnelctl open: error: name a SESSION, a HOST and a URL, "
+              "or --request N (`tunnelctl opens` lists the requests)", file=sys.stderr)
+        return EXIT_USAGE
     if a.url is None:
         return _open_session(a.target, a.list)
     if a.list:
@@ -369,6 +383,24 @@ def _open_session(name: str, list_only: bool) -> int:
     return EXIT_OK
 
 
+def cmd_opens(a: argparse.Namespace) -> int:
+    r = call("opens")
+    if a.json:
+        print(json.dumps(r, indent=1))
+    else:
+        render.print_opens(r)
+    return EXIT_OK
+
+
+def cmd_setup_remote(a: argparse.Namespace) -> int:
+    args: dict[str, Any] = {"apply": a.apply} | _interactive(a)
+    if a.shell_file is not None:
+        args["shell_file"] = a.shell_file
+    r = call("setup-remote", host=a.host, **args)
+    render.print_setup(r)
+    return EXIT_OK
+
+
 def cmd_watch(a: argparse.Namespace) -> int:
     from tunnelctl import watch
     return watch.watch(a.host, open_url)
@@ -396,4 +428,5 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "sessions": cmd_sessions, "forget": cmd_forget, "logs": cmd_logs, "kill": cmd_kill,
     "open": cmd_open, "watch": cmd_watch, "ssh": cmd_ssh, "reload": cmd_reload,
     "events": cmd_events, "service": cmd_service, "completion": cmd_completion,
+    "opens": cmd_opens, "setup-remote": cmd_setup_remote,
 }

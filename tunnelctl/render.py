@@ -186,6 +186,46 @@ def print_sessions(sessions: list[dict[str, Any]]) -> None:
         table(rows, squeeze=(8, 7, 3))
 
 
+def print_opens(r: dict[str, Any]) -> None:
+    """`tunnelctl opens`: the recent requests (oldest first), then how each spool is read."""
+    from tunneld.urls import redact
+    reqs = r.get("requests") or []
+    if not reqs:
+        print("no browser-open requests yet")
+    else:
+        rows: list[tuple[str, ...]] = [("N", "SEEN", "HOST", "NODE", "SOURCE", "OUTCOME",
+                                        "URL", "WHY")]
+        for q in reqs:
+            rows.append((str(q["n"]), ago(q["seen"]) + " ago", q["host"], q.get("node") or "",
+                         q["source"], q["outcome"], redact(q["url"]), q.get("reason") or ""))
+        table(rows, squeeze=(7, 6))
+    for sp in r.get("spools") or []:
+        print(f"spool of {sp['host']}: {sp['state']} (since {ago(sp['since'])} ago)")
+
+
+def print_setup(r: dict[str, Any]) -> None:
+    """`tunnelctl setup-remote HOST [--apply]`: the line, the file and what was done."""
+    host, path = r["host"], r["path"]
+    print(f"{host}: the line for {path}:\n\n    {r['line']}\n\n({r['why']})")
+    if r.get("already"):
+        print(f"{host}: already set up: {path} sets BROWSER to tunneld's helper; nothing "
+              "changed")
+    if r.get("helper"):
+        print(f"{host}: the BROWSER helper is installed: {r['helper']}")
+    elif r.get("helper_failed"):
+        print(f"tunnelctl: warning: {host}: the BROWSER helper could not be written in "
+              "~/.tunneld/bin (a read-only or full home?)", file=sys.stderr)
+    if r.get("added"):
+        print(f"--- {path}" + (f"  (backup: {r['backup']})" if r.get("backup") else
+                               "  (new file)"))
+        print(f"+++ {path}")
+        for line in r.get("lines") or []:
+            print(f"+{line}")
+        print(f"{host}: added; new logins use it (this one: `source {path}`)")
+    elif not r.get("apply") and not r.get("already"):
+        print(f"nothing was changed; `tunnelctl setup-remote {host} --apply` adds it")
+
+
 def status_line(r: dict[str, Any]) -> str:
     """`tunnelctl status`: one line.  The fast path's state is a part of it when the daemon
     reports one (``fastpath``; a daemon older than that key gets no such part)."""

@@ -8,6 +8,8 @@ config.toml (optional)::
     keepalive_count_max = 2     # unanswered keepalives before the link is declared dead
     hold_timeout = 10           # seconds a client is held while its host is down
     printed_urls = "forward"    # URLs a session prints: "forward", "open" or "ignore"
+    open_max_age = 120          # seconds: older spool requests are listed, not opened
+    job_warning = 10            # minutes before a batch job's time limit: a notification
 
     [hosts.barhal]
     forwards = ["8090-8092", "18888:node42:8888"]
@@ -60,6 +62,9 @@ class Defaults(Strict):
     printed_urls: PrintedUrls = "forward"
     #: minutes before a batch job's time limit that a desktop notification warns of its end
     job_warning: float = Field(10.0, ge=0, le=24 * 60)
+    #: seconds: a browser-open request from the server's spool older than this when tunneld
+    #: first sees it is listed (`tunnelctl opens`), not opened
+    open_max_age: float = Field(120.0, ge=0, le=30 * 86400)
 
     @field_validator("bind")
     @classmethod
@@ -74,6 +79,8 @@ class HostConfig(Strict):
     forwards: list[str] = []
     #: this host's ``printed_urls``, else ``[defaults]``'s
     printed_urls: PrintedUrls | None = None
+    #: this host's ``open_max_age``, else ``[defaults]``'s
+    open_max_age: float | None = Field(None, ge=0, le=30 * 86400)
 
     @field_validator("forwards")
     @classmethod
@@ -94,6 +101,11 @@ class Config(Strict):
         """What URLs printed in ``host``'s sessions get (its own setting, else the default)."""
         own = self.hosts[host].printed_urls if host in self.hosts else None
         return own or self.defaults.printed_urls
+
+    def open_max_age(self, host: str) -> float:
+        """``host``'s ``open_max_age`` (its own, else the default)."""
+        own = self.hosts[host].open_max_age if host in self.hosts else None
+        return self.defaults.open_max_age if own is None else own
 
     def forwards(self) -> dict[str, list[specmod.ForwardSpec]]:
         return {name: specmod.parse_all(h.forwards, self.defaults.bind)

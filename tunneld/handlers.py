@@ -73,7 +73,7 @@ class Handlers:
             "stop": self.stop, "reconnect": self.reconnect, "login": self.login,
             "run": self.run, "sessions": self.sessions, "logs": self.logs, "kill": self.kill,
             "forget": self.forget, "open": self.open, "reload": self.reload,
-            "events": self.events,
+            "events": self.events, "opens": self.opens, "setup-remote": self.setup_remote,
         }
 
     async def add(self, a: dict[str, Any], peer: Peer) -> Any:
@@ -126,6 +126,10 @@ class Handlers:
         return self.m.sessions.forget(a["names"], a["ended"])
 
     async def open(self, a: dict[str, Any], peer: Peer) -> Any:
+        if a["request"] is not None:
+            if a["session"] is not None or a["url"] is not None or a["list"]:
+                raise UsageError("open --request N takes no session, URL or --list")
+            return await self.m.spools.open_request(a["request"], _prompter(a, peer))
         if a["session"] is not None:
             return await self.m.sessions.urls(a["session"], not a["list"])
         host = a["host"]
@@ -136,6 +140,13 @@ class Handlers:
             return await self.m.opener.open(host, a["url"], a["node"], "tunnelctl open")
         finally:
             await self.m.hosts.release(host)   # kept only if something else uses it
+
+    async def opens(self, a: dict[str, Any], peer: Peer) -> Any:
+        return {"version": __version__, **self.m.spools.snapshot()}
+
+    async def setup_remote(self, a: dict[str, Any], peer: Peer) -> Any:
+        return await self.m.spools.setup_remote(a["host"], a["apply"], a["shell_file"],
+                                                _prompter(a, peer))
 
     async def reload(self, a: dict[str, Any], peer: Peer) -> Any:
         if self.on_reload is None:

@@ -4,7 +4,8 @@
 - ``forwards`` (``forwards.Forwards``): add, remove, automatic forwards, reload;
 - ``sessions`` (``sessions.Sessions``): run, kill, forget, detached sessions taken up;
 - ``opener`` (``opener.Opener``): browser opens; ``events``: state changes for `tunnelctl
-  events`; ``store``: the state and sessions files.
+  events`; ``store``: the state and sessions files; ``spools`` (``spools.Spools``): the
+  browser-open spool of every connected host and the list of recent requests.
 
 The manager itself only starts (``restore``: ``ready`` is set once the last run's forwards and
 sessions are back, and the control server answers commands only after that), reloads, stops
@@ -26,6 +27,7 @@ from .forwards import Forwards
 from .opener import Opener
 from .registry import Hosts
 from .sessions import Sessions
+from .spools import OPENS_FILE, Spools
 from .store import Store
 
 log = logging.getLogger("tunneld")
@@ -49,6 +51,9 @@ class Manager:
                                  self.opener, lambda: self.config,
                                  session_dir or state_path.parent / "sessions")
         self.hosts.busy = self.sessions.uses
+        #: the browser-open spool of every connected host, and the list of recent requests
+        self.spools = Spools(self.hosts, self.opener, state_path.with_name(OPENS_FILE),
+                             lambda: self.config)
         #: set once the forwards and sessions of the last run are restored
         self.ready = asyncio.Event()
 
@@ -57,6 +62,7 @@ class Manager:
         sessions, then set ``ready``.  Failures are logged; the daemon starts anyway."""
         async with self.hosts.lock:
             self.store.clean()
+            self.spools.load()
             await self.forwards._restore()
             await self.sessions._restore()
         self.ready.set()
@@ -92,6 +98,7 @@ class Manager:
         if closing:
             await asyncio.wait(closing, timeout=1.0)
         await ending
+        await self.spools.close()
         await self.hosts.close()
 
     def snapshot(self) -> dict[str, Any]:

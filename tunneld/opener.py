@@ -21,9 +21,9 @@ from typing import Any, Awaitable, Callable, Protocol
 
 import asyncssh
 
-from . import printed, sshrun, urls
+from . import openlog, printed, sshrun, urls
 from .desktop import GRAPHICAL_ENV
-from .errors import ConnectError, UsageError
+from .errors import ConnectError, TunneldError, UsageError
 from .events import EventHub
 from .names import reduce_host_name
 from .spec import ForwardSpec
@@ -46,6 +46,12 @@ class HasSpec(Protocol):
 #: the forward of a host to a target: an existing one, or a new automatic one
 EnsureForward = Callable[[str, str, int, str], Awaitable[HasSpec]]
 
+#: what a not-opened outcome of ``urls.OpenPolicy`` means, as `tunnelctl opens` says it
+_REASONS = {
+    "duplicate": f"the same URL was opened less than {urls.OpenPolicy.DEDUP_WINDOW:g}s ago",
+    "rate-limited": f"more than {urls.OpenPolicy.RATE_MAX} opens for the host within "
+                    f"{urls.OpenPolicy.RATE_WINDOW:g}s",
+}
 #: a limit: bytes of a Jupyter redirect file read from the server
 MAX_REDIRECT_FILE = 64 * 1024
 #: seconds between readiness probes of the remote port, and the cap of its growth
@@ -78,6 +84,8 @@ class Opener:
         self.events = events
         self.configure(browser, ready_timeout)
         self.policy = urls.OpenPolicy()
+        #: the recent requests and what was done with each (`tunnelctl opens`)
+        self.requests = openlog.Requests()
         #: host → (connection, its server's host name) for markers that name a node
         self._server_names: dict[str, tuple[Any, str | None]] = {}
 
@@ -88,14 +96,32 @@ class Opener:
 
     async def open(self, host: str, url: str, node: str | None = None,
                    source: str = "", server: str | None = None,
-                   explicit: bool = False, socket: str | None = None) -> dict[str, Any]:
+                   explicit: bool = False, socket: str | None = None,
+                   request: openlog.Request | None = None, note: bool = True
+                   ) -> dict[str, Any]:
         """Open ``url`` (as printed on ``host``, or on compute node ``node`` behind it) in the
         local browser.  ``server``: ``host``'s own host name if known (else it is asked for
         when ``node`` is given).  ``explicit``: a person asked for it (no duplicate check).
-        ``socket``: as for ``route``.
+        ``socket``: as for ``route``.  The outcome is noted in ``requests`` (in ``request``,
+        or in a new one unless ``note`` is False).
         Raises UsageError (refused URL) or ConnectError (host down, port never ready)."""
-        routed = await self.route(host, url, node, source, server, socket)
-        return await self.launch(host, routed, source, explicit)
+        req = request if request is not None or not note else \
+            self.requests.add(time.time(), host, url, node, source)
+        try:
+            routed = await self.route(host, url, node, source, server, socket)
+            result = await self.launch(host, routed, source, explicit)
+        except BaseException as exc:
+            if req is not None:
+                why = str(exc) if isinstance(exc, TunneldError) else \
+                    "cancelled" if isinstance(exc, asyncio.CancelledError) else repr(exc)
+                self.requests.done(req, "refused" if isinstance(exc, UsageError)
+                                   else "failed", why)
+            raise
+        if req is not None:
+            outcome = "opened" if result["opened"] else result["reason"]
+            self.requests.done(req, outcome, _REASONS.get(outcome, ""), result["url"],
+                               result["forward"])
+        return result
 
     async def route(self, host: str, url: str, node: str | None = None,
                     source: str = "", server: str | None = None,
@@ -169,7 +195,7 @@ class Opener:
             return cached[1]
         try:
             result = await sshrun.run(conn, "(hostname || uname -n) 2>/dev/null", 15)
-            # as the BROWSER helper reduces it (remote.HELPER_SCRIPT)
+            # as the BROWSER helper reduces it (spool.HOSTNAME_EXPR)
             name = reduce_host_name(str(result.stdout or ""))
         except (asyncio.TimeoutError, asyncssh.Error, OSError):
             name = None

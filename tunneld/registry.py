@@ -43,6 +43,8 @@ class Hosts:
         #: True while something other than forwards uses the host (a running session); set by
         #: the manager
         self.busy: Callable[[HostSupervisor], bool] = lambda sup: False
+        #: called after every transition of every host (the spool readers follow them)
+        self.watchers: list[Callable[[HostSupervisor], None]] = []
 
     # -- the mapping -------------------------------------------------------------------------
 
@@ -75,8 +77,13 @@ class Hosts:
         sup = self._by_name.get(name)
         if sup is None:
             sup = self._by_name[name] = HostSupervisor(name, self._settings(),
+                                                       on_change=self._changed,
                                                        events=self.events)
         return sup
+
+    def _changed(self, sup: HostSupervisor) -> None:
+        for watch in list(self.watchers):
+            watch(sup)
 
     def host_for(self, name: str) -> HostSupervisor:
         """The supervisor of ``name``, created and started if needed."""

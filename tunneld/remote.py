@@ -21,6 +21,7 @@ import shlex
 from dataclasses import dataclass
 
 from .markers import BROWSER_ENV
+from .spool import HELPER_SCRIPT, HOSTNAME_EXPR
 
 #: first line of a session's stdout: this tag, the shell's pid, newline (removed from output)
 PID_TAG = "\x1etunneld-pid:"
@@ -156,15 +157,7 @@ FOLLOW_POLL = 0.5
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 
 # the host name, reduced to what a marker's NODE may hold
-_HOSTNAME = "$( (hostname || uname -n) 2>/dev/null | tr -cd 'A-Za-z0-9_.-' | cut -c1-253)"
-
-HELPER_SCRIPT = f"""#!/bin/sh
-# tunneld's BROWSER helper: asks the local browser (through tunneld) to open "$1", naming
-# the host this runs on, so a URL printed on a compute node is forwarded to that node.
-h={_HOSTNAME}
-if [ -n "$h" ]; then printf 'OPEN_ON_LOCAL(%s)[%s]\\n' "$h" "$1"
-else printf 'OPEN_ON_LOCAL[%s]\\n' "$1"; fi
-"""
+_HOSTNAME = HOSTNAME_EXPR
 
 # installs the BROWSER helper (in "$base"/bin, with umask 077) and exports BROWSER: the helper's
 # path, or the plain marker command where the helper cannot be written or named

@@ -107,7 +107,7 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
 
 
 #: the files atomic_write() writes in the state directory (their temp files: ``.NAME.*``)
-STATE_FILES = ("forwards.json", "sessions.json")
+STATE_FILES = ("forwards.json", "sessions.json", "opens.json")
 
 
 def remove_stale_temp_files(directory: Path, names: tuple[str, ...] = STATE_FILES) -> int:

@@ -60,7 +60,8 @@ PROMPT_KINDS = frozenset({"password", "kbdint", "passphrase"})
 #: ``ARGS`` below)
 COMMANDS = frozenset({
     "add", "remove", "list", "status", "stop", "reconnect", "login",
-    "run", "sessions", "logs", "kill", "open", "reload", "events", "forget",
+    "run", "sessions", "logs", "kill", "open", "reload", "events", "forget", "opens",
+    "setup-remote",
 })
 
 
@@ -206,6 +207,15 @@ def scheduler_choice(name: str, value: Any) -> str | None:
                      f"is found), not {_show(value)}")
 
 
+def number(name: str, value: Any) -> int | None:
+    """A positive whole number, or none."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{name!r} must be a whole number from 1, not {_show(value)}")
+    return value
+
+
 def command_words(name: str, value: Any) -> list[str]:
     """A session's command: its words (a string is one word)."""
     if isinstance(value, str):
@@ -237,10 +247,15 @@ ARGS: dict[str, dict[str, Checker]] = {
     "kill": {"name": text()},
     "forget": {"names": texts, "ended": flag()},
     # a URL printed on a host, or (``session``) the newest URL a session printed; ``list``:
-    # the session's URLs, nothing opened
+    # the session's URLs, nothing opened; ``request``: a request `opens` lists
     "open": {"host": host(required=False), "url": text(required=False),
              "node": text(required=False), "session": session_name(required=False),
-             "list": flag(), "interactive": flag()},
+             "list": flag(), "request": number, "interactive": flag()},
+    # recent browser-open requests (the spool's, sessions' markers, `open`'s)
+    "opens": {},
+    # the BROWSER line for the server's shell start-up file; ``apply``: add it
+    "setup-remote": {"host": host(), "apply": flag(), "shell_file": text(required=False),
+                     "interactive": flag()},
     "reload": {},
     "events": {},
 }
