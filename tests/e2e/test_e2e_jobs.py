@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import sys
 import textwrap
 import time
@@ -267,3 +268,27 @@ def test_jupyter_server_in_a_job_opens_in_the_browser(jd, slurm_cluster, opened,
     assert s["job"]["node"] == "tdnode1" and s["urls"]
     d.ctl("kill", "jl")
     wait_job(d, "jl", "killed", timeout=60)
+
+
+def test_a_marker_of_a_job_submitted_with_plain_sbatch_arrives_through_the_spool(
+        jd, slurm_cluster, opened, tmp_path):
+    """Not a tunneld session: the user's own `sbatch` of a job whose program opens the
+    browser (BROWSER set as `tunnelctl setup-remote` says); its request reaches the local
+    browser through the spool in the shared home, routed to the job's node."""
+    d, c = jd, slurm_cluster
+    r = d.ctl("setup-remote", c.host, "--apply")
+    assert "export BROWSER=$HOME/.tunneld/bin/open-on-local" in r.stdout, r.stdout
+    d.ctl("add", c.host, "18999:localhost:1")   # the host is connected: its spool is read
+    prog = script(tmp_path, SERVE)
+    wrap = f"export BROWSER=$HOME/.tunneld/bin/open-on-local; exec {sys.executable} {prog} " \
+           f"0 {tmp_path / 'never'} 0"
+    r = c.ssh(f"sbatch --parsable --wrap {shlex.quote(wrap)}", check=True)
+    job_id = r.stdout.strip()
+    (url,) = wait_opened(opened, timeout=40)
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/page", url), url
+    assert urllib.request.urlopen(url, timeout=10).read().decode() == \
+        "served on tdnode1 path /page"
+    reqs = json.loads(d.ctl("opens", "--json").stdout)["requests"]
+    assert [(q["source"], q["node"], q["outcome"]) for q in reqs] == \
+        [("spool", "tdnode1", "opened")]
+    c.run(["scancel", job_id], check=True)

@@ -114,11 +114,9 @@ def test_a_program_started_with_plain_ssh_reaches_the_local_browser(daemon, sshd
                                                                      tmp_path, web):
     d = connected(daemon, sshd, opened, tmp_path)
     try:
-        t0 = time.monotonic()
         r = plain_ssh(sshd, f"$HOME/{HELPER} http://127.0.0.2:{web}/x?y=1")
         assert r.returncode == 0 and "OPEN_ON_LOCAL(" in r.stdout, r
         (url,) = wait_opened(opened, 1, timeout=10)
-        assert time.monotonic() - t0 < 10
         assert url.startswith("http://127.0.0.1:") and url.endswith("/x?y=1")
         assert urllib.request.urlopen(url, timeout=10).read() == b"path /x?y=1"
         (req,) = wait_requests(d, 1)
