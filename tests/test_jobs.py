@@ -324,3 +324,48 @@ def test_a_job_record_is_checked_when_taken_up():
                 ["not", "a", "dict"]):
         with pytest.raises(ValueError):
             jobs.checked_record(bad)
+
+
+@pytest.mark.parametrize("line,state,reason", [
+    ("9|POWER_UP_NODE|None||10:00|10:00", "pending", "power up node"),
+    ("9|LAUNCH_FAILED|None|tdnode1|10:00|10:00", "running", "launch failed"),
+])
+def test_a_slurm_state_this_table_does_not_know_is_never_an_end(line, state, reason):
+    (info,) = jobpoll.parse_squeue(line).values()
+    assert (info.state, info.reason) == (state, reason)
+
+
+def test_options_that_block_or_interact_are_refused_for_each_scheduler():
+    for words, sched in ((["-K"], "lsf"), (["-Is", "bash"], "lsf"), (["-I"], "pbs"),
+                         (["-W", "block=true"], "pbs"), (["-j", "oe"], "pbs")):
+        with pytest.raises(ValueError, match="is tunneld's to set"):
+            jobs.check_options(words, sched)
+    jobs.check_options(["-W", "depend=afterok:12"], "pbs")
+
+
+def test_qstat_exit_codes_name_the_limit():
+    text = ("Job Id: 1.s\n    job_state = F\n    Exit_status = -27\n"
+            "Job Id: 2.s\n    job_state = C\n    Exit_status = 271\n"
+            "    comment = Job exceeded its walltime limit and was killed\n")
+    q = jobpoll.parse_qstat(text)
+    assert q["1.s"].state == "out of memory" and q["2.s"].state == "timeout"
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_the_job_gets_the_users_umask_and_a_lost_answer_is_told_from_none(cluster, shell):
+    home, bin_dir = cluster
+    _fake(bin_dir, "sbatch", 'umask > "$HOME/umask"; echo 5\n')
+    text = jobs.submit_command("u-1-0000", "u-1", "slurm", [],
+                               jobs.job_script("u-1-0000", "true", {}, False, "slurm"))
+    r = _run(shell, "umask 022\n" + text, home, bin_dir)
+    assert r.returncode == 0 and (home / "umask").read_text().strip() in ("0022", "022")
+    d = home / remote.SESSIONS_DIR / "u-1-0000"
+    assert not (d / "submitting").exists()
+    # a submitter still running (its pid alive): the probe says so; a dead one: nothing
+    (d / "job").unlink()
+    (d / "submitting").write_text(f"{os.getpid()}\n")
+    r = _run(shell, jobs.probe_submit_command("u-1-0000"), home, bin_dir)
+    assert jobs.SUBMITTING_TAG in r.stdout
+    (d / "submitting").write_text("999999999\n")
+    r = _run(shell, jobs.probe_submit_command("u-1-0000"), home, bin_dir)
+    assert r.stdout == "" and r.returncode == 0

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tunneld import jobwatch
+from tunneld import jobs, jobwatch
 from tunneld.jobs import JobInfo
 from tunneld.state import SessionState
 
@@ -20,12 +20,12 @@ class FakeJob:
                  job_state: str = "pending", due: float | None = None) -> None:
         self.job_id, self.remote_id, self.scheduler = job_id, f"s{job_id}-1-0000", "slurm"
         self.state, self.job_state, self.running, self.detaching = state, job_state, True, False
-        self.due = due
+        self.due_at = due
         self.seen: list[tuple] = []
         self.poke = lambda: None
 
-    def warn_due(self, now: float) -> float | None:
-        return self.due
+    def due(self, now: float) -> float | None:
+        return self.due_at
 
     def saw_job(self, info, run, status, now) -> None:
         self.seen.append((info, run, status))
@@ -109,12 +109,17 @@ def test_a_job_session_follows_what_the_scheduler_says(tmp_path, monkeypatch):
     assert sess.state is SessionState.RUNNING and sess.node == "gpu012"
     assert sess.ends == 15000.0 and sent == ["lab-1 is running on gpu012"]
     # the warning: due 10 min before the end, sent once
-    assert sess.warn_due(1000.0) == 15000.0 - 600
-    assert sess.warn_due(14400.0) is None and sess.warn_due(14500.0) is None
+    assert sess.due(1000.0) == 15000.0 - 600
+    assert sess.due(14400.0) is None and sess.due(14500.0) is None
     assert sent[1:] == ["lab-1 on gpu012 ends in 10 min: save your work"]
     # seen again (a daemon restart takes the record up): nothing sent twice
     sess.saw_job(JobInfo("running", "", "gpu012", 14400, 500), None, None, 14500.0)
     assert len(sent) == 2
+    # a node failure may be requeued: not yet an end; seen again later it is
+    sess.saw_job(JobInfo("node failure", "", "gpu012", 14400), None, None, 14600.0)
+    assert not sess._final.is_set()
+    sess.saw_job(JobInfo("running", "", "gpu012", 14400, 300), None, None, 14700.0)
+    assert sess._end_first is None
     # the scheduler ends it: timeout is a failure naming the limit
     sess.saw_job(JobInfo("timeout", "TimeLimit", "gpu012", 14400), None, None, 15000.0)
     assert sess._final.is_set()
@@ -129,17 +134,70 @@ def test_a_requeued_job_is_pending_again_and_an_unknown_end_is_lost(tmp_path, mo
     sess.saw_job(JobInfo("pending", "BeginTime"), None, None, 0.0)
     assert sess.state is SessionState.PENDING
     sess.saw_job(None, None, None, 0.0)   # gone from queue and accounting, no status file
+    assert not sess._final.is_set()
+    sess.saw_job(None, None, None, 60.0)
     sess._end_from_scheduler()
     assert sess.state is SessionState.LOST and "left the queue without" in sess.error
 
 
-def test_a_job_the_scheduler_calls_failed_without_a_status_is_asked_once_more(tmp_path,
-                                                                             monkeypatch):
+def test_an_end_the_status_file_does_not_tell_must_still_hold_later(tmp_path, monkeypatch):
+    """A job the scheduler calls failed without a status file seen (NFS may not show it
+    yet), a node failure (Slurm may requeue it), a job gone from the queue (Torque's qstat
+    -x answers in XML): taken only once it still holds CONFIRM_WAIT s later."""
+    from tunneld.session_job import CONFIRM_WAIT
     sess, _ = _job_session(tmp_path, monkeypatch)
     sess.saw_job(JobInfo("running", "", "gpu012"), None, None, 0.0)
-    sess.saw_job(JobInfo("failed", "NonZeroExitCode", "gpu012"), None, None, 0.0)
-    assert not sess._final.is_set()          # its status file may just not be seen yet
-    sess.saw_job(JobInfo("failed", "NonZeroExitCode", "gpu012"), None, None, 0.0)
+    sess.saw_job(JobInfo("failed", "NonZeroExitCode", "gpu012"), None, None, 100.0)
+    assert not sess._final.is_set() and sess.due(101.0) == 100.0 + CONFIRM_WAIT
+    sess.saw_job(JobInfo("failed", "NonZeroExitCode", "gpu012"), None, None, 101.0)
+    assert not sess._final.is_set()
+    sess.saw_job(JobInfo("failed", "NonZeroExitCode", "gpu012"), None, None,
+                 100.0 + CONFIRM_WAIT)
     assert sess._final.is_set()
     sess._end_from_scheduler()
     assert sess.state is SessionState.FAILED and "failed before its command ran" in sess.error
+
+
+def test_a_fixed_port_is_forwarded_whoever_learns_the_node_first(tmp_path, monkeypatch):
+    """The poll may see the node before the job's run file: the --port forward is made
+    then; a requeue to another node forwards again."""
+    sess, _ = _job_session(tmp_path, monkeypatch)
+    forwarded: list[tuple] = []
+    sess._on_running = lambda s: forwarded.append((s.node, s.job_port))
+    sess.job_port = 8888
+    sess.saw_job(JobInfo("running", "", "gpu012", 600, 590), None, None, 0.0)
+    sess.saw_run(jobs.Run("gpu012", None, 1.0))
+    assert forwarded == [("gpu012", 8888)]
+    sess.saw_job(JobInfo("pending", "BeginTime"), None, None, 10.0)   # requeued
+    sess.saw_run(jobs.Run("gpu013", None, 20.0))
+    assert forwarded == [("gpu012", 8888), ("gpu013", 8888)]
+
+
+def test_a_stale_end_sends_no_warning(tmp_path, monkeypatch):
+    sess, sent = _job_session(tmp_path, monkeypatch)
+    sess.saw_job(JobInfo("running", "", "gpu012", 600, 100), None, None, 0.0)
+    assert sess.due(500.0) is None and sent == ["lab-1 is running on gpu012"]
+
+
+def test_a_drain_that_fails_backs_off_and_a_gone_directory_ends_the_session(tmp_path,
+                                                                            monkeypatch):
+    from tunneld import session_job
+    sess, _ = _job_session(tmp_path, monkeypatch)
+    sess._final.set()
+    answers = iter([False, False, False, "gone"])
+    delays: list[float] = []
+
+    async def drain(conn):
+        return next(answers)
+
+    async def connected():
+        return object()
+
+    async def sleep(d):
+        delays.append(d)
+    monkeypatch.setattr(sess, "_drain", drain)
+    monkeypatch.setattr(sess, "_connected", connected)
+    monkeypatch.setattr(session_job.asyncio, "sleep", sleep)
+    asyncio.run(sess._attach_until_end())
+    assert delays == [1.0, 2.0, 4.0]
+    assert sess.state is SessionState.LOST and "is gone" in sess.error

@@ -131,6 +131,8 @@ def job_phrase(x: dict[str, Any]) -> str:
     ``failed (exit 3)``, ``timeout``…; the session's own while it is disconnected."""
     job = x.get("job") or {}
     state = job.get("state") or x["state"]
+    if x["state"] in ("failed", "lost") and state in ("pending", "running", "suspended"):
+        return x["state"]   # the session ended without the job's end known (`error`: why)
     if x["state"] == "disconnected":
         return f"disconnected (job {state}{' on ' + job['node'] if job.get('node') else ''})"
     if state == "pending":

@@ -39,7 +39,10 @@ def poll_command(scheduler: str, jobs: dict[str, str]) -> str:
         query = f"squeue -h -t all -j {ids} -o {shlex.quote(_SQUEUE_FORMAT)} 2>/dev/null"
     elif scheduler == "pbs":
         spaced = ids.replace(",", " ")
-        query = f"qstat -f -x {spaced} 2>/dev/null || qstat -f {spaced} 2>/dev/null"
+        # PBS Pro's -x adds finished jobs; Torque's -x means XML: then the plain form (Torque
+        # keeps finished jobs listed for its keep_completed)
+        query = (f"qstat -f -x {spaced} 2>/dev/null | grep -q '^<' && qstat -f {spaced} "
+                 f"2>/dev/null || qstat -f -x {spaced} 2>/dev/null")
     else:
         fields = "jobid stat exec_host pend_reason runtimelimit time_left exit_code " \
                  "exit_reason delimiter='|'"
@@ -136,9 +139,14 @@ def _hms(text: str) -> int | None:
 # -- Slurm --------------------------------------------------------------------------------------
 
 
-def _slurm_state(raw: str) -> str:
-    word = raw.strip().split()[0].upper() if raw.strip() else ""
-    return _SLURM_STATES.get(word.rstrip("+"), "ended" if word else "")
+def _slurm_state(raw: str, node: str) -> tuple[str, str]:
+    """(our state, a reason) of a Slurm state word; a word this table does not know (a newer
+    Slurm's, POWER_UP_NODE…) is a live state: running where the job has a node, else
+    pending, the word as its reason (never taken for an end)."""
+    word = raw.strip().split()[0].upper().rstrip("+") if raw.strip() else ""
+    if word in _SLURM_STATES:
+        return _SLURM_STATES[word], ""
+    return ("running" if node else "pending"), word.lower().replace("_", " ")
 
 
 def parse_squeue(text: str) -> dict[str, JobInfo]:
@@ -148,11 +156,11 @@ def parse_squeue(text: str) -> dict[str, JobInfo]:
         f = line.strip().split("|")
         if len(f) != 6 or not JOB_ID_RE.match(f[0]):
             continue
-        state = _slurm_state(f[1])
-        if not state:
+        if not f[1].strip():
             continue
-        reason = "" if f[2] in ("None", "(null)") else f[2]
         node = "" if f[3] in ("", "(null)", "None assigned") else f[3]
+        state, unknown = _slurm_state(f[1], node)
+        reason = unknown or ("" if f[2] in ("None", "(null)") else f[2])
         out[f[0]] = JobInfo(state, reason, _first_node(node), slurm_seconds(f[4]),
                             slurm_seconds(f[5]) if state == "running" else None)
     return out
@@ -165,10 +173,11 @@ def parse_sacct(text: str) -> dict[str, JobInfo]:
         f = line.strip().split("|")
         if len(f) != 6 or not JOB_ID_RE.match(f[0]):
             continue
-        state = _slurm_state(f[1])
         code = f[2].split(":", 1)[0]
         node = "" if f[3] in ("", "None assigned") else f[3]
-        out[f[0]] = JobInfo(state or "ended", "" if f[5] == "None" else f[5],
+        state = _SLURM_STATES.get(f[1].strip().split()[0].upper().rstrip("+"), "ended") \
+            if f[1].strip() else "ended"
+        out[f[0]] = JobInfo(state, "" if f[5] == "None" else f[5],
                             _first_node(node), slurm_seconds(f[4]), None,
                             int(code) if code.isdigit() else None)
     return out
@@ -206,9 +215,12 @@ def parse_qstat(text: str) -> dict[str, JobInfo]:
         code_text = attrs.get("Exit_status", "").strip()
         code = int(code_text) if re.fullmatch(r"-?\d+", code_text) else None
         if state == "completed" and code is not None:
-            # PBS Pro: -29 walltime, Torque: -11 walltime; 256+N: killed by signal N
-            # (qdel sends TERM); other negatives: the job could not run on its node
-            state = ("timeout" if code in (-29, -11) else
+            # PBS Pro: -29 walltime, -28 CPU time, -27/-26 memory; Torque: -11 walltime,
+            # -12 CPU time, -10 memory; 256+N: killed by signal N (qdel sends TERM, the
+            # comment says whether for the walltime); other negatives: it could not run there
+            comment = attrs.get("comment", "").lower()
+            state = ("timeout" if code in (-29, -28, -11, -12) or "walltime" in comment else
+                     "out of memory" if code in (-27, -26, -10) else
                      "cancelled" if code in (271, 265) else
                      "node failure" if code < 0 else
                      "failed" if code != 0 else "completed")

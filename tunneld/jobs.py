@@ -42,6 +42,8 @@ RUN_TAG = "\x1etunneld-run:"
 STATUS_TAG = "\x1etunneld-status:"
 #: the line that separates the scheduler's answer from the files in the poll's answer
 FILES_TAG = "\x1etunneld-files"
+#: the line a probe prints while the submission it asks about is still under way
+SUBMITTING_TAG = "\x1etunneld-submitting"
 #: exit status of the submit command when the scheduler refused the job (its message on
 #: stderr) or the session directory could not be made
 REFUSED = 124
@@ -90,36 +92,43 @@ class JobInfo:
 _NOT_ALLOWED = {
     "slurm": ("-o", "--output", "-e", "--error", "--open-mode", "--parsable", "--wrap",
               "-a", "--array", "-W", "--wait"),
-    "pbs": ("-o", "-e", "-j", "-k", "-J", "-t", "-W block"),
+    "pbs": ("-o", "-e", "-j", "-k", "-J", "-t", "-I"),
     "lsf": ("-o", "-oo", "-e", "-eo", "-K", "-I", "-Ip", "-Is"),
 }
 
 
 def job_options(text: str, scheduler: str) -> list[str]:
     """``--job``'s text as the scheduler's arguments (split as a shell would); raises
-    ValueError naming an option tunneld must set itself."""
+    ValueError naming an option tunneld must set itself (``check_options``)."""
     try:
         words = shlex.split(text)
     except ValueError as exc:
         raise ValueError(f"--job {text!r}: {exc} (quote it as one argument, e.g. "
                          f"--job '-p gpu --time=4:00:00')") from None
-    banned = _NOT_ALLOWED[scheduler]
-    for w in words:
-        opt = w.split("=", 1)[0]
-        if opt in banned or (scheduler == "pbs" and opt == "-W" and "block" in w):
-            raise ValueError(f"--job: {opt} is tunneld's to set (it writes the job's output "
-                             f"to the session's log and follows it there); leave it out")
-        if scheduler == "slurm" and re.fullmatch(r"-[oeaW].+", w):
-            raise ValueError(f"--job: {w[:2]} is tunneld's to set (it writes the job's "
-                             "output to the session's log and follows it there); leave it out")
+    check_options(words, scheduler)
     return words
+
+
+def check_options(words: list[str], scheduler: str) -> None:
+    """Raise ValueError for an option of ``words`` that tunneld sets itself, or that makes
+    the submitter wait for the job (interactive or blocking submissions)."""
+    banned = _NOT_ALLOWED[scheduler]
+    for i, w in enumerate(words):
+        opt = w.split("=", 1)[0]
+        attached = scheduler == "slurm" and re.fullmatch(r"-[oeaW].+", w)
+        block = scheduler == "pbs" and (opt == "-W" and "block" in
+                                        (w + " " + (words[i + 1] if i + 1 < len(words) else "")))
+        if opt in banned or attached or block:
+            name = w[:2] if attached else "-W block" if block else opt
+            raise ValueError(f"--job: {name} is tunneld's to set (it submits one job, writes its "
+                             "output to the session's log and follows it there); leave it out")
 
 
 def _port_auto() -> list[str]:
     lo, hi = NODE_PORT_RANGE
     return [
-        # a port nothing listens on, on the node: Python asks the kernel, else a random one
-        # that /proc/net/tcp does not list as listening
+        # a port nothing listens on, on the node: Python asks the kernel; without Python a
+        # random one of the range
         "PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind((\"\", 0)); "
         "print(s.getsockname()[1])' 2>/dev/null)",
         'if [ -z "$PORT" ]; then',
@@ -193,32 +202,38 @@ def submit_command(session_id: str, name: str, scheduler: str, options: list[str
     # LSF reads the script from stdin (bsub < script); the others take its path
     script_arg = '< "$dir/job.sh"' if scheduler == "lsf" else '"$dir/job.sh"'
     return "\n".join([
+        "um=$(umask)",   # the job gets the user's umask (schedulers pass the submitter's on)
         "umask 077",
         'base="$HOME"/.tunneld',
         _dir(session_id),
         'mkdir -p "$base/bin" "$base/sessions" && chmod 700 "$base" "$base/bin" '
         '"$base/sessions" && mkdir "$dir" || { echo "cannot create $dir" >&2; '
         f'exit {REFUSED}; }}',
+        'echo $$ > "$dir/submitting"',   # (a probe after a lost answer: still submitting?)
         *_BROWSER_HELPER,   # (the job's script uses the helper the submission installed)
         ': > "$dir/log"',
         f'printf %s {shlex.quote(script)} > "$dir/job.sh" && chmod 700 "$dir/job.sh"',
         'cd "$HOME" || exit 1',
-        f'out=$({_submit_argv(scheduler, name)} {opts} {script_arg} 2>"$dir/submit.err")',
+        f'out=$(umask "$um"; {_submit_argv(scheduler, name)} {opts} {script_arg} '
+        '2>"$dir/submit.err")',
         "st=$?",
         'if [ $st -ne 0 ]; then',
         f'  cat "$dir/submit.err" >&2; rm -rf -- "$dir"; exit {REFUSED}',
         'fi',
-        'printf \'%s\\n\' "$out" > "$dir/job"',
+        'printf \'%s\\n\' "$out" > "$dir/job"; rm -f "$dir/submitting"',
         f"printf '%s%s\\t%s\\t%s\\n' {shlex.quote(JOB_TAG)} \"$out\" \"{_HOSTNAME}\" \"$dir\"",
     ])
 
 
 def probe_submit_command(session_id: str) -> str:
     """Text that prints the ``JOB_TAG`` line of a submission whose answer was lost (the
-    connection dropped, the daemon stopped); nothing if no job id was recorded."""
+    connection dropped, the daemon stopped); ``SUBMITTING_TAG`` while its submitter still
+    runs; nothing if no job id was recorded."""
     return "\n".join([
         _dir(session_id),
-        '[ -s "$dir/job" ] || exit 0',
+        'p=$(cat "$dir/submitting" 2>/dev/null)',
+        f'[ -s "$dir/job" ] || {{ [ -n "$p" ] && kill -0 "$p" 2>/dev/null && '
+        f"printf '%s\\n' {shlex.quote(SUBMITTING_TAG)}; exit 0; }}",
         f"printf '%s%s\\t%s\\t%s\\n' {shlex.quote(JOB_TAG)} \"$(cat \"$dir/job\")\" "
         f"\"{_HOSTNAME}\" \"$dir\"",
     ])

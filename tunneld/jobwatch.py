@@ -90,7 +90,7 @@ class JobWatch:
 
     def next_delay(self, now: float) -> float:
         """Seconds until the next poll (and the walltime warnings due by then are sent)."""
-        dues = [d for s in self.sessions if (d := s.warn_due(now)) is not None]
+        dues = [d for s in self.sessions if (d := s.due(now)) is not None]
         if self._soon:
             delay, self._soon = POLL_SOON, False
         elif any(s.state in (SessionState.STARTING, SessionState.PENDING) or

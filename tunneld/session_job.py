@@ -46,6 +46,15 @@ log = logging.getLogger("tunneld")
 END_GRACE = 2.0
 #: seconds a marker or URL in the job's output waits for the job's node to be known
 PLACED_WAIT = 30.0
+#: seconds an end that the job's own status file does not tell must still hold before it is
+#: taken (a status file NFS has not shown yet, a requeue, a queue that answered without it)
+CONFIRM_WAIT = 15.0
+#: seconds a submission whose answer was lost is asked after
+PROBE_WAIT = 300.0
+#: the states that need that confirmation
+_CONFIRM = ("node failure", "preempted", "ended")
+#: seconds the expected end may move before the sessions file is written again
+ENDS_SLACK = 5.0
 #: the job's states that end the session, and how
 _FAILED = {"timeout": "reached its time limit",
            "cancelled": "was cancelled (not by `tunnelctl kill`)",
@@ -82,8 +91,10 @@ class JobSession(DetachedSession):
         #: set once a poll says the job has left the queue (or ended) without a status
         self._final = asyncio.Event()
         self._final_status: int | None = None
-        #: a poll saw the job completed or failed without its exit status once
-        self._end_seen = False
+        #: when a poll first saw an end that needs confirming (``saw_job``)
+        self._end_first: float | None = None
+        #: (node, port) the job's ``--port`` was last forwarded to
+        self._forwarded: tuple[str, int | None] | None = None
         #: called to make the host's watch look again soon (set by the watch)
         self.poke: Callable[[], None] = lambda: None
         #: set once the job's node is known (its output's URLs wait for it)
@@ -140,6 +151,10 @@ class JobSession(DetachedSession):
         conn = await self.host.connection_for_client()
         if self.scheduler is None:
             self.scheduler = await self._detect(conn)
+        try:
+            jobs.check_options(self.options, self.scheduler)
+        except ValueError as exc:
+            raise ConnectError(f"{exc} ({self.scheduler})") from None
         self.remote_id = f"{self.name}-{secrets.token_hex(4)}"
         self._changed()   # recorded before it may be submitted: a daemon killed now can look
         command = remote.shell_text(self.words, self.values,
@@ -175,17 +190,36 @@ class JobSession(DetachedSession):
         return found
 
     async def _probe_submit(self) -> asyncssh.SSHCompletedProcess:
+        """The submission's answer, asked of the server after it was lost: once connected,
+        again while the submitter still runs there, at most ``PROBE_WAIT`` s."""
         assert self.remote_id is not None
-        conn = await self._connected()
-        return await sshrun.run(conn, jobs.probe_submit_command(self.remote_id), START_TIMEOUT)
+        deadline = time.monotonic() + PROBE_WAIT
+        while True:
+            conn = await self._connected()
+            try:
+                r = await sshrun.run(conn, jobs.probe_submit_command(self.remote_id),
+                                     START_TIMEOUT)
+                if jobs.SUBMITTING_TAG not in str(r.stdout or ""):
+                    return r
+            except (asyncio.TimeoutError, asyncssh.Error, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise ConnectError(
+                    f"{self.host.name}: session {self.name}: the submission's answer was lost "
+                    f"and the server did not say within {PROBE_WAIT:g}s whether job "
+                    f"{self.remote_id} was submitted: look with your scheduler's queue "
+                    f"(squeue --me), the directory {self.remote_dir or self.remote_id}")
+            await asyncio.sleep(2.0)
 
     def _submitted(self, result: Any) -> None:
         assert self.scheduler is not None
         found = jobs.parse_job_line(self.scheduler, str(result.stdout or ""))
         if found is None:
             said = str(result.stderr or "").strip().splitlines()
+            hint = f"; if it was, its name is {self.name}: look in the queue (squeue --me -n " \
+                   f"{self.name})" if not said else ""
             raise ConnectError(f"{self.host.name}: session {self.name}: the job was not "
-                               f"submitted ({said[-1] if said else 'no job id came back'})")
+                               f"submitted ({said[-1] if said else 'no job id came back'}){hint}")
         self.job_id, self.server, self.remote_dir = found.job_id, found.server, found.dir
         self.job_state = "pending"
         self._to(SessionEvent.QUEUED)
@@ -202,7 +236,15 @@ class JobSession(DetachedSession):
         while True:
             conn = await self._connected()
             if self._final.is_set():
-                if not await self._drain(conn):
+                drained = await self._drain(conn)
+                if drained == "gone":
+                    self.error = (f"job {self.job_id} ended; its directory "
+                                  f"{self.remote_dir or self.remote_id} on the server is gone")
+                    self._to(SessionEvent.LOST)
+                    return
+                if not drained:   # (never a hot loop: the next try waits, longer each time)
+                    await asyncio.sleep(delay)
+                    delay = min(10.0, delay * 2)
                     continue
                 self._end_from_scheduler()
                 return
@@ -287,11 +329,14 @@ class JobSession(DetachedSession):
             elif len(kept) < MAX_FOLLOW_STDERR:
                 kept += text
 
-    async def _drain(self, conn: asyncssh.SSHClientConnection) -> bool:
-        """Fetch the log from ``received`` to its end; False if the connection dropped."""
+    async def _drain(self, conn: asyncssh.SSHClientConnection) -> bool | str:
+        """Fetch the log from ``received`` to its end: True; False if that failed (the
+        connection dropped); ``"gone"`` if the session directory is."""
         assert self.remote_id is not None
+        text = remote.tail_command(self.remote_id, self.received).replace(
+            "\ntail ", '\n[ -d "$dir" ] || exit 3\ntail ', 1)
         try:
-            proc = await sshrun.start(conn, remote.tail_command(self.remote_id, self.received))
+            proc = await sshrun.start(conn, text)
             try:
                 await self._pump(proc)
                 await asyncio.wait_for(proc.wait(check=False), 10)
@@ -301,7 +346,7 @@ class JobSession(DetachedSession):
             log.info("%s: session %s: fetching the log's end failed: %s", self.host.name,
                      self.name, exc)
             return False
-        return proc.exit_status == 0
+        return "gone" if proc.exit_status == 3 else proc.exit_status == 0
 
     # -- what the scheduler and the job's files say ----------------------------------------
 
@@ -324,25 +369,34 @@ class JobSession(DetachedSession):
         self.background(placed())
 
     def saw_run(self, run: Run) -> None:
-        """The job's ``run`` file: it runs on ``run.node``."""
-        if self.node == run.node and (self.job_port or not self.port_auto):
+        """The job's ``run`` file: it runs on ``run.node`` (with ``--port auto``: on
+        ``run.port``)."""
+        port = run.port if self.port_auto and run.port else self.job_port
+        if (run.node, port) == (self.node, self.job_port) and self.job_started:
             return
-        self.node = run.node
-        self._placed.set()
-        self.job_started = run.started or self.job_started or time.time()
-        if self.port_auto and run.port:
-            self.job_port = run.port
+        self.job_started = run.started or time.time()
+        self.job_port = port
         if self.job_state == "pending":
             self.job_state = "running"
-        if self.state is SessionState.PENDING:
-            self._to(SessionEvent.STARTED, f"job {self.job_id} on {self.node}", quiet=False)
         log.info("%s: session %s: job %s runs on %s%s", self.host.name, self.name, self.job_id,
-                 self.node, f", port {self.job_port}" if self.job_port else "")
-        self._notify_once("running", f"{self.name} is running on {self.node}")
-        if self.job_port and self._on_running is not None:
-            self._on_running(self)
+                 run.node, f", port {self.job_port}" if self.job_port else "")
+        self._placed_on(run.node)
         self.poke()
         self._changed()
+
+    def _placed_on(self, node: str) -> None:
+        """The job runs on ``node`` (its run file, or the scheduler says so): running, its
+        output's URLs mean that node, its ``--port`` is forwarded there (again, if the node
+        or port changed: a requeued job)."""
+        self.node = node
+        self._placed.set()
+        if self.state is SessionState.PENDING:
+            self._to(SessionEvent.STARTED, f"job {self.job_id} on {node}", quiet=False)
+        self._notify_once("running", f"{self.name} is running on {node}")
+        target = (node, self.job_port)
+        if self.job_port and target != self._forwarded and self._on_running is not None:
+            self._forwarded = target
+            self._on_running(self)
 
     def saw_job(self, info: JobInfo | None, run: Run | None, status: int | None,
                 now: float) -> None:
@@ -351,6 +405,19 @@ class JobSession(DetachedSession):
             return
         if run is not None:
             self.saw_run(run)
+        if info is None or info.state in _CONFIRM or (
+                info.state in ("completed", "failed") and status is None and
+                info.exit_code is None):
+            # an end the job's own status file does not tell: the job's status file may not
+            # be visible yet (NFS), the job may be requeued (node failure, preemption), a
+            # queue may answer without it (Torque's qstat -x): taken once it still holds
+            # CONFIRM_WAIT s later
+            if self._end_first is None:
+                self._end_first = now
+            if now - self._end_first < CONFIRM_WAIT and status is None:
+                return
+        else:
+            self._end_first = None
         if info is None:
             self._final_status = status
             self.job_state = ("completed" if status == 0 else "failed" if status is not None
@@ -360,26 +427,17 @@ class JobSession(DetachedSession):
         before = (self.job_state, self.reason, self.node, self.ends)
         self.job_state, self.reason = info.state, info.reason
         self.time_limit = info.time_limit or self.time_limit
-        if info.node and info.state != "pending":
-            self.node = info.node
-            self._placed.set()
         if info.state == "running":
-            if info.time_left is not None:
+            if info.time_left is not None and (
+                    self.ends is None or abs(now + info.time_left - self.ends) > ENDS_SLACK):
                 self.ends = now + info.time_left
-            if self.state is SessionState.PENDING and self.node:
-                self._to(SessionEvent.STARTED, f"job {self.job_id} on {self.node}",
-                         quiet=False)
-                self._notify_once("running", f"{self.name} is running on {self.node}")
+            if info.node and (self.state is SessionState.PENDING or info.node != self.node):
+                self._placed_on(info.node)
         elif info.state == "pending" and self.state is SessionState.RUNNING:
             self._to(SessionEvent.QUEUED, f"job {self.job_id} was requeued", quiet=False)
-        if info.state in ("completed", "failed") and status is None and \
-                info.exit_code is None and not self._end_seen:
-            # it ended by itself but its status file was not seen yet: the follower sees it
-            # at once (or the next poll does); only then is the end taken from the scheduler
-            self._end_seen = True
-            self.poke()
-            return
         if info.state in JOB_ENDED:
+            if info.node:
+                self.node = info.node
             self._final_status = status if status is not None else info.exit_code
             if info.state in ("completed", "failed") and self._final_status is not None:
                 self.job_state = "completed" if self._final_status == 0 else "failed"
@@ -387,11 +445,14 @@ class JobSession(DetachedSession):
         if before != (self.job_state, self.reason, self.node, self.ends):
             self._changed()
 
-    def warn_due(self, now: float) -> float | None:
-        """When the walltime warning is due (wall-clock), or None; sends it once due."""
+    def due(self, now: float) -> float | None:
+        """When this job wants the next poll (wall-clock): its walltime warning, or the
+        confirmation of an end; None if it wants none sooner.  Sends the warning once due."""
+        if self._end_first is not None:
+            return self._end_first + CONFIRM_WAIT
         if self.ends is None or "warning" in self.notified or not self.running or \
-                self.job_state != "running":
-            return None
+                self.job_state != "running" or now >= self.ends:
+            return None   # (an end already past: a stale record, the next poll says more)
         minutes = self._warn_minutes()
         due = self.ends - minutes * 60
         if now < due:
