@@ -89,7 +89,8 @@ def test_a_job_the_queue_forgot_is_asked_of_the_accounting_then_its_status_file(
 def _job_session(tmp_path, monkeypatch):
     from tunneld import session_job
     sent: list[str] = []
-    monkeypatch.setattr(session_job, "notify", lambda title, text: sent.append(text))
+    from tunneld import session_jobstate
+    monkeypatch.setattr(session_jobstate, "notify", lambda title, text: sent.append(text))
     host = SimpleNamespace(name="cluster")
 
     async def on_open(sess, ev):
@@ -144,7 +145,7 @@ def test_an_end_the_status_file_does_not_tell_must_still_hold_later(tmp_path, mo
     """A job the scheduler calls failed without a status file seen (NFS may not show it
     yet), a node failure (Slurm may requeue it), a job gone from the queue (Torque's qstat
     -x answers in XML): taken only once it still holds CONFIRM_WAIT s later."""
-    from tunneld.session_job import CONFIRM_WAIT
+    from tunneld.session_jobstate import CONFIRM_WAIT
     sess, _ = _job_session(tmp_path, monkeypatch)
     sess.saw_job(JobInfo("running", "", "gpu012"), None, None, 0.0)
     sess.saw_job(JobInfo("failed", "NonZeroExitCode", "gpu012"), None, None, 100.0)

@@ -28,6 +28,7 @@ from .state import SessionState
 if TYPE_CHECKING:
     from .forwards import Forwards
     from .session_job import JobSession
+    from .session_jobstate import JobStates
 
 log = logging.getLogger("tunneld")
 
@@ -209,7 +210,7 @@ class Jobs:
                                 job=sess.job())
         self._changed(sess)
 
-    def _forward_port(self, sess: JobSession) -> None:
+    def _forward_port(self, sess: JobStates) -> None:
         async def forward() -> None:
             assert sess.node is not None and sess.job_port is not None
             try:
