@@ -369,3 +369,20 @@ def test_the_job_gets_the_users_umask_and_a_lost_answer_is_told_from_none(cluste
     (d / "submitting").write_text("999999999\n")
     r = _run(shell, jobs.probe_submit_command("u-1-0000"), home, bin_dir)
     assert r.stdout == "" and r.returncode == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_follower_nobody_reads_ends_itself(cluster, monkeypatch):
+    """Its parent may live on (or be a zombie init never reaps): once its stderr is closed,
+    the next heartbeat ends the follower and its tail."""
+    home, bin_dir = cluster
+    monkeypatch.setattr(jobs, "HEARTBEAT", 1)
+    (home / remote.SESSIONS_DIR / "f-1-0000").mkdir(parents=True)
+    (home / remote.SESSIONS_DIR / "f-1-0000" / "log").write_text("x\n")
+    proc = subprocess.Popen(["sh", "-c", jobs.follow_command("f-1-0000", 0)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={"HOME": str(home), "PATH": "/usr/bin:/bin"})
+    assert proc.stderr is not None
+    proc.stderr.readline()   # it runs (a heartbeat came)
+    proc.stderr.close()
+    assert proc.wait(timeout=20) is not None

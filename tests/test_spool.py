@@ -375,3 +375,17 @@ def test_shell_file_arguments(path, ok):
             rcfile.check_shell_file(path)
     else:
         assert rcfile.check_shell_file(path) == ok
+
+
+@pytest.mark.timeout(30)
+def test_a_reader_nobody_reads_ends_itself(sh, monkeypatch):
+    """Its parent may live on (or be a zombie that init never reaps, as in some containers):
+    once its stdout is closed, the next heartbeat ends the reader."""
+    monkeypatch.setattr(spool, "HEARTBEAT", 1)
+    proc = subprocess.Popen([sh.shell, "-c", spool.reader_command(spool.Position(), poll=0.1,
+                                                                  wait=0.1)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=sh.env)
+    assert proc.stdout is not None
+    proc.stdout.readline()   # it runs
+    proc.stdout.close()
+    assert proc.wait(timeout=20) is not None

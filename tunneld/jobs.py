@@ -40,6 +40,9 @@ JOB_TAG = "\x1etunneld-job:"
 #: lines of the poll command's answer about a session directory's files
 RUN_TAG = "\x1etunneld-run:"
 STATUS_TAG = "\x1etunneld-status:"
+#: the follower's heartbeat line on stderr, every ``HEARTBEAT`` of its loops (ignored)
+ALIVE_TAG = "\x1etunneld-alive"
+HEARTBEAT = 20
 #: the line that separates the scheduler's answer from the files in the poll's answer
 FILES_TAG = "\x1etunneld-files"
 #: the line a probe prints while the submission it asks about is still under way
@@ -322,9 +325,14 @@ def follow_command(session_id: str, offset: int) -> str:
         f'[ -d "$dir" ] || {{ printf \'%sgone\\n\' {shlex.quote(remote.END_TAG)} >&2; exit 0; }}',
         f'tail -c +{offset + 1} -F "$dir/log" 2>/dev/null &',
         't=$!',
-        'said=',
+        'said= hb=0',
         'while [ ! -e "$dir/status" ]; do',
         '  kill -0 $PPID 2>/dev/null || { kill $t 2>/dev/null; exit 0; }',
+        # a line now and then: once nobody reads (the connection is gone, whoever the
+        # parent now is) the write ends this follower and its tail
+        '  hb=$((hb + 1))',
+        f"  if [ $hb -ge {HEARTBEAT} ]; then printf '%s\\n' {shlex.quote(ALIVE_TAG)} >&2 || "
+        '{ kill $t 2>/dev/null; exit 0; }; hb=0; fi',
         '  if [ -z "$said" ] && [ -s "$dir/run" ]; then',
         f"    printf '%s%s\\n' {shlex.quote(RUN_TAG)} \"$(cat \"$dir/run\")\" >&2; said=1",
         '  fi',

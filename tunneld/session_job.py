@@ -242,7 +242,7 @@ class JobSession(JobStates):
                 run = jobs.parse_run(text)
                 if run is not None:
                     self.saw_run(run)
-            elif len(kept) < MAX_FOLLOW_STDERR:
+            elif len(kept) < MAX_FOLLOW_STDERR and not text.startswith(jobs.ALIVE_TAG):
                 kept += text
 
     async def _drain(self, conn: asyncssh.SSHClientConnection) -> bool | str:

@@ -50,6 +50,9 @@ CHUNK = 64 * 1024
 #: seconds between the reader's looks at the spool, and while the directory does not exist
 POLL = 1.0
 WAIT_POLL = 2.0
+#: the reader's loops between two heartbeat lines (``H``: ignored by the daemon; a write that
+#: fails ends a reader nobody reads any more)
+HEARTBEAT = 10
 #: a limit: the longest reader line the daemon keeps (an entry of the longest URL fits)
 MAX_LINE = MAX_URL + 1024
 #: the tag every reader line starts with
@@ -173,8 +176,13 @@ chunk() {{  # FILE INODE FROM SIZE: report its complete lines from byte FROM; n:
   case $n in ''|*[!0-9]*) return 1;; esac
   printf '%s' "${{r%"${{t}}P"*}}"
 }}
+hb=0
 while :; do
   kill -0 $PPID 2>/dev/null || exit 0   # our sshd is gone (the connection dropped)
+  # a line now and then: once nobody reads (the connection is gone, whoever the parent now
+  # is, even where init leaves the old one a zombie) the write ends this reader
+  hb=$((hb + 1))
+  if [ $hb -ge {HEARTBEAT} ]; then printf '%sH\n' "$t" || exit 0; hb=0; fi
   if [ ! -d "$d" ]; then
     [ "$said" = W ] || {{ printf '%sW\\n' "$t"; said=W; }}
     sleep {wait:g} 2>/dev/null || sleep 2

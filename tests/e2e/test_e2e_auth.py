@@ -447,6 +447,7 @@ def pw_user():
         pytest.skip("a password login to a real sshd needs root and useradd/chpasswd to make "
                     "a throw-away user")
     name = f"tdpw{os.getpid() % 100000}"
+    subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True, timeout=30)
     subprocess.run(["userdel", name], capture_output=True, timeout=30)  # a leftover
     subprocess.run(["useradd", "-M", "-d", "/nonexistent", "-s", "/bin/sh", name], check=True,
                    capture_output=True, timeout=30)
@@ -455,7 +456,15 @@ def pw_user():
                        capture_output=True, timeout=30)
         yield name
     finally:
-        subprocess.run(["userdel", name], capture_output=True, timeout=30)
+        # its sessions' processes first (userdel refuses a user who still runs something)
+        deadline = time.monotonic() + 10
+        while True:
+            subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True, timeout=30)
+            r = subprocess.run(["userdel", name], capture_output=True, text=True, timeout=30)
+            if r.returncode in (0, 6) or time.monotonic() > deadline:   # 6: no such user
+                break
+            time.sleep(0.2)
+        assert r.returncode in (0, 6), f"userdel {name}: {r.stderr.strip()}"
 
 
 @pytest.fixture
