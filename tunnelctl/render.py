@@ -12,6 +12,8 @@ import sys
 import time
 from typing import Any, Sequence
 
+from tunneld.openlog import describe_age
+
 #: a limit: a column cut to fit the terminal keeps at least this many characters
 MIN_SQUEEZED = 12
 
@@ -35,19 +37,10 @@ def _utc(iso: str) -> int | None:
 
 
 def ago(since: str) -> str:
-    """How long ago the wire time ``since`` was: ``42s``, ``5m``, ``3h``, ``2d`` (``?``: not
-    a time)."""
+    """How long ago the wire time ``since`` was: ``42s``, ``5m``, ``3h 5m``, ``2d 4h``
+    (``?``: not a time)."""
     t = _utc(since)
-    if t is None:
-        return "?"
-    s = max(0, int(time.time() - t))
-    if s < 120:
-        return f"{s}s"
-    if s < 7200:
-        return f"{s // 60}m"
-    if s < 172800:
-        return f"{s // 3600}h"
-    return f"{s // 86400}d"
+    return "?" if t is None else describe_age(time.time() - t)
 
 
 def _clock(iso: str) -> str:

@@ -209,19 +209,11 @@ class DetachedSession(Session):
             conn = await self._connected()
             end = await self._follow(conn)
             if end is None:
-                self._disconnected("the connection was lost")
-                # a new connection, or the old one declared dead; never a hot loop
-                deadline = time.monotonic() + delay
-                while self.host.live_connection() is conn and time.monotonic() < deadline:
-                    await self.host.wait_change(deadline - time.monotonic())
-                if self.host.live_connection() is conn:
-                    delay = min(REATTACH_DELAY_MAX, delay * 2)
+                delay = await self._follower_lost(conn, delay)
                 continue
             delay = REATTACH_DELAY
             if isinstance(end, str):   # "gone"
-                self.error = (f"its directory {self.remote_dir or self.remote_id} on the "
-                              "server is gone")
-                self._to(SessionEvent.LOST)
+                self._gone()
                 return
             size, status = end
             if self.received < size and not await self._catch_up(conn, size):
@@ -229,6 +221,23 @@ class DetachedSession(Session):
             self._ended_with(status, lost="it ended without an exit status (killed by a "
                                           "signal?)")
             return
+
+    async def _follower_lost(self, conn: asyncssh.SSHClientConnection, delay: float) -> float:
+        """The follower ended without its end line: ``disconnected`` until a new connection
+        comes or the old one is declared dead (at most ``delay`` s: never a hot loop); the
+        next delay."""
+        self._disconnected("the connection was lost")
+        deadline = time.monotonic() + delay
+        while self.host.live_connection() is conn and time.monotonic() < deadline:
+            await self.host.wait_change(deadline - time.monotonic())
+        return min(REATTACH_DELAY_MAX, delay * 2) if self.host.live_connection() is conn \
+            else delay
+
+    def _gone(self, before: str = "") -> None:
+        """The session directory on the server is gone: ``lost``."""
+        self.error = (f"{before}its directory {self.remote_dir or self.remote_id} on the "
+                      "server is gone")
+        self._to(SessionEvent.LOST)
 
     async def _follow(self, conn: asyncssh.SSHClientConnection
                       ) -> tuple[int, int | None] | str | None:

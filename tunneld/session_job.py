@@ -33,7 +33,7 @@ import asyncssh
 from . import jobs, remote, sshrun
 from .errors import ConnectError
 from .session import READ_SIZE
-from .session_detached import MAX_FOLLOW_STDERR, START_TIMEOUT
+from .session_detached import MAX_FOLLOW_STDERR, REATTACH_DELAY, REATTACH_DELAY_MAX, START_TIMEOUT
 from .session_jobstate import JobStates
 from .state import SessionEvent, SessionState
 
@@ -148,19 +148,17 @@ class JobSession(JobStates):
     # -- following ---------------------------------------------------------------------------
 
     async def _attach_until_end(self) -> None:
-        delay = 1.0
+        delay = REATTACH_DELAY
         while True:
             conn = await self._connected()
             if self._final.is_set():
                 drained = await self._drain(conn)
                 if drained == "gone":
-                    self.error = (f"job {self.job_id} ended; its directory "
-                                  f"{self.remote_dir or self.remote_id} on the server is gone")
-                    self._to(SessionEvent.LOST)
+                    self._gone(f"job {self.job_id} ended; ")
                     return
                 if not drained:   # (never a hot loop: the next try waits, longer each time)
                     await asyncio.sleep(delay)
-                    delay = min(10.0, delay * 2)
+                    delay = min(REATTACH_DELAY_MAX, delay * 2)
                     continue
                 self._end_from_scheduler()
                 return
@@ -168,16 +166,11 @@ class JobSession(JobStates):
             if end == "final":
                 continue   # fetch the rest, then end
             if end is None:
-                self._disconnected("the connection was lost")
-                deadline = time.monotonic() + delay
-                while self.host.live_connection() is conn and time.monotonic() < deadline:
-                    await self.host.wait_change(deadline - time.monotonic())
-                delay = min(10.0, delay * 2) if self.host.live_connection() is conn else 1.0
+                delay = await self._follower_lost(conn, delay)
                 continue
+            delay = REATTACH_DELAY
             if isinstance(end, str):   # "gone"
-                self.error = (f"its directory {self.remote_dir or self.remote_id} on the "
-                              "server is gone")
-                self._to(SessionEvent.LOST)
+                self._gone()
                 return
             size, status = end
             if self.received < size and not await self._catch_up(conn, size):
