@@ -83,7 +83,7 @@ class JobSession(JobStates):
             result = await sshrun.run(conn, text, START_TIMEOUT)
         except (asyncio.TimeoutError, asyncssh.Error, OSError) as exc:
             log.info("%s: session %s: no answer from the submission (%s); asking the server "
-                     "once connected", self.host.name, self.name, exc or type(exc).__name__)
+                     "once connected", self.host.name, self.name, str(exc) or type(exc).__name__)
             result = await self._probe_submit()
         if result.exit_status == jobs.REFUSED:
             said = str(result.stderr or "").strip() or "no reason given"
@@ -122,9 +122,9 @@ class JobSession(JobStates):
             if time.monotonic() > deadline:
                 raise ConnectError(
                     f"{self.host.name}: session {self.name}: the submission's answer was lost "
-                    f"and the server did not say within {PROBE_WAIT:g}s whether job "
-                    f"{self.remote_id} was submitted: look with your scheduler's queue "
-                    f"(squeue --me), the directory {self.remote_dir or self.remote_id}")
+                    f"and the server did not say within {PROBE_WAIT:g}s whether the job was "
+                    f"submitted: look for a job named {self.name} in the queue (squeue --me "
+                    f"-n {self.name}) and in ~/{remote.SESSIONS_DIR}/{self.remote_id}")
             await asyncio.sleep(2.0)
 
     def _submitted(self, result: Any) -> None:
