@@ -158,8 +158,8 @@ class Handlers:
         until the session ends.  Output travels as ``{"output": text}`` progress lines."""
         sess = self.m.sessions.session(a["name"])
         queue = sess.follow() if a["follow"] else None
-        job = sess.snapshot().get("job")
-        if job and sess.state is SessionState.PENDING:
+        if sess.state is SessionState.PENDING:   # (a batch job waiting in the queue)
+            job = sess.snapshot()["job"]
             reason = f" ({job['reason']})" if job.get("reason") else ""
             await peer({"message": f"tunnelctl: session {sess.name}: job {job['id']} is "
                                    f"pending{reason}; its output comes when it runs"

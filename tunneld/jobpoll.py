@@ -139,11 +139,16 @@ def _hms(text: str) -> int | None:
 # -- Slurm --------------------------------------------------------------------------------------
 
 
+def _slurm_word(raw: str) -> str:
+    """Slurm's state word as the table has it (``CANCELLED by 0`` → ``CANCELLED``)."""
+    return raw.strip().split()[0].upper().rstrip("+") if raw.strip() else ""
+
+
 def _slurm_state(raw: str, node: str) -> tuple[str, str]:
     """(our state, a reason) of a Slurm state word; a word this table does not know (a newer
     Slurm's, POWER_UP_NODE…) is a live state: running where the job has a node, else
     pending, the word as its reason (never taken for an end)."""
-    word = raw.strip().split()[0].upper().rstrip("+") if raw.strip() else ""
+    word = _slurm_word(raw)
     if word in _SLURM_STATES:
         return _SLURM_STATES[word], ""
     return ("running" if node else "pending"), word.lower().replace("_", " ")
@@ -175,8 +180,7 @@ def parse_sacct(text: str) -> dict[str, JobInfo]:
             continue
         code = f[2].split(":", 1)[0]
         node = "" if f[3] in ("", "None assigned") else f[3]
-        state = _SLURM_STATES.get(f[1].strip().split()[0].upper().rstrip("+"), "ended") \
-            if f[1].strip() else "ended"
+        state = _SLURM_STATES.get(_slurm_word(f[1]), "ended")
         out[f[0]] = JobInfo(state, "" if f[5] == "None" else f[5],
                             _first_node(node), slurm_seconds(f[4]), None,
                             int(code) if code.isdigit() else None)

@@ -31,7 +31,7 @@ from .opener import Opener
 from .openlog import Request, describe_age
 from .registry import Hosts
 from .state import HostState
-from .store import atomic_write, set_aside
+from .store import atomic_write, set_aside_said
 from .wire import iso_time
 
 log = logging.getLogger("tunneld")
@@ -88,13 +88,9 @@ class Spools:
         except FileNotFoundError:
             return
         except (OSError, ValueError, RecursionError) as exc:
-            try:
-                aside: Path | str = set_aside(self.path)
-            except OSError:
-                aside = "(could not move it)"
             log.error("%s is unreadable (%s); kept it as %s; the spools are read again from "
                       "their start (old requests are listed, not opened)", self.path,
-                      str(exc).splitlines()[0], aside)
+                      str(exc).splitlines()[0], set_aside_said(self.path))
             return
         for host, pos in (data.get("spools") or {}).items():
             try:

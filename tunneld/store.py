@@ -82,6 +82,14 @@ def set_aside(path: Path) -> Path:
     return aside
 
 
+def set_aside_said(path: Path) -> str:
+    """``set_aside`` for a log line: where the file went, or that it could not be moved."""
+    try:
+        return str(set_aside(path))
+    except OSError:
+        return "(could not move it)"
+
+
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write ``data`` to ``path`` atomically: temp file, fsync, rename, fsync the directory."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -177,13 +185,10 @@ class Store:
         except FileNotFoundError:
             return []
         except (OSError, ValueError, RecursionError) as exc:
-            try:
-                aside: Path | str = set_aside(self.sessions_path)
-            except OSError:
-                aside = "(could not move it)"
             log.error("sessions file %s is unreadable (%s); kept it as %s; detached sessions "
                       "are not re-attached (they still run on their servers)",
-                      self.sessions_path, str(exc).splitlines()[0], aside)
+                      self.sessions_path, str(exc).splitlines()[0],
+                      set_aside_said(self.sessions_path))
             return []
         if not isinstance(data, dict) or data.get("version", SESSIONS_VERSION) \
                 > SESSIONS_VERSION:
