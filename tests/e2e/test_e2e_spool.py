@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import pwd
 import socket
 import socketserver
 import subprocess
@@ -251,7 +252,9 @@ def test_a_spool_that_cannot_be_written_is_said_and_the_marker_printed(daemon, s
 
 
 def test_setup_remote_prints_applies_once_and_backs_up(daemon, sshd, tmp_path):
-    shell = os.path.basename(os.environ.get("SHELL") or "/bin/sh")
+    # sshd sets the remote $SHELL from the password database, not from this process's $SHELL
+    # (CI runs with none)
+    shell = os.path.basename(pwd.getpwuid(os.getuid()).pw_shell or "/bin/sh")
     rc = {"bash": ".bashrc", "zsh": ".zshrc"}.get(shell, ".profile")
     start_file = sshd.server_home / rc
     start_file.write_text("alias ll='ls -l'\n")
