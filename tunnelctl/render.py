@@ -91,6 +91,13 @@ def print_list(data: dict[str, Any]) -> None:
         print(f"{h['name']}  {h['state']} for {ago(h.get('since', ''))}")
         if h.get("last_error"):
             print(f"  ! {h['last_error']}")
+        mux = h.get("mux") or []
+        if mux:
+            print(f"  {len(mux)} ssh passenger{'s' if len(mux) != 1 else ''}: " + "; ".join(
+                f"{p['command']} ({'pid ' + str(p['pid']) + ', ' if p.get('pid') else ''}"
+                f"{ago(p.get('started', ''))})" for p in mux))
+        if not h.get("forwards"):
+            continue
         rows = [("SPEC", "LISTEN", "TARGET", "STATE", "ACTIVE", "TOTAL", "IN", "OUT",
                  "ORIGIN")]
         for f in h.get("forwards", []):

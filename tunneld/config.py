@@ -10,6 +10,7 @@ config.toml (optional)::
     printed_urls = "forward"    # URLs a session prints: "forward", "open" or "ignore"
     open_max_age = 120          # seconds: older spool requests are listed, not opened
     job_warning = 10            # minutes before a batch job's time limit: a notification
+    mux_persist = 14400         # seconds a host used only by your own ssh stays connected
 
     [hosts.barhal]
     forwards = ["8090-8092", "18888:node42:8888"]
@@ -65,6 +66,10 @@ class Defaults(Strict):
     #: seconds: a browser-open request from the server's spool older than this when tunneld
     #: first sees it is listed (`tunnelctl opens`), not opened
     open_max_age: float = Field(120.0, ge=0, le=30 * 86400)
+    #: seconds a host that only the user's own ssh clients used (its control socket, no
+    #: forward, no session) stays connected after the last of them ended, as OpenSSH's
+    #: ControlPersist (0: dropped at once)
+    mux_persist: float = Field(14400.0, ge=0, le=7 * 86400)
 
     @field_validator("bind")
     @classmethod

@@ -10,7 +10,6 @@ import asyncio
 import logging
 import os
 import socket
-import struct
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -19,6 +18,7 @@ from . import __version__, wire
 from .errors import LoginAbandoned, ProtocolError, TunneldError
 from .handlers import Handlers
 from .manager import Manager
+from .peercred import peer_creds
 
 log = logging.getLogger("tunneld")
 
@@ -32,13 +32,7 @@ ANSWERED_BEFORE_READY = frozenset({"status"})
 
 def peer_uid(sock: socket.socket) -> int | None:
     """The uid of the process at the other end of a Unix socket, if the OS tells."""
-    if hasattr(socket, "SO_PEERCRED"):
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return struct.unpack("3i", creds)[1]
-    if hasattr(socket, "LOCAL_PEERCRED"):  # macOS / BSD: struct xucred {version, uid, ...}
-        creds = sock.getsockopt(0, socket.LOCAL_PEERCRED, struct.calcsize("2I"))
-        return struct.unpack("2I", creds)[1]
-    return None
+    return peer_creds(sock)[1]
 
 
 class ClientGone(ConnectionError):

@@ -218,6 +218,9 @@ class Daemon:
                                     "SIGUSR1")
             # SIGHUP: re-read the config (what `systemctl reload` and `tunnelctl reload` do)
             loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
+            # SIGWINCH: an ssh riding a control socket relays its terminal's resize to the
+            # master's pid (ours): every terminal passenger's size is read again
+            loop.add_signal_handler(signal.SIGWINCH, self.manager.mux.window_changed)
             await self.control.start()
             await self.manager.restore()
             clock = asyncio.get_running_loop().create_task(

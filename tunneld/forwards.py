@@ -233,7 +233,7 @@ class Forwards:
         if not public:
             exposed = [s for s in specs if s.is_public]
             if exposed:
-                raise UsageError(_public_message(host, exposed[0]))
+                raise UsageError(public_message(host, exposed[0]))
         return specs
 
     async def _add(self, host: str, specs: list[ForwardSpec]
@@ -250,21 +250,8 @@ class Forwards:
                     kept.append(found[1])
                 else:
                     existing.append(str(s))
-            elif s.kind == "remote":
-                other = found[1]
-                raise BindError(f"{host}: the server already listens on {s.listen} for "
-                                f"tunneld's {other.spec}; remove that first "
-                                f"(`tunnelctl remove {host} -R {s.bind_port}`) or pick "
-                                "another remote port")
             else:
-                other_sup, other = found
-                what = ("as a SOCKS proxy for" if other.spec.kind == "socks" else
-                        "to")
-                target = "" if other.spec.kind == "socks" else f" {other.spec.target}"
-                raise BindError(f"cannot listen on {s.listen}: tunneld already forwards it "
-                                f"{what} {other_sup.name}{target}; remove that first "
-                                f"(`tunnelctl remove {other_sup.name} {_shell(other.spec)}`) "
-                                "or pick another local port")
+                raise taken(host, s, *found)
         # local listeners first: a remote refusal is the likelier failure, and a bound local
         # listener is cheap to take back
         new.sort(key=lambda s: s.kind == "remote")
@@ -442,13 +429,28 @@ class Forwards:
                 "existing": plan.existing, "failed": failed}
 
 
+def taken(host: str, s: ForwardSpec, other_sup: Any, other: Forward) -> BindError:
+    """The refusal of ``s`` whose listener another forward holds."""
+    if s.kind == "remote":
+        return BindError(f"{host}: the server already listens on {s.listen} for "
+                         f"tunneld's {other.spec}; remove that first "
+                         f"(`tunnelctl remove {host} -R {s.bind_port}`) or pick "
+                         "another remote port")
+    what = "as a SOCKS proxy for" if other.spec.kind == "socks" else "to"
+    target = "" if other.spec.kind == "socks" else f" {other.spec.target}"
+    return BindError(f"cannot listen on {s.listen}: tunneld already forwards it "
+                     f"{what} {other_sup.name}{target}; remove that first "
+                     f"(`tunnelctl remove {other_sup.name} {_shell(other.spec)}`) "
+                     "or pick another local port")
+
+
 def _shell(spec: ForwardSpec) -> str:
     """A spec as one shell word (``-R 9000:…`` contains a space)."""
     text = str(spec)
     return f"'{text}'" if " " in text else text
 
 
-def _public_message(host: str, s: ForwardSpec) -> str:
+def public_message(host: str, s: ForwardSpec) -> str:
     if s.kind == "remote":
         return (f"-R {s.listen}: the server {host} would listen on an address other machines "
                 f"reach; anyone who can reach it reaches this machine's {s.target}. Pass "

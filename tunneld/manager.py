@@ -5,7 +5,9 @@
 - ``sessions`` (``sessions.Sessions``): run, kill, forget, detached sessions taken up;
 - ``opener`` (``opener.Opener``): browser opens; ``events``: state changes for `tunnelctl
   events`; ``store``: the state and sessions files; ``spools`` (``spools.Spools``): the
-  browser-open spool of every connected host and the list of recent requests.
+  browser-open spool of every connected host and the list of recent requests; ``mux``
+  (``muxserver.MuxServers``): the control socket of every host used, where the user's own
+  ssh, scp, rsync and git ride its connection.
 
 The manager itself only starts (``restore``: ``ready`` is set once the last run's forwards and
 sessions are back, and the control server answers commands only after that), reloads, stops
@@ -24,6 +26,9 @@ from . import __version__
 from .config import Config
 from .events import EventHub
 from .forwards import Forwards
+from .host import HostSupervisor
+from .muxforward import MuxForwards
+from .muxserver import MuxServers
 from .opener import Opener
 from .registry import Hosts
 from .sessions import Sessions
@@ -50,7 +55,12 @@ class Manager:
         self.sessions = Sessions(self.hosts, self.forwards, self.store, self.events,
                                  self.opener, lambda: self.config,
                                  session_dir or state_path.parent / "sessions")
-        self.hosts.busy = self.sessions.uses
+        #: the control sockets of the hosts used (the user's own ssh rides them)
+        self.mux = MuxServers(_MuxServices(self.hosts, self.forwards),
+                              lambda: self.config.defaults.connect_timeout,
+                              lambda: self.config.defaults.mux_persist)
+        self.hosts.busy = lambda sup: self.sessions.uses(sup) or self.mux.uses(sup)
+        self.hosts.watchers.append(self.mux.watch)
         #: the browser-open spool of every connected host, and the list of recent requests
         self.spools = Spools(self.hosts, self.opener, state_path.with_name(OPENS_FILE),
                              lambda: self.config)
@@ -60,6 +70,7 @@ class Manager:
     async def restore(self) -> None:
         """Bind the forwards of config.toml and of the state file, take up the detached
         sessions, then set ``ready``.  Failures are logged; the daemon starts anyway."""
+        self.mux.clear_stale()
         async with self.hosts.lock:
             self.store.clean()
             self.spools.load()
@@ -98,11 +109,35 @@ class Manager:
         if closing:
             await asyncio.wait(closing, timeout=1.0)
         await ending
+        await self.mux.close()
         await self.spools.close()
         await self.hosts.close()
 
     def snapshot(self) -> dict[str, Any]:
-        return {"version": __version__, "hosts": self.hosts.snapshot()}
+        hosts = self.hosts.snapshot()
+        for h in hosts:
+            h["mux"] = self.mux.snapshot(h["name"])
+        return {"version": __version__, "hosts": hosts}
 
     def sessions_snapshot(self) -> dict[str, Any]:
         return {"version": __version__, "sessions": self.sessions.snapshot()}
+
+
+class _MuxServices:
+    """What the control sockets ask of the services (``muxserver.MuxHost``)."""
+
+    def __init__(self, hosts: Hosts, forwards: Forwards) -> None:
+        self.hosts, self.forwards = hosts, MuxForwards(forwards)
+
+    def host_for(self, name: str) -> HostSupervisor:
+        return self.hosts.host_for(name)
+
+    async def release(self, name: str) -> None:
+        await self.hosts.release(name)
+
+    async def open_forward(self, host: str, spec: str) -> int | None:
+        await self.forwards.add_mux(host, spec)
+        return None
+
+    async def close_forward(self, host: str, spec: str) -> None:
+        await self.forwards.remove_mux(host, spec)

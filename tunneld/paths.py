@@ -62,3 +62,21 @@ def ensure_private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(path, 0o700)
     return path
+
+
+def mux_dir() -> Path:
+    """The directory of tunneld's per-host control sockets (OpenSSH's ControlPath points
+    here; ``muxserver``)."""
+    return runtime_dir() / "mux"
+
+
+def mux_socket(host: str) -> Path:
+    """The control socket of ``host``: ``mux/HOST`` (what ``ControlPath …/%n`` names), or
+    ``mux/h-HASH`` (the first 20 hex digits of the name's SHA-1, as OpenSSH's ``%C`` hashes)
+    when that would pass ``MAX_SOCKET_PATH`` or the name is not a plain file name."""
+    import hashlib
+    plain = mux_dir() / host
+    if len(str(plain).encode()) < MAX_SOCKET_PATH and host not in (".", "..") and \
+            "/" not in host and not host.startswith("h-"):
+        return plain
+    return mux_dir() / ("h-" + hashlib.sha1(host.encode()).hexdigest()[:20])

@@ -80,8 +80,13 @@ def main() -> None:
             return dest_host in LOOPBACK
 
     async def serve() -> None:
+        def process(proc: asyncssh.SSHServerProcess) -> None:
+            # a session (an ssh riding tunneld's login): says what it was asked to run
+            proc.stdout.write(f"authserver ran: {proc.command}\n")
+            proc.exit(0)
         server = await asyncssh.create_server(Server, "127.0.0.1", 0,
-                                              server_host_keys=[a.host_key])
+                                              server_host_keys=[a.host_key],
+                                              process_factory=process)
         port = server.sockets[0].getsockname()[1]
         loop = asyncio.get_running_loop()
         stop = loop.create_future()
