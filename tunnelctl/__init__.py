@@ -13,5 +13,7 @@ starts fast.  One module, one job:
     completion  shell completion scripts, and the names they complete
     daemonlog   `logs --daemon`: the daemon's log file, read directly
     service     `service install|uninstall|status`: systemd or launchd
+    sshsetup    `ssh-config`'s texts: ~/.ssh/tunneld.conf, the Include line (pure)
+    sshinstall  `ssh-config [--install|--uninstall]`: the hosts, the files, what is said
     watch       `watch` and `ssh`: a stream copied unchanged, its markers opened
 """

@@ -14,7 +14,8 @@ EXIT_PIPE = 141
 #: the status after ^C (128 + SIGINT)
 EXIT_INTERRUPTED = 130
 #: verbs that run in the client itself → the wire command they send (house rule 8)
-LOCAL_VERBS = {"watch": "open", "ssh": "open", "service": "status", "completion": "list"}
+LOCAL_VERBS = {"watch": "open", "ssh": "open", "service": "status", "completion": "list",
+               "ssh-config": "list"}
 
 
 def _no_prompt(p: argparse.ArgumentParser) -> None:
@@ -171,6 +172,24 @@ def build_parser() -> argparse.ArgumentParser:
                        usage="tunnelctl ssh HOST [ssh args...]")
     p.add_argument("host")
     p.add_argument("ssh_args", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser("ssh-config",
+                       help="let your own ssh, scp, rsync and git ride tunneld's connections "
+                            "(prints the lines; --install adds them to ~/.ssh)",
+                       usage="tunnelctl ssh-config [--install | --uninstall] [--all-hosts] "
+                             "[--json]")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--install", action="store_true",
+                   help="write ~/.ssh/tunneld.conf and include it at the top of ~/.ssh/config "
+                        "(once, after a backup; again: rewrites tunneld.conf for new hosts)")
+    g.add_argument("--uninstall", action="store_true",
+                   help="remove the Include line (after a backup) and ~/.ssh/tunneld.conf")
+    p.add_argument("--all-hosts", action="store_true",
+                   help="one `Host *` block instead of one block per host tunneld manages "
+                        "now: any host tunneld is connected to, whatever its name")
+    p.add_argument("--json", action="store_true",
+                   help="without --install/--uninstall: the hosts, the lines and the paths "
+                        "as JSON")
 
     p = sub.add_parser("reload", help="re-read the config; unchanged forwards are not touched")
 

@@ -328,6 +328,11 @@ def cmd_completion(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_ssh_config(a: argparse.Namespace) -> int:
+    from tunnelctl import sshinstall
+    return sshinstall.run(a.install, a.uninstall, a.all_hosts, a.json)
+
+
 def cmd_kill(a: argparse.Namespace) -> int:
     r = call("kill", name=a.session)
     # a batch job: what the scheduler's cancel said (`scancel 81723: job 81723 cancelled`)
@@ -428,5 +433,5 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "sessions": cmd_sessions, "forget": cmd_forget, "logs": cmd_logs, "kill": cmd_kill,
     "open": cmd_open, "watch": cmd_watch, "ssh": cmd_ssh, "reload": cmd_reload,
     "events": cmd_events, "service": cmd_service, "completion": cmd_completion,
-    "opens": cmd_opens, "setup-remote": cmd_setup_remote,
+    "opens": cmd_opens, "setup-remote": cmd_setup_remote, "ssh-config": cmd_ssh_config,
 }
