@@ -15,7 +15,6 @@ import difflib
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,20 +132,7 @@ def _read(path: Path) -> str | None:
 
 def _write(path: Path, text: str, mode: int) -> None:
     """Write ``path`` whole: a temp file beside it, fsync, rename; never half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(text.encode("utf-8", "surrogateescape"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    paths.atomic_write(path, text.encode("utf-8", "surrogateescape"), mode)
 
 
 def _backup(path: Path, text: str, mode: int) -> Path:

@@ -271,6 +271,9 @@ def spec_of(req: Forward) -> str:
         raise MuxError(f"unknown forward type {req.kind}")
     if req.listen_port == PORT_STREAMLOCAL:
         raise MuxError("forwards that listen on a Unix socket are not supported by tunneld")
+    if req.listen_port == 0:
+        raise MuxError("tunneld forwards a port you name: port 0 (the server's or the "
+                       "system's choice) is not supported; give a port number")
     bind = {"": "", "*": "0.0.0.0", "localhost": "127.0.0.1"}.get(req.listen_host,
                                                                  req.listen_host)
     head = f"{_host(bind)}:" if bind else ""

@@ -204,8 +204,14 @@ class Passenger:
             raise
         self.opened = True
         await self._send(mux.session_opened(req.rid, self.sid))
-        if isinstance(req, mux.NewSession) and req.want_tty and not self.pty:
-            await self._send(mux.tty_alloc_fail(self.sid))
+        if isinstance(req, mux.NewSession):
+            if req.want_tty and not self.pty:
+                await self._send(mux.tty_alloc_fail(self.sid))
+            asked = [what for what, want in (("agent forwarding (-A)", req.want_agent),
+                                             ("X11 forwarding (-X/-Y)", req.want_x11)) if want]
+            if asked:
+                await self.say(f"tunneld: {' and '.join(asked)} not done through tunneld's "
+                               "connection; ssh -o ControlPath=none gets its own")
 
     def _new_link(self) -> _Link:
         self._chan = None

@@ -39,8 +39,7 @@ def tty_prompter(fd_in: int, fd_err: int, gone: asyncio.Event) -> Prompter:
         answers: list[str] = []
         for text, echo in q["prompts"]:
             shown = text if q["kind"] == "passphrase" else f"({q['host']}) {text}"
-            _write(fd_err, shown)
-            answers.append(await _read_line(fd_in, fd_err, echo, gone))
+            answers.append(await _read_line(fd_in, fd_err, shown, echo, gone))
         return answers
     return ask
 
@@ -52,7 +51,10 @@ def _write(fd: int, text: str) -> None:
         raise LoginAbandoned("the terminal of the ssh client is gone") from None
 
 
-async def _read_line(fd: int, fd_err: int, echo: bool, gone: asyncio.Event) -> str:
+async def _read_line(fd: int, fd_err: int, prompt: str, echo: bool,
+                     gone: asyncio.Event) -> str:
+    """The answer to ``prompt``; a secret's echo is off before the prompt shows (as
+    getpass does: what is typed after it never appears)."""
     old = None
     if not echo:
         try:
@@ -62,6 +64,7 @@ async def _read_line(fd: int, fd_err: int, echo: bool, gone: asyncio.Event) -> s
             termios.tcsetattr(fd, termios.TCSAFLUSH, new)
         except termios.error:
             old = None
+    _write(fd_err, prompt)
     try:
         reading = asyncio.ensure_future(_line(fd))
         waiting = asyncio.ensure_future(gone.wait())
@@ -79,7 +82,7 @@ async def _read_line(fd: int, fd_err: int, echo: bool, gone: asyncio.Event) -> s
     finally:
         if old is not None:
             try:
-                termios.tcsetattr(fd, termios.TCSAFLUSH, old)
+                termios.tcsetattr(fd, termios.TCSADRAIN, old)
             except termios.error:
                 pass
             _write_quiet(fd_err, "\n")

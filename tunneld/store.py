@@ -14,7 +14,6 @@ import errno
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +23,7 @@ from pydantic import ValidationError
 from . import spec as specmod
 from .config import Strict
 from .errors import SpecError, StateError, TunneldError
+from .paths import atomic_write
 
 log = logging.getLogger("tunneld")
 
@@ -88,30 +88,6 @@ def set_aside_said(path: Path) -> str:
         return str(set_aside(path))
     except OSError:
         return "(could not move it)"
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` atomically: temp file, fsync, rename, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 #: the files atomic_write() writes in the state directory (their temp files: ``.NAME.*``)

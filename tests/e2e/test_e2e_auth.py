@@ -8,11 +8,8 @@ controlling terminal, as when a person types.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import pty
-import select
 import shutil
 import signal
 import subprocess
@@ -24,6 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import Daemon, SSHServer
 from netutil import roundtrip
+from ptyproc import PtyProc
 from test_e2e_errors import _closed_within, _log_lines, _transitions
 
 PASSWORD = "Hunter2-sekrit-pw"
@@ -41,78 +39,11 @@ EXPECT_TIMEOUT = 30.0
 # -- tunnelctl in a pseudo-terminal ---------------------------------------------------------------
 
 
-class Pty:
+class Pty(PtyProc):
     """``tunnelctl ARGS`` with a pty as its controlling terminal (stdin, stdout, stderr)."""
 
     def __init__(self, env: dict[str, str], *args: str) -> None:
-        pid, fd = pty.fork()
-        if pid == 0:  # the child: exec at once, never return into pytest
-            try:
-                # as from an interactive shell: ^C interrupts (a test run started in the
-                # background of a non-interactive shell inherits SIGINT ignored)
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
-                os.execve(sys.executable, [sys.executable, "-m", "tunnelctl", *args], env)
-            finally:
-                os._exit(127)
-        self.pid, self.fd, self.out = pid, fd, b""
-        #: bytes of ``out`` already matched by expect()
-        self.seen = 0
-        self.status: int | None = None
-
-    def _read(self, timeout: float) -> bool:
-        """Read what is there (waiting up to ``timeout``); False at EOF."""
-        r, _, _ = select.select([self.fd], [], [], timeout)
-        if not r:
-            return True
-        try:
-            data = os.read(self.fd, 4096)
-        except OSError as exc:
-            if exc.errno == errno.EIO:  # the child closed the terminal
-                return False
-            raise
-        self.out += data
-        return bool(data)
-
-    def expect(self, needle: str, timeout: float = EXPECT_TIMEOUT) -> None:
-        """Wait for ``needle`` in the output after the previous match."""
-        want, deadline = needle.encode(), time.monotonic() + timeout
-        while want not in self.out[self.seen:]:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._read(min(left, 0.5)) and want not in self.out[self.seen:]:
-                raise AssertionError(f"no {needle!r} in tunnelctl's terminal:\n{self.text}")
-        self.seen += self.out[self.seen:].index(want) + len(want)
-
-    def send(self, text: str) -> None:
-        os.write(self.fd, text.encode())
-
-    def wait(self, timeout: float = 60.0) -> int:
-        """Read to the end; the exit status."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self._read(0.2):
-            pass
-        while time.monotonic() < deadline:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                os.close(self.fd)
-                self.status = os.waitstatus_to_exitcode(status)
-                return self.status
-            time.sleep(0.05)
-        self.kill()
-        raise AssertionError(f"tunnelctl did not end within {timeout}s:\n{self.text}")
-
-    def kill(self) -> None:
-        if self.status is None:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-                os.waitpid(self.pid, 0)
-                os.close(self.fd)
-            except OSError:
-                pass
-            self.status = -9
-
-    @property
-    def text(self) -> str:
-        return self.out.decode(errors="replace")
+        super().__init__([sys.executable, "-m", "tunnelctl", *args], env)
 
 
 def _login(daemon: Daemon, answers: list[tuple[str, str | None]], *args: str) -> Pty:

@@ -12,8 +12,16 @@ import shutil
 import subprocess
 
 import pytest
-from _mux_tools import (CMD_TIMEOUT, mux_path, mux_ssh, passengers, sessions_logged, ssh_opts,
-                        start_socket, wait_passengers)
+from _mux_tools import (
+    CMD_TIMEOUT,
+    mux_path,
+    mux_ssh,
+    passengers,
+    sessions_logged,
+    ssh_opts,
+    start_socket,
+    wait_passengers,
+)
 from conftest import SSHServer
 from netutil import roundtrip
 
@@ -97,8 +105,8 @@ def test_scp_and_sftp_both_ways(daemon, sshd, tmp_path):
         assert (sshd.server_home / f"up{len(legacy)}.tar").read_bytes() == blob
         back = tmp_path / f"back{len(legacy)}"
         r = subprocess.run(["scp", "-q", *legacy, *opts,
-                            f"{sshd.host}:{sshd.server_home}/up{len(legacy)}.tar", str(back)], capture_output=True, env=daemon.env,
-                           timeout=CMD_TIMEOUT)
+                            f"{sshd.host}:{sshd.server_home}/up{len(legacy)}.tar", str(back)],
+                           capture_output=True, env=daemon.env, timeout=CMD_TIMEOUT)
         assert r.returncode == 0, r.stderr
         assert back.read_bytes() == blob
     batch = tmp_path / "batch"
@@ -124,7 +132,8 @@ def test_rsync_both_ways(daemon, sshd, tmp_path):
                        capture_output=True, env=daemon.env, timeout=CMD_TIMEOUT)
     assert r.returncode == 0, r.stderr
     back = tmp_path / "back"
-    r = subprocess.run(["rsync", "-a", "-e", e, f"{sshd.host}:{sshd.server_home}/data/", f"{back}/"],
+    r = subprocess.run(["rsync", "-a", "-e", e, f"{sshd.host}:{sshd.server_home}/data/",
+                        f"{back}/"],
                        capture_output=True, env=daemon.env, timeout=CMD_TIMEOUT)
     assert r.returncode == 0, r.stderr
     for i in range(20):

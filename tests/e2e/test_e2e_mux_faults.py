@@ -13,8 +13,15 @@ import subprocess
 import sys
 
 import pytest
-from _mux_tools import (CMD_TIMEOUT, PtySsh, mux_path, mux_ssh, passengers, ssh_opts,
-                        start_socket, wait_passengers)
+from _mux_tools import (
+    CMD_TIMEOUT,
+    PtySsh,
+    mux_path,
+    mux_ssh,
+    ssh_opts,
+    start_socket,
+    wait_passengers,
+)
 from test_e2e_auth import ALIAS, CODE, PASSWORD, adaemon, authserver, notes  # noqa: F401
 
 pytestmark = pytest.mark.timeout(180)
@@ -121,7 +128,7 @@ def test_stopped_then_killed_daemon_ssh_makes_its_own_connection(daemon, sshd):
     assert not sock.exists()
 
 
-def test_a_passenger_answers_the_login_on_its_terminal(adaemon, authserver):
+def test_a_passenger_answers_the_login_on_its_terminal(adaemon, authserver):  # noqa: F811
     r = adaemon.ctl("add", "--no-prompt", ALIAS, str(_free()), check=False)
     adaemon.wait_for(lambda: adaemon.host(ALIAS)["state"] == "needs-auth", 20, "needs-auth")
     sock = mux_path(adaemon, ALIAS)
