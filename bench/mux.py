@@ -4,9 +4,10 @@ login, side by side in one run.
 
     python bench/mux.py            # 30 × `ssh HOST true`, 3 × 200 MB scp/rsync (a few minutes)
     python bench/mux.py --quick    # 10 × `ssh HOST true`, 1 × 20 MB (a smoke run, ~30 s)
+    python bench/mux.py --rev HEAD # tunneld as committed (git archive), not the working tree
     python bench/mux.py --profile pyspy      # py-spy samples the daemon (PY_SPY=path/py-spy)
     python bench/mux.py --profile cprofile   # the daemon under cProfile
-                                             # (both: files in --profile-dir, /tmp/tunneld-mux-profile)
+    (--profile: files in --profile-dir, default /tmp/tunneld-mux-profile)
 
 One run starts a throw-away OpenSSH sshd on 127.0.0.1 (bench/servers.py's SSHD, plus an sftp
 subsystem and a throw-away HOME for the commands it runs), a temp HOME whose ~/.ssh/config
@@ -153,8 +154,10 @@ class BenchFailure(RuntimeError):
 class Tunneld:
     """python -m tunneld in the temp HOME (optionally under cProfile), driven with tunnelctl."""
 
-    def __init__(self, env: dict[str, str], base: Path, profile: str | None):
-        self.env = dict(env, TUNNELD_NO_AUTOSTART="1", PYTHONUNBUFFERED="1")
+    def __init__(self, env: dict[str, str], base: Path, profile: str | None, tree: Path):
+        self.tree = tree
+        self.env = dict(env, TUNNELD_NO_AUTOSTART="1", PYTHONUNBUFFERED="1",
+                        PYTHONPATH=str(tree))
         self.env.pop("TUNNELD_SOCKET", None)
         self.env.pop("TUNNELD_CONFIG", None)
         self.logfile = base / "tunneld.stderr"
@@ -172,7 +175,7 @@ class Tunneld:
         if self.profile == "cprofile":
             cmd = [sys.executable, "-m", "cProfile", "-o", str(self.prof_out), "-m", "tunneld"]
         with self.logfile.open("ab") as err:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen(cmd, cwd=self.tree, env=self.env, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.DEVNULL, stderr=err,
                                          start_new_session=True)
         deadline = time.monotonic() + READY_TIMEOUT
@@ -187,7 +190,8 @@ class Tunneld:
 
     def ctl(self, *args: str, check: bool = True,
             timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        r = subprocess.run([sys.executable, "-m", "tunnelctl", *args], cwd=REPO, env=self.env,
+        r = subprocess.run([sys.executable, "-m", "tunnelctl", *args], cwd=self.tree,
+                           env=self.env,
                            capture_output=True, text=True, timeout=timeout)
         if check and r.returncode != 0:
             raise RuntimeError(f"tunnelctl {' '.join(args)} exited {r.returncode}: "
@@ -203,7 +207,8 @@ class Tunneld:
     def mux_socket(self, host: str) -> Path:
         r = subprocess.run([sys.executable, "-c",
                             f"from tunneld import paths; print(paths.mux_socket({host!r}))"],
-                           cwd=REPO, env=self.env, capture_output=True, text=True, check=True,
+                           cwd=self.tree, env=self.env, capture_output=True, text=True,
+                           check=True,
                            timeout=30)
         return Path(r.stdout.strip())
 
@@ -311,8 +316,11 @@ class Results:
 
 
 class Bench:
-    def __init__(self, p: Params, keep: bool, profile: str | None, profile_dir: Path):
+    def __init__(self, p: Params, keep: bool, profile: str | None, profile_dir: Path,
+                 rev: str | None = None):
         self.p, self.keep, self.profile, self.profile_dir = p, keep, profile, profile_dir
+        self.rev = rev
+        self.tree = REPO
         if profile:
             profile_dir.mkdir(parents=True, exist_ok=True)
         self.base = Path(tempfile.mkdtemp(prefix="tunneld-mux-bench-"))
@@ -326,7 +334,22 @@ class Bench:
 
     # -- setup -------------------------------------------------------------------------------
 
+    def export_rev(self) -> None:
+        """``--rev``: tunneld and tunnelctl as committed at REV (``git archive``, into the
+        temp dir), whatever the working tree holds meanwhile."""
+        self.tree = self.base / "tree"
+        self.tree.mkdir()
+        arch = subprocess.run(["git", "archive", self.rev, "tunneld", "tunnelctl"], cwd=REPO,
+                              capture_output=True, timeout=60)
+        if arch.returncode != 0:
+            raise RuntimeError(f"git archive {self.rev}: {short(arch.stderr)}")
+        subprocess.run(["tar", "-x", "-C", str(self.tree)], input=arch.stdout, check=True,
+                       timeout=60)
+        log(f"tunneld from git archive {self.rev} in {self.tree}")
+
     def setup(self) -> None:
+        if self.rev:
+            self.export_rev()
         self.sshd = S.SSHD(self.base)
         self.stack.callback(self.sshd.close)
         self.server_home = self.base / "server-home"
@@ -369,7 +392,7 @@ class Bench:
         self.master.start()
         log(f"OpenSSH master: pid {self.master.pid}, socket {self.master.sock}")
 
-        self.daemon = Tunneld(self.env, self.base, self.profile)
+        self.daemon = Tunneld(self.env, self.base, self.profile, self.tree)
         self.stack.callback(self.daemon.stop)
         self.daemon.start()
         self.daemon.ctl("login", HOST, timeout=READY_TIMEOUT * 2)
@@ -413,12 +436,13 @@ class Bench:
         r = subprocess.run(["rsync", "--version"], capture_output=True, text=True)
         v["rsync"] = (r.stdout.splitlines() or ["?"])[0].replace("  ", " ")
         try:
-            rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+            rev = subprocess.run(["git", "rev-parse", "--short", self.rev or "HEAD"], cwd=REPO,
                                  capture_output=True, text=True, timeout=10).stdout.strip()
             dirty = subprocess.run(["git", "status", "--porcelain", "--", "tunneld",
                                     "tunnelctl"], cwd=REPO, capture_output=True, text=True,
                                    timeout=10).stdout.strip()
-            v["tunneld"] = rev + (" + uncommitted changes" if dirty else "")
+            v["tunneld"] = (f"{rev} (git archive; the working tree not used)" if self.rev
+                            else rev + (" + uncommitted changes" if dirty else ""))
         except (OSError, subprocess.SubprocessError):
             v["tunneld"] = "?"
 
@@ -747,11 +771,14 @@ def main() -> int:
                     "py-spy (on PATH or $PY_SPY) during each phase")
     ap.add_argument("--profile-dir", type=Path, default=Path("/tmp/tunneld-mux-profile"),
                     help="where --profile writes (and the section, unless --out)")
+    ap.add_argument("--rev", help="run tunneld as committed at REV (git archive into the temp "
+                    "dir) instead of the working tree, e.g. HEAD")
     ap.add_argument("--out", type=Path, help="where the markdown section goes "
                     "(default bench/results-mux.md, or results-mux-quick.md with --quick)")
     args = ap.parse_args()
     argv = (["--quick"] if args.quick else []) + \
-        (["--profile", args.profile] if args.profile else [])
+        (["--profile", args.profile] if args.profile else []) + \
+        (["--rev", args.rev] if args.rev else [])
     out_file = args.out or (args.profile_dir / "results-mux-profile.md" if args.profile else
                             BENCH / ("results-mux-quick.md" if args.quick else "results-mux.md"))
 
@@ -759,7 +786,8 @@ def main() -> int:
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, on_term)
 
-    bench = Bench(QUICK if args.quick else FULL, args.keep, args.profile, args.profile_dir)
+    bench = Bench(QUICK if args.quick else FULL, args.keep, args.profile, args.profile_dir,
+                  args.rev)
     status, rc = "", 0
     try:
         bench.run()

@@ -384,7 +384,7 @@ class MuxClient:
                 await p.open(conn)
             except Exception:   # noqa: BLE001 - told to the client by open()
                 return
-            log.info("%s: %s", self._who(), p.command)
+            log.debug("%s: %s", self._who(), p.command)
             await p.pump()
         finally:
             if p.opened:

@@ -78,11 +78,11 @@ class _Link(asyncssh.SSHClientSession[bytes]):
 
     def pause_writing(self) -> None:
         if self._mine():
-            self.owner._paused_in.clear()
+            self.owner._in.pause()
 
     def resume_writing(self) -> None:
         if self._mine():
-            self.owner._paused_in.set()
+            self.owner._in.resume()
 
     def exit_status_received(self, status: int) -> None:
         if self._mine():
@@ -121,16 +121,14 @@ class Passenger:
         self._chan: asyncssh.SSHClientChannel[bytes] | asyncssh.SSHTCPChannel[bytes] | None \
             = None
         can = [muxio.prepare(fd) for fd in fds]
-        self._in_fd, self._in_poll = fds[0], can[0]
+        self._in_fd = fds[0]
         self._outs = [muxio.Out(fd, c, self._out_level) for fd, c in zip(fds[1:], can[1:])]
-        self._paused_in = asyncio.Event()
-        self._paused_in.set()          # set: reading stdin may go on
+        self._in = muxio.In(fds[0], can[0], self._stdin)
         self._closed = asyncio.get_running_loop().create_future()
         self._exit: int | None = None
         self._signal: str | None = None
         #: the line said on the client's stderr when the session did not end by itself
         self._lost: str | None = None
-        self._reader: asyncio.Task[None] | None = None
         #: asyncssh's session object of the current channel attempt
         self._link: _Link | None = None
         self._size = window_size(fds[0]) if isinstance(req, mux.NewSession) and \
@@ -162,16 +160,14 @@ class Passenger:
         elif all(len(o) < muxio.LOW_WATER for o in self._outs):
             chan.resume_reading()
 
-    async def _read_stdin(self) -> None:
-        while True:
-            await self._paused_in.wait()
-            data = await muxio.read(self._in_fd, self._in_poll)
-            chan = self._chan
-            if chan is None or chan.is_closing():
-                return
-            if not data:
-                chan.write_eof()
-                return
+    def _stdin(self, data: bytes) -> None:
+        """A chunk of the client's stdin (``b""``: its end) for the channel."""
+        chan = self._chan
+        if chan is None or chan.is_closing():
+            self._in.close()
+        elif not data:
+            chan.write_eof()
+        else:
             chan.write(data)
 
     # -- the life ----------------------------------------------------------------------------
@@ -239,11 +235,11 @@ class Passenger:
     async def pump(self) -> None:
         """Move bytes until the channel closes, write everything out, then tell the
         client how it ended."""
-        self._reader = asyncio.get_running_loop().create_task(self._read_stdin())
+        self._in.start()
         try:
             await self._closed
         finally:
-            self._reader.cancel()
+            self._in.close()
         written = True
         for out in self._outs:
             written = await out.flush(FLUSH_WAIT) and written
@@ -293,8 +289,7 @@ class Passenger:
         self._link = None     # the descriptors' numbers may be reused: nothing more is written
         for out in self._outs:
             out.cancel()
-        if self._reader is not None:
-            self._reader.cancel()
+        self._in.close()
         muxio.close_all(self.fds)
         self.fds = []
 

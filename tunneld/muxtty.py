@@ -99,7 +99,13 @@ async def _line(fd: int) -> str | None:
     """One line of the terminal (canonical mode gives whole lines); None at its end."""
     buf = b""
     while not buf.endswith(b"\n"):
-        data = await muxio.read(fd, True, MAX_ANSWER)
+        await muxio.ready(fd)
+        try:
+            data = os.read(fd, MAX_ANSWER)
+        except (BlockingIOError, InterruptedError):
+            continue
+        except OSError:
+            data = b""
         if not data:
             return None
         buf += data

@@ -47,9 +47,10 @@ def start_socket(d: Daemon, host: str | None = None) -> Path:
 
 
 def sessions_logged(d: Daemon) -> int:
-    """How many passengers the daemon's log names so far (``HOST: ssh client (pid N): …``)."""
+    """How many passengers the daemon's log says ended so far (``HOST: ssh client (pid N):
+    ended (exit status 0): CMD``)."""
     return sum(1 for line in d.log(None).splitlines()
-               if ": ssh client (pid " in line and "): ended (" not in line)
+               if ": ssh client (pid " in line and "): ended (" in line)
 
 
 def passengers(d: Daemon, host: str | None = None) -> list[dict]:
