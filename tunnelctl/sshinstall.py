@@ -33,7 +33,7 @@ def ssh_dir() -> Path:
 
 def conf_path() -> Path:
     """tunneld's own file: ``~/.ssh/tunneld.conf`` (what ``sshsetup.CONF_REF`` names)."""
-    return ssh_dir() / "tunneld.conf"
+    return paths.ssh_conf()
 
 
 def config_path() -> Path:

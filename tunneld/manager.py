@@ -71,6 +71,7 @@ class Manager:
         """Bind the forwards of config.toml and of the state file, take up the detached
         sessions, then set ``ready``.  Failures are logged; the daemon starts anyway."""
         self.mux.clear_stale()
+        self.mux.make_listed()
         async with self.hosts.lock:
             self.store.clean()
             self.spools.load()

@@ -89,6 +89,20 @@ class MuxServers:
             if p.is_socket():
                 p.unlink(missing_ok=True)
 
+    def make_listed(self) -> None:
+        """At start: the sockets of the hosts ``~/.ssh/tunneld.conf`` names (`tunnelctl
+        ssh-config --install`), so that the first ssh after a restart rides tunneld (and is
+        asked for the login) instead of logging in by itself."""
+        try:
+            text = paths.ssh_conf().read_text(errors="replace")
+        except OSError:
+            return
+        for line in text.splitlines():
+            words = line.split()
+            if len(words) == 2 and words[0].lower() == "host" and \
+                    not any(c in words[1] for c in "*?!,\"%"):
+                self.ensure(words[1])
+
     def watch(self, sup: HostSupervisor) -> None:
         """A ``Hosts.watchers`` hook: a host in use has its control socket."""
         if sup.name not in self._socks and not self._closing:

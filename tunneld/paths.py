@@ -71,6 +71,13 @@ def mux_dir() -> Path:
     return runtime_dir() / "mux"
 
 
+def ssh_conf() -> Path:
+    """The ssh_config file tunneld owns, ``~/.ssh/tunneld.conf`` (`tunnelctl ssh-config
+    --install` writes it; its ``Host`` blocks name the hosts whose sockets the daemon makes
+    at start)."""
+    return Path.home() / ".ssh" / "tunneld.conf"
+
+
 def mux_socket(host: str) -> Path:
     """The control socket of ``host``: ``mux/HOST`` (what ``ControlPath …/%n`` names), or
     ``mux/h-HASH`` (the first 20 hex digits of the name's SHA-1, as OpenSSH's ``%C`` hashes)

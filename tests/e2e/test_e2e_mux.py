@@ -246,3 +246,27 @@ def test_list_shows_the_passengers(daemon, sshd):
         p.wait(10)
     wait_passengers(daemon, 0)
     assert json.loads(daemon.ctl("list", "--json").stdout)["hosts"][0]["mux"] == []
+
+
+def test_ssh_config_install_then_plain_ssh_rides_even_after_a_restart(daemon, sshd,
+                                                                     free_port):
+    """The whole setup as a user does it: `tunnelctl ssh-config --install`, then a plain
+    `ssh HOST` (no -o option) uses tunneld's socket; after a daemon restart the socket of a
+    host named in ~/.ssh/tunneld.conf is there before any use."""
+    port = free_port()
+    daemon.ctl("add", sshd.host, str(port))
+    r = daemon.ctl("ssh-config", "--install")
+    assert "Include" in r.stdout, r.stdout
+    r = subprocess.run(["ssh", "-F", str(sshd.ssh_config), sshd.host, "echo via config"],
+                       capture_output=True, env=daemon.env, timeout=CMD_TIMEOUT)
+    assert (r.returncode, r.stdout) == (0, b"via config\n"), r
+    assert sessions_logged(daemon) == 1
+    daemon.ctl("remove", sshd.host, str(port))
+    assert daemon.stop() == 0
+    daemon.start()
+    assert mux_path(daemon).is_socket()       # before the host was used
+    logins = _logins(sshd)
+    r = subprocess.run(["ssh", "-F", str(sshd.ssh_config), sshd.host, "echo again"],
+                       capture_output=True, env=daemon.env, timeout=CMD_TIMEOUT)
+    assert (r.returncode, r.stdout) == (0, b"again\n"), r
+    assert sessions_logged(daemon) == 2 and _logins(sshd) == logins + 1   # tunneld's login
