@@ -183,7 +183,10 @@ def test_proxyjump_through_the_host_to_a_second_sshd(daemon, sshd, tmp_path):
         r = subprocess.run(["ssh", "-F", str(sshd.ssh_config), "node", "echo on the node"],
                            capture_output=True, env=daemon.env, timeout=CMD_TIMEOUT)
         assert r.returncode == 0 and r.stdout == b"on the node\n", r
-        assert "-W 127.0.0.1:" in daemon.log() or "-W " in daemon.log(), daemon.log()
+        # the jump's passenger ends (and is logged) once tunneld sees its channel close,
+        # which may come after the outer ssh exited
+        daemon.wait_for(lambda: f"-W 127.0.0.1:{node.port}" in daemon.log(None), 10,
+                        "the -W passenger's end in the log")
         assert _logins(sshd) == 2 and "Accepted publickey" in node.sshd_log.read_text()
     finally:
         node.close()
