@@ -70,6 +70,9 @@ class MuxServers:
         self._last: dict[str, float] = {}
         #: host name → the timer of its release after ``mux_persist``
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        #: the accept loops, one per socket (cancelled by close: an accept on a closed
+        #: socket may never return)
+        self._accepting: list[asyncio.Task[None]] = []
         #: host name → listening socket
         self._socks: dict[str, socket.socket] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -131,7 +134,7 @@ class MuxServers:
             log.warning("%s: no control socket for ssh at %s: %s", host, path, exc)
             return None
         self._socks[host] = sock
-        self._spawn(self._accept(host, sock))
+        self._accepting.append(asyncio.get_running_loop().create_task(self._accept(host, sock)))
         log.info("%s: control socket for ssh at %s", host, path)
         return path
 
@@ -213,6 +216,8 @@ class MuxServers:
         self._closing = True
         for timer in self._timers.values():
             timer.cancel()
+        for task in self._accepting:
+            task.cancel()
         for host, sock in self._socks.items():
             sock.close()
             paths.mux_socket(host).unlink(missing_ok=True)
