@@ -11,6 +11,7 @@ config.toml (optional)::
     open_max_age = 120          # seconds: older spool requests are listed, not opened
     job_warning = 10            # minutes before a batch job's time limit: a notification
     mux_persist = 14400         # seconds a host used only by your own ssh stays connected
+    max_window = "16MiB"        # the most a channel's receive window grows to on a long link
 
     [hosts.barhal]
     forwards = ["8090-8092", "18888:node42:8888"]
@@ -28,6 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from . import spec as specmod
+from . import window as windowmod
 from .errors import ConfigError, SpecError
 
 #: what a URL printed in a session's output gets: a forward and a place in the session's list
@@ -70,6 +72,19 @@ class Defaults(Strict):
     #: forward, no session) stays connected after the last of them ended, as OpenSSH's
     #: ControlPersist (0: dropped at once)
     mux_persist: float = Field(14400.0, ge=0, le=7 * 86400)
+    #: bytes (or "16MiB"): the largest receive window a channel grows to when the link's
+    #: bandwidth × round trip needs it (``window``); what one busy channel may hold in memory
+    max_window: int = windowmod.DEFAULT_MAX_WINDOW
+
+    @field_validator("max_window", mode="before")
+    @classmethod
+    def _max_window(cls, v: Any) -> int:
+        n = windowmod.parse_size(v)
+        lo, hi = windowmod.MIN_MAX_WINDOW, windowmod.MAX_MAX_WINDOW
+        if not lo <= n <= hi:
+            raise ValueError(f"{windowmod.format_size(n)} is outside "
+                             f"{windowmod.format_size(lo)}..{windowmod.format_size(hi)}")
+        return n
 
     @field_validator("bind")
     @classmethod

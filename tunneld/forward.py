@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import socket
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import asyncssh
 
@@ -36,6 +36,10 @@ from .state import (
     forward_next,
     is_connected,
 )
+from .window import BASE_WINDOW, start_window
+
+if TYPE_CHECKING:
+    from .config import Defaults
 
 log = logging.getLogger("tunneld")
 
@@ -43,8 +47,9 @@ log = logging.getLogger("tunneld")
 LISTEN_BACKLOG = 4096
 #: seconds without another identical failure after which a run of them is summarised
 REPEAT_QUIET = 5.0
-#: SSH channel window and packet size offered for each channel
-CHANNEL_WINDOW = 2 * 1024 * 1024
+#: SSH channel window and packet size offered for each channel (a local forward's lean
+#: channel starts at ``window.start_window`` and grows with the link: ``window``)
+CHANNEL_WINDOW = BASE_WINDOW
 CHANNEL_MAX_PKTSIZE = 32768
 
 
@@ -57,6 +62,8 @@ class ForwardHost(Protocol):
     conn: asyncssh.SSHClientConnection | None
     #: where forward transitions are published (None: nowhere)
     events: EventHub | None
+    #: the configured defaults (``max_window``: how far a channel's window may grow)
+    settings: Defaults
 
     def live_connection(self) -> asyncssh.SSHClientConnection | None:
         """The connection, if the host is connected now."""
@@ -270,10 +277,11 @@ class LocalClient(LocalSide):
             self._open_path(conn)
             return
         host, port = self._target()
+        max_window = self.fwd.host.settings.max_window
         try:
             self._opening = fastpath.open_channel(
-                conn, self, host, port, *self.peername, window=CHANNEL_WINDOW,
-                pktsize=CHANNEL_MAX_PKTSIZE)
+                conn, self, host, port, *self.peername, window=start_window(max_window),
+                pktsize=CHANNEL_MAX_PKTSIZE, max_window=max_window)
         except (OSError, asyncssh.Error) as exc:  # ConnectionResetError: the connection closes
             self.failed(exc)
 

@@ -20,6 +20,7 @@ from asyncssh.connection import SSHConnection
 from asyncssh.constants import MSG_CHANNEL_CLOSE
 
 from tunneld import fastpath
+from tunneld.config import Defaults
 from tunneld.fastpath import gate
 from tunneld.fastpath.channel import TCPChannel
 from tunneld.fastpath.sealing import Sender
@@ -40,6 +41,7 @@ class _Host:
     """What a forward asks of its host supervisor: the live connection (a real one)."""
 
     name = "chan-test"
+    settings = Defaults()
 
     def __init__(self, conn: asyncssh.SSHClientConnection):
         self.conn = conn

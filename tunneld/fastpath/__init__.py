@@ -55,16 +55,20 @@ def attach(conn: asyncssh.SSHClientConnection) -> bool:
 
 
 def open_channel(conn: asyncssh.SSHClientConnection, local: LocalEnd, host: str, port: int,
-                 orig_host: str, orig_port: int, window: int, pktsize: int) -> Channel:
+                 orig_host: str, orig_port: int, window: int, pktsize: int,
+                 max_window: int = 0) -> Channel:
     """Open a ``direct-tcpip`` channel to ``host:port`` for ``local``, which hears how it
     went: ``attached(channel)`` or ``failed(exc)``, never before this returns.  Raises
-    ConnectionResetError if the connection is closing (not the server's refusal)."""
+    ConnectionResetError if the connection is closing (not the server's refusal).  The lean
+    channel's receive window starts at ``window`` and grows with the link up to
+    ``max_window`` (``tunneld.window``); asyncssh's keeps ``window``."""
     fast = FastConnection.of(conn)
     if fast is None:
         return StockChannel.open(conn, local, host, port, orig_host, orig_port, window,
                                  pktsize)
     try:
-        return TCPChannel(fast, local, host, port, orig_host, orig_port, window, pktsize)
+        return TCPChannel(fast, local, host, port, orig_host, orig_port, window, pktsize,
+                          max_window)
     except asyncssh.ChannelOpenError as exc:
         raise ConnectionResetError(exc.reason) from None
 

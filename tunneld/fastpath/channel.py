@@ -20,7 +20,10 @@ it; a channel number is freed once both CLOSEs have passed.  One difference: the
 given back once more than three packets' worth is used (OpenSSH's rule), where asyncssh waits
 for half of it — with megabytes in loopback socket buffers the server then stalled for window.
 Either way only while the local socket takes data, so a slow local reader closes the window
-and the server stops sending.
+and the server stops sending.  And the window grows with the link (``window``): when the server
+sent half a window or more in one round trip while the local client kept reading, it doubles,
+up to ``max_window``; the round trip is the connection's fastest open → confirmation
+(``FastConnection.rtt``, sampled by every channel).
 
 Each direction's state follows its machine in ``state.py`` (``CHAN_SEND_TABLE``,
 ``CHAN_RECV_TABLE``): a message from the server that its table does not allow is a
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import struct
+import time
 from typing import Any
 
 from asyncssh import ChannelOpenError, ProtocolError
@@ -59,6 +63,7 @@ from ..state import (
     chan_recv_next,
     chan_send_next,
 )
+from ..window import grown
 from .connection import FastConnection
 from .ends import LocalEnd
 
@@ -82,6 +87,7 @@ _CONFIRMED, _REFUSED, _EOF, _CLOSE, _PEER_CLOSE, _DRAINED, _LOST = (
     ChanEvent.PEER_CLOSE, ChanEvent.DRAINED, ChanEvent.LOST)
 _SEND = CHAN_SEND_TABLE
 _RECV = CHAN_RECV_TABLE
+_monotonic = time.monotonic
 
 
 def _peer(table: dict[tuple[ChanState, ChanEvent], ChanState], state: ChanState,
@@ -99,14 +105,16 @@ class TCPChannel:
     the connection is already closing.  The local end calls ``write``, ``write_eof``,
     ``close``, ``pause_reading``, ``resume_reading`` (``ends.Channel``)."""
 
-    __slots__ = ("conn", "sender", "local", "recv_chan", "send_chan", "send_state",
+    __slots__ = ("conn", "fast", "sender", "local", "recv_chan", "send_chan", "send_state",
                  "recv_state", "send_window", "send_pktsize", "send_buf", "send_buf_len",
-                 "send_paused", "init_window", "adjust_at", "recv_window", "recv_paused",
-                 "recv_buf")
+                 "send_paused", "init_window", "max_window", "adjust_at", "recv_window",
+                 "recv_paused", "recv_buf", "recv_buf_len", "epoch_start", "epoch_bytes")
 
     def __init__(self, fast: FastConnection, local: LocalEnd, host: str, port: int,
-                 orig_host: str, orig_port: int, window: int, max_pktsize: int):
+                 orig_host: str, orig_port: int, window: int, max_pktsize: int,
+                 max_window: int = 0):
         conn = fast.conn
+        self.fast = fast
         #: None once the channel number is given back
         self.conn: Any = conn
         self.sender = fast.sender
@@ -123,11 +131,21 @@ class TCPChannel:
         self.send_buf: collections.deque[Any] = collections.deque()
         self.send_buf_len = 0
         self.send_paused = False
+        #: the receive window (grown with the link up to max_window: ``window``), and what
+        #: of it the server may still send
         self.init_window = self.recv_window = window
+        self.max_window = max(window, max_window)
         #: window given back once this much is consumed (OpenSSH: three packets or half)
         self.adjust_at = min(window // 2, 3 * max_pktsize)
         self.recv_paused = False
+        #: data waiting for the local socket, and its length: not given back yet (so what
+        #: waits here never passes the window)
         self.recv_buf: collections.deque[Any] = collections.deque()
+        self.recv_buf_len = 0
+        #: since when (the open, then the confirmation, then each round trip measured) and
+        #: how much data arrived that was given back: the window's growth (``_give_back``)
+        self.epoch_start = _monotonic()
+        self.epoch_bytes = 0
         self.sender.send(b"".join((
             _OPEN_MSG, UInt32(self.recv_chan), UInt32(window), UInt32(max_pktsize),
             String(host), UInt32(port), String(orig_host), UInt32(orig_port))))
@@ -167,6 +185,7 @@ class TCPChannel:
         if self.send_state is _CLOSE_PENDING and old is not _CLOSE_PENDING:
             self._flush_send()  # CLOSE once the buffered data is sent
         self.recv_buf.clear()
+        self.recv_buf_len = 0
         self.recv_paused = False
         if self.recv_state is _CLOSE_PENDING:  # what was still to deliver is dropped
             self._cleanup(None, _DRAINED)
@@ -245,19 +264,40 @@ class TCPChannel:
         self.recv_window -= n
         if self.recv_paused or self.recv_buf:
             self.recv_buf.append(data)
+            self.recv_buf_len += n
         else:
             self._deliver(data)
 
     def _deliver(self, data: Any) -> None:
-        if self.recv_window < self.init_window - self.adjust_at:
-            self._send(MSG_CHANNEL_WINDOW_ADJUST, UInt32(self.init_window - self.recv_window))
-            self.recv_window = self.init_window
+        """Hand ``data`` (no longer waiting here) to the local socket, first giving the
+        server back the window of what was delivered, once that is over three packets."""
+        if self.init_window - self.recv_window - self.recv_buf_len > self.adjust_at:
+            self._give_back()
         self.local.deliver(data)
+
+    def _give_back(self) -> None:
+        """Give the server back the window of what was delivered — the window grown first
+        once a round trip has passed, if half a window or more was delivered in it."""
+        window = self.init_window
+        if window < self.max_window:
+            now = _monotonic()
+            self.epoch_bytes += window - self.recv_window - self.recv_buf_len
+            elapsed = now - self.epoch_start
+            rtt = self.fast.rtt
+            if elapsed >= rtt:
+                self.init_window = window = grown(window, self.max_window, self.epoch_bytes,
+                                                  elapsed, rtt)
+                self.epoch_start, self.epoch_bytes = now, 0
+        adjust = window - self.recv_window - self.recv_buf_len
+        self._send(MSG_CHANNEL_WINDOW_ADJUST, UInt32(adjust))
+        self.recv_window += adjust
 
     def _flush_recv(self) -> None:
         buf = self.recv_buf
         while buf and not self.recv_paused:
-            self._deliver(buf.popleft())
+            data = buf.popleft()
+            self.recv_buf_len -= len(data)
+            self._deliver(data)
         if buf:
             return
         if self.recv_state is _EOF_PENDING:
@@ -273,6 +313,9 @@ class TCPChannel:
         new = _peer(_SEND, old, _CONFIRMED, "Channel not being opened")
         self.send_chan, self.send_window, self.send_pktsize = \
             send_chan, send_window, send_pktsize
+        now = _monotonic()
+        self.fast.note_rtt(now - self.epoch_start)
+        self.epoch_start = now
         self.recv_state = chan_recv_next(self.recv_state, _CONFIRMED)
         self.send_state = new
         if old is _ABANDONED:

@@ -120,6 +120,13 @@ class FastConnection:
         #: yet), and when data last arrived (None: none since then)
         self.ka_interval: float | None = None
         self.ka_received: float | None = None
+        #: the fastest channel open → confirmation seen (s): the round trip a channel's
+        #: window grows with (``channel``, ``window``); infinite until the first
+        self.rtt = float("inf")
+
+    def note_rtt(self, sample: float) -> None:
+        if sample < self.rtt:
+            self.rtt = sample
 
     @staticmethod
     def of(conn: Any) -> "FastConnection | None":
