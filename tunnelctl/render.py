@@ -88,7 +88,10 @@ def print_list(data: dict[str, Any]) -> None:
         print("no forwards; add one with `tunnelctl add HOST PORT`")
         return
     for h in hosts:
-        print(f"{h['name']}  {h['state']} for {ago(h.get('since', ''))}")
+        rtt = h.get("rtt_ms")
+        print(f"{h['name']}  {h['state']} for {ago(h.get('since', ''))}"
+              + (f", round trip {rtt:g} ms" if rtt is not None and h["state"] == "connected"
+                 else ""))
         if h.get("last_error"):
             print(f"  ! {h['last_error']}")
         mux = h.get("mux") or []

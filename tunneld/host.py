@@ -20,6 +20,7 @@ from typing import Any, Callable, Protocol
 
 import asyncssh
 
+from . import fastpath
 from .config import Defaults
 from .errors import AuthError, ConfigError, ConnectError, HostKeyError, LoginNeeded
 from .events import EventHub
@@ -420,6 +421,7 @@ class HostSupervisor(Prompting):
             "last_error": self.last_error,
             "attempts": self.attempts,
             "cipher": self.conn.get_extra_info("send_cipher") if self.conn else None,
+            "rtt_ms": fastpath.rtt_ms(self.conn),
             "forwards": [f.snapshot() for f in sorted(self.forwards.values(),
                                                       key=lambda f: f.spec)],
         }

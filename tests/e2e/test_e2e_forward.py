@@ -395,6 +395,24 @@ def test_aes_gcm_preferred_unless_ssh_config_says_otherwise(daemon, sshd, echo_s
     assert daemon.host("chacha")["cipher"] == "chacha20-poly1305@openssh.com"
 
 
+def test_rtt_is_measured_by_the_forwarded_connections(data_daemon, sshd, echo_server,
+                                                       free_port):
+    """``rtt_ms``: null until a forwarded connection's channel opened, then its open →
+    confirmation time (what the receive window grows with); stock asyncssh measures none."""
+    port = free_port()
+    data_daemon.ctl("add", sshd.host, f"{port}:127.0.0.2:{echo_server()[1]}")
+    assert data_daemon.host()["rtt_ms"] is None
+    assert roundtrip(port, b"timed") == b"timed"
+    rtt = data_daemon.host()["rtt_ms"]
+    text = data_daemon.ctl("list").stdout
+    if "TUNNELD_STOCK_ASYNCSSH" in data_daemon.env:
+        assert rtt is None and "round trip" not in text
+    else:
+        assert isinstance(rtt, float) and 0 <= rtt < 1000, rtt
+        assert f"connected for 0s, round trip {rtt:g} ms" in text or \
+            f", round trip {rtt:g} ms" in text, text
+
+
 class _BothWays:
     """A target that, for each connection, sends ``down`` while it reads everything the client
     sends, then closes; ``got`` is the sha256 of what it read from each connection."""

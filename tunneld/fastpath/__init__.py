@@ -16,7 +16,7 @@ the data path calls:
 - ``accepted_session(local, pktsize)`` for a remote forward's connection (asyncssh's channel);
 - ``with batch:`` around the processing of one local read: the writes it makes leave
   together (``batch``);
-- ``preferred_ciphers()`` and ``status()``.
+- ``preferred_ciphers()``, ``status()`` and ``rtt_ms(conn)``.
 
 Modules: ``gate`` (on or off), ``batch``, ``sealing`` (the one owner of each direction's
 nonce), ``connection`` (the per-connection changes), ``channel`` (the lean channel),
@@ -37,7 +37,7 @@ from .ends import Channel, LocalEnd
 from .stock import StockChannel, accepted_session
 
 __all__ = ["Channel", "LocalEnd", "accepted_session", "announce", "attach", "batch", "open_channel",
-           "open_unix_channel", "preferred_ciphers", "status"]
+           "open_unix_channel", "preferred_ciphers", "rtt_ms", "status"]
 
 #: ciphers tried first unless the user's ~/.ssh/config sets ``Ciphers``: AES-GCM is what the
 #: fast path seals itself, and markedly faster than chacha20-poly1305 in stock asyncssh too
@@ -80,6 +80,15 @@ def open_unix_channel(conn: asyncssh.SSHClientConnection, local: LocalEnd, path:
     asyncssh's own channel on either path: on an attached connection its packets go through
     the fast path's sender like every other packet asyncssh sends."""
     return StockChannel.open_unix(conn, local, path, window, pktsize)
+
+
+def rtt_ms(conn: asyncssh.SSHClientConnection | None) -> float | None:
+    """The connection's round trip as its channels measured it (the fastest open →
+    confirmation, ms, 0.1 ms steps), None before the first or off the fast path."""
+    fast = FastConnection.of(conn) if conn is not None else None
+    if fast is None or fast.rtt == float("inf"):
+        return None
+    return round(fast.rtt * 1000, 1)
 
 
 def preferred_ciphers() -> list[str]:
