@@ -3,6 +3,8 @@
 
     python bench/run.py            # full run (a few minutes), writes bench/results.{md,json}
     python bench/run.py --quick    # smaller sizes, one repetition
+    python bench/run.py --long-link                 # + the "Long link" section (20/50/100 ms)
+    python bench/run.py --long-link 50 --long-link-only --quick   # only that section, quickly
 
 One run starts a throw-away OpenSSH sshd on 127.0.0.1 and target servers on 127.0.0.2 (so the
 server's "localhost" is not the client's), then measures every path against the same sshd:
@@ -15,6 +17,12 @@ server's "localhost" is not the client's), then measures every path against the 
 Metrics: bulk throughput (one connection, each direction, forced aes128-gcm and each tool's
 default cipher), new-connection latency, concurrency (100 / 1 000 / 10 000 simultaneous
 echo connections), small-message ping-pong, daemon memory, `tunnelctl list` wall time.
+Long link (``--long-link RTTS``): the same direct / ssh -L / tunneld comparison (aes128-gcm)
+through bench/delay.py, a proxy that adds a round trip: direct goes client -> proxy ->
+target, the tunnels ssh to a proxy in front of sshd (a host alias ``ll<RTT>`` whose Port is the
+proxy's).  Bulk throughput each way, new-connection time, tunneld's RSS during the download,
+each tunneld row optionally with a ``max_window`` (``--max-window``); a row without the proxy
+and one through it at 0 ms check that the proxy is not the bottleneck.
 Each repeated measurement is reported as the median of its repetitions.  Progress goes to
 stderr; every process started here is stopped at the end (also on Ctrl-C).
 """
@@ -50,8 +58,11 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 import servers as S
+from delay import DelayProxy  # noqa: E402
 
 T_START = time.monotonic()
+#: where results.md and results.json are written (--results-dir)
+RESULTS = BENCH
 TARGET_HOST = "127.0.0.2"
 LOCAL = "127.0.0.1"
 GCM = "aes128-gcm@openssh.com"
@@ -97,12 +108,16 @@ class Params:
     mem_hosts: int = 10
     mem_ports: int = 100
     mem_conns: int = 1000
+    ll_mb: int = 100          # long link: one bulk transfer
+    ll_reps: int = 3          # long link: repetitions of the bulk transfers
+    ll_conn_n: int = 30       # long link: new connections (each costs 2 round trips or more)
 
 
 FULL = Params(mb=200, reps=3, bulk_reps=5, conn_n=500, ping_n=2000,
               conc=[100, 1000, 10000], conc_reps=3, list_runs=20)
 QUICK = Params(mb=50, reps=1, bulk_reps=1, conn_n=200, ping_n=500,
-               conc=[100, 1000, 10000], conc_reps=1, list_runs=10)
+               conc=[100, 1000, 10000], conc_reps=1, list_runs=10,
+               ll_mb=50, ll_reps=1, ll_conn_n=10)
 
 
 # ------------------------------------------------------------------------------------------
@@ -548,6 +563,7 @@ class Tunneld:
         self.env.pop("TUNNELD_CONFIG", None)
         self.logfile = bench.base / f"tunneld-{name}.stderr"
         self.proc: subprocess.Popen | None = None
+        bench.daemons.append(self)
 
     @property
     def pid(self) -> int:
@@ -706,6 +722,121 @@ def _readline(proc: subprocess.Popen, timeout: float) -> str:
 
 
 # ------------------------------------------------------------------------------------------
+# long link: the paths through bench/delay.py
+
+LL_SAMPLE = 0.02               # s between two RSS samples during a long-link download
+LL_SAMPLES_MAX = 20000         # RSS samples kept at most (BULK_TIMEOUT / LL_SAMPLE is 6000)
+
+
+class RssSampler:
+    """Peak RSS of some processes, sampled from /proc in a thread until stop()."""
+
+    def __init__(self, pids: list[int]):
+        import threading
+        self.pids = pids
+        self.before = sum(S.rss_kib(x) for x in pids)
+        self.peak = self.before
+        self.n = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(LL_SAMPLE) and self.n < LL_SAMPLES_MAX:
+            try:
+                v = sum(S.rss_kib(x) for x in self.pids)
+            except (OSError, RuntimeError):
+                return
+            self.n += 1
+            self.peak = max(self.peak, v)
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        self._t.join(timeout=5)
+        with contextlib.suppress(OSError, RuntimeError):
+            self.peak = max(self.peak, sum(S.rss_kib(x) for x in self.pids))
+        return {"before_kib": self.before, "peak_kib": self.peak, "samples": self.n}
+
+
+class LLDirect(Path_):
+    """client -> one delay proxy per target port -> target."""
+
+    tool = "direct"
+
+    def __init__(self, host: str, ports: dict[str, int]):
+        super().__init__("direct", "-")
+        self.host = host
+        self.ports = dict(ports)
+        self.cipher = "none"
+
+
+class LLSsh(SshL):
+    """ssh -N -L (aes128-gcm) to a host alias whose Port may be a delay proxy's."""
+
+    def __init__(self, bench: Bench, alias: str, tag: str):
+        super().__init__(bench, "gcm")
+        self.alias = alias
+        self.logfile = bench.base / f"ssh-ll-{tag}.stderr"
+        self.logs = [LogWatch(self.logfile)]
+
+    def command(self, forwards: list[tuple[int, int]], variant: str | None = None) -> list[str]:
+        return super().command(forwards, variant)[:-1] + [self.alias]
+
+
+def ll_label(rtt: str) -> str:
+    return "no proxy" if rtt == "none" else f"{rtt} ms"
+
+
+def ll_key(window: str | None) -> str:
+    return "tunneld-gcm" if window is None else f"tunneld-gcm-mw{window}"
+
+
+def ll_name(key: str) -> str:
+    if key == "direct":
+        return "direct"
+    if key == "ssh-gcm":
+        return "ssh -L"
+    if key == "tunneld-gcm":
+        return "tunneld"
+    return f"tunneld, max_window {key.removeprefix('tunneld-gcm-mw')}"
+
+
+def parse_rtts(text: str) -> list[str]:
+    """"20,50,100" -> ["20", "50", "100"] (ms, as labels: 0.5 stays "0.5")."""
+    out = []
+    for part in text.split(","):
+        part = part.strip().removesuffix("ms").strip()
+        if not part:
+            continue
+        v = float(part)
+        if not 0 <= v <= 2000:
+            raise argparse.ArgumentTypeError(f"RTT {part} ms: expected 0..2000")
+        out.append(f"{v:g}")
+    return list(dict.fromkeys(out))
+
+
+def parse_windows(text: str) -> list[str | None]:
+    """"default,2MiB,16MiB" -> [None, "2MiB", "16MiB"] (None: no max_window key written)."""
+    import re
+    out: list[str | None] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part.lower() == "default":
+            out.append(None)
+        elif re.fullmatch(r"\d+(\.\d+)?\s*([kKmMgG]i?[bB]?|[bB])?", part):
+            out.append(part.replace(" ", ""))
+        else:
+            raise argparse.ArgumentTypeError(f"max_window {part!r}: bytes or e.g. 16MiB")
+    return list(dict.fromkeys(out)) or [None]
+
+
+def toml_size(window: str) -> str:
+    return window if window.isdigit() else json.dumps(window)
+
+
+# ------------------------------------------------------------------------------------------
 # results
 
 
@@ -742,8 +873,14 @@ class Results:
 
 
 class Bench:
-    def __init__(self, p: Params, quick: bool, keep: bool):
+    def __init__(self, p: Params, quick: bool, keep: bool, rtts: list[str] | None = None,
+                 long_only: bool = False, windows: list[str | None] | None = None):
         self.p = p
+        self.rtts = rtts or []           # long link: RTTs (ms, as text); none: no section
+        self.long_only = long_only
+        self.windows = windows or [None]  # long link: one tunneld row per max_window
+        self.long_info: dict[str, Any] | None = None
+        self.daemons: list[Tunneld] = []
         self.quick = quick
         self.keep = keep
         self.res = Results()
@@ -793,6 +930,8 @@ class Bench:
 
         self.daemon = Tunneld(self, "bench")
         self.stack.callback(self.daemon.stop)
+        if self.long_only:
+            return   # the long-link section sets up its own paths
         have_sshtunnel = importlib.util.find_spec("sshtunnel") is not None
         direct = Direct(self.targets)
         self.paths = [direct]
@@ -1164,10 +1303,164 @@ class Bench:
                         self.res.add(m, name, error=short(e))
             time.sleep(0.5)
 
+    # long link ------------------------------------------------------------------------------
+
+    def _proxy_alias(self, rtt: str, port: int) -> str:
+        """A host alias ll<RTT> for sshd behind the delay proxy on ``port`` (aes128-gcm), and
+        sshd's host key known under that port."""
+        alias = f"ll{rtt.replace('.', '_')}"
+        self.sshd.add_alias(alias, Port=str(port), Ciphers=GCM)
+        key = self.sshd.known_hosts.read_text().splitlines()[0].split()[1:3]
+        with self.sshd.known_hosts.open("a") as f:
+            f.write(f"[127.0.0.1]:{port} {' '.join(key)}\n")
+        return alias
+
+    def _ll_daemon(self, tag: str, window: str | None) -> Tunneld:
+        """A fresh tunneld of its own state (no forward restored from another row) and its
+        own config.toml: ``[defaults] max_window`` when ``window`` is given, else none."""
+        d = Tunneld(self, f"ll-{tag}")
+        self.stack.callback(d.stop)
+        conf = self.base / f"ll-config-{tag}.toml"
+        if window is not None:
+            conf.write_text(f"[defaults]\nmax_window = {toml_size(window)}\n")
+        d.env["TUNNELD_CONFIG"] = str(conf)   # a missing file is an empty config
+        d.env["XDG_STATE_HOME"] = str(self.base / "ll-state" / tag)
+        return d
+
+    def _ll_measure(self, rtt: str, path: Path_) -> None:
+        """Every long-link metric of one path (download first: its RSS growth is then not
+        hidden by memory an earlier transfer left allocated)."""
+        pre = f"long.{rtt}"
+        nbytes = self.p.ll_mb * MB
+        for rep in range(self.p.ll_reps):
+            for direction, fn, port in (("down", bulk_download, "source"),
+                                        ("up", bulk_upload, "sink")):
+                metric = f"{pre}.bulk.{direction}"
+                if not self.healthy(path):
+                    self.res.add(metric, path.key, error=path.error)
+                    continue
+                try:
+                    pids = path.pids()
+                    sampler = RssSampler(pids) if pids else None
+                    c0 = cpu_seconds(pids)
+                    try:
+                        v = fn(path.host, path.ports[port], nbytes)
+                    finally:
+                        rss = sampler.stop() if sampler else None
+                    c1 = cpu_seconds(pids)
+                    extra: dict[str, Any] = {}
+                    if c0 is not None and c1 is not None:
+                        extra["cpu_ms_per_100MB"] = (c1 - c0) * 1e3 * 100 * MB / nbytes
+                    if rss:
+                        extra["rss"] = rss
+                    self.res.add(metric, path.key, v, **extra)
+                    msg = f"  {ll_label(rtt):8} rep {rep + 1} {direction:4} {path.key:22} " \
+                          f"{v:8.1f} MB/s"
+                    if rss:
+                        msg += (f", RSS {rss['before_kib'] / 1024:.1f} -> peak "
+                                f"{rss['peak_kib'] / 1024:.1f} MiB")
+                        if direction == "down":
+                            self.res.add(f"{pre}.rss.down", path.key, rss["peak_kib"] / 1024)
+                            self.res.add(f"{pre}.rss.busy", path.key,
+                                         (rss["peak_kib"] - rss["before_kib"]) / 1024)
+                    log(msg)
+                except KeyboardInterrupt:
+                    raise
+                except Exception as e:
+                    self.res.add(metric, path.key, error=short(e))
+                    log(f"  {ll_label(rtt)} {path.key}: {metric}: ERROR {short(e)}")
+        if not self.healthy(path):
+            self.res.add(f"{pre}.conn.median", path.key, error=path.error)
+            return
+        try:
+            r = new_conn_latency(path.host, path.ports["echo"], self.p.ll_conn_n)
+            self.res.add(f"{pre}.conn.median", path.key, r["median_ms"], n=r["n"])
+            self.res.add(f"{pre}.conn.p99", path.key, r["p99_ms"], kinds=r["errors"],
+                         n=r["n"])
+            log(f"  {ll_label(rtt):8} {path.key:22} new conn median {r['median_ms']:.2f} "
+                f"p99 {r['p99_ms']:.2f} ms ({r['n']} ok, errors {r['errors'] or 0})")
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            self.res.add(f"{pre}.conn.median", path.key, error=short(e))
+            log(f"  {ll_label(rtt)} {path.key}: new conn: ERROR {short(e)}")
+
+    def run_long_link(self) -> None:
+        """For each RTT ("none": no proxy, "0": the proxy's own cost, then the long links):
+        direct, ssh -L and each tunneld row, one path at a time, each through its own delay
+        proxies (one per target port for direct, one in front of sshd for the tunnels)."""
+        for d in self.daemons:   # one daemon at a time per runtime dir
+            d.stop()
+        rtts = ["none", "0"] + [r for r in self.rtts if r not in ("none", "0")]
+        info: dict[str, Any] = {
+            "rtts_ms": rtts, "max_windows": self.windows, "mb": self.p.ll_mb,
+            "reps": self.p.ll_reps, "conn_n": self.p.ll_conn_n,
+            "paths": {"direct": "direct", "ssh-gcm": "ssh -L", **{
+                ll_key(w): ll_name(ll_key(w)) for w in self.windows}},
+            "max_window_by_path": {ll_key(w): w for w in self.windows},
+            "proxy": {"handshake_delay_rtt": 1.5, "queue_mib": 64},
+            "proxy_stats": {}}
+        self.long_info = info
+        for rtt in rtts:
+            log(f"== long link: {ll_label(rtt)}")
+            proxies: dict[str, DelayProxy] = {}
+            try:
+                if rtt == "none":
+                    host, ports, alias = TARGET_HOST, dict(self.targets), "benchgcm"
+                else:
+                    ends = {k: (TARGET_HOST, v) for k, v in self.targets.items()}
+                    ends["sshd"] = (LOCAL, self.sshd.port)
+                    for k, end in ends.items():
+                        proxies[k] = DelayProxy(end, float(rtt), stderr_path=self.base /
+                                                f"delay-{rtt}-{k}.stderr")
+                        self.stack.callback(proxies[k].stop)
+                        proxies[k].start()
+                    host = LOCAL
+                    ports = {k: proxies[k].port for k in self.targets}
+                    alias = self._proxy_alias(rtt, proxies["sshd"].port)
+                paths: list[Path_] = [LLDirect(host, ports), LLSsh(self, alias, rtt)]
+                for w in self.windows:
+                    tag = f"{rtt}-{w or 'default'}"
+                    tp = TunneldPath(self, self._ll_daemon(tag, w), "gcm")
+                    tp.key, tp.alias = ll_key(w), alias
+                    paths.append(tp)
+                for path in paths:
+                    try:
+                        path.start()
+                        log(f"  {path.key}: ready (cipher {path.cipher})")
+                    except KeyboardInterrupt:
+                        raise
+                    except Exception as e:
+                        path.error = short(e, 300)
+                        log(f"  {path.key}: FAILED to start: {path.error}")
+                    for lw in path.logs:
+                        lw.mark()
+                    if not path.error:
+                        self._ll_measure(rtt, path)
+                    for lw in path.logs:
+                        if (sm := summarize_log(lw.new())):
+                            self.res.add(f"long.{rtt}.bulk.down", path.key, log=sm)
+                    if path.error:
+                        for m in ("bulk.down", "bulk.up", "conn.median"):
+                            if not self.res.cell(f"long.{rtt}.{m}", path.key):
+                                self.res.add(f"long.{rtt}.{m}", path.key, error=path.error)
+                    if isinstance(path, TunneldPath):
+                        path.d.stop()
+                    else:
+                        path.stop()
+            finally:
+                for k, px in proxies.items():
+                    st = px.stop()
+                    if st:
+                        info["proxy_stats"].setdefault(rtt, {})[k] = st
+
     # -- the whole run -----------------------------------------------------------------------
 
     def run(self) -> None:
         self.setup()
+        if self.long_only:
+            self.run_long_link()
+            return
         stages = [("bulk throughput", self.run_bulk),
                   ("new-connection latency and ping-pong", self.run_latency),
                   ("concurrency", self.run_concurrency)]
@@ -1188,6 +1481,8 @@ class Bench:
                 path.stop()
         log("== memory")
         self.run_memory()
+        if self.rtts:
+            self.run_long_link()
 
     def close(self) -> None:
         self.stack.close()
@@ -1258,7 +1553,191 @@ def issue_targets(res: Results, p: Params) -> list[dict[str, str]]:
     return rows
 
 
+#: the long-link section of results.md: from this heading to the next "## " heading
+LONG_SECTION = "\n## Long link"
+LL_METRICS = [("upload (MB/s)", "bulk.up", True), ("download (MB/s)", "bulk.down", True),
+              ("new conn, median (ms)", "conn.median", False),
+              ("new conn, p99 (ms)", "conn.p99", False),
+              ("RSS peak in download (MiB)", "rss.down", False),
+              ("RSS growth in download (MiB)", "rss.busy", False)]
+
+
+def _section_span(text: str, heading: str) -> tuple[int, int] | None:
+    i = text.find(heading)
+    if i < 0:
+        return None
+    j = text.find("\n## ", i + 1)
+    return i, (j if j >= 0 else len(text))
+
+
+def _old_long_link() -> tuple[str, dict[str, Any]]:
+    """The long-link section of the current results.md and its part of results.json (kept
+    by a run without --long-link, as KEPT_SECTION is)."""
+    text = ""
+    with contextlib.suppress(OSError):
+        md = (RESULTS / "results.md").read_text()
+        if (span := _section_span(md, LONG_SECTION)):
+            text = md[span[0]:span[1]]
+    data: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        old = json.loads((RESULTS / "results.json").read_text())
+        if old.get("long_link"):
+            data = {"long_link": old["long_link"],
+                    "metrics": {k: v for k, v in old.get("metrics", {}).items()
+                                if k.startswith("long.")}}
+    return text, data
+
+
+def long_link_section(b: Bench, argv: list[str], now: str) -> list[str]:
+    res, info = b.res, b.long_info or {}
+    lines: list[str] = []
+    out = lines.append
+    rtts = info.get("rtts_ms", [])
+    keys = list(info.get("paths", {}))
+    tkeys = [k for k in keys if k.startswith("tunneld")]
+
+    def val(rtt: str, m: str, key: str) -> float | None:
+        return res.value(f"long.{rtt}.{m}", key)
+
+    def cell(rtt: str, m: str, key: str) -> str:
+        c = res.cell(f"long.{rtt}.{m}", key)
+        if "value" in c:
+            return fmt_num(c["value"])
+        if c.get("error") and m in ("bulk.up", "bulk.down", "conn.median"):
+            return f"error: {short(c['error'], 60)}"
+        return "—"
+
+    def ratio(rtt: str, m: str, a: str, b_: str) -> str:
+        x, y = val(rtt, m, a), val(rtt, m, b_)
+        return "—" if x is None or not y else f"{x / y:.2f}×"
+
+    out(LONG_SECTION.strip() + " (a round trip added by bench/delay.py; aes128-gcm)")
+    out("")
+    out(f"`python bench/run.py{' ' + ' '.join(argv) if argv else ''}` — {now}; load average "
+        f"at start {'/'.join(f'{x:.2f}' for x in b.load_start or ())}. "
+        f"Direct: client → delay proxy → target; ssh -L and tunneld: ssh to a delay proxy "
+        f"in front of sshd (host alias `ll<RTT>`), the target behind sshd on the server's "
+        f"loopback. Each direction of each connection is delivered RTT/2 late; the TCP "
+        f"handshake costs 1.5 RTT more (a new direct connection takes 2 RTT, as on a real "
+        f"link); TCP's own window is not modelled (up to 64 MiB in flight per direction). "
+        f"Bulk: one connection, {info.get('mb')} MB, median of {info.get('reps')} "
+        f"(download first); new connection = open + 100-byte echo + close, "
+        f"{info.get('conn_n')}× sequentially; RSS of the tunnel process sampled every "
+        f"{LL_SAMPLE * 1e3:.0f} ms during the download (growth = peak − RSS just before). "
+        f"\"no proxy\" and \"0 ms\" are loopback without and through the proxy: the proxy's "
+        f"own cost.")
+    out("")
+    out("| RTT | path | " + " | ".join(m[0] for m in LL_METRICS) + " |")
+    out("|---|---|" + "---:|" * len(LL_METRICS))
+    for rtt in rtts:
+        lab = ll_label(rtt)
+        for k in keys:
+            out(f"| {lab} | {ll_name(k)} | " +
+                " | ".join(cell(rtt, m, k) for _, m, _ in LL_METRICS) + " |")
+        for t in tkeys:
+            for base, bname in (("ssh-gcm", "ssh -L"), ("direct", "direct")):
+                out(f"| {lab} | {ll_name(t)} ÷ {bname} | " + " | ".join(
+                    ratio(rtt, m, t, base) if (base == "ssh-gcm" or not m.startswith("rss"))
+                    else "—" for _, m, _ in LL_METRICS) + " |")
+    out("")
+    # the proxy's own cost: 0 ms through it ÷ no proxy
+    if "none" in rtts and "0" in rtts:
+        parts = []
+        for k in keys:
+            r = []
+            for d, name in (("up", "upload"), ("down", "download")):
+                x, y = val("0", f"bulk.{d}", k), val("none", f"bulk.{d}", k)
+                if x is not None and y:
+                    r.append(f"{name} {fmt_num(y)} → {fmt_num(x)} MB/s ({x / y:.2f}×)")
+            if r:
+                parts.append(f"{ll_name(k)}: " + ", ".join(r))
+        if parts:
+            out("Proxy check (no proxy → through the proxy at 0 ms): " + "; ".join(parts) +
+                ".")
+            out("")
+    stats = info.get("proxy_stats", {})
+    notes = []
+    mib = 1 << 20
+    for rtt, per in stats.items():
+        sshd = per.get("sshd", {})
+        direct = [s for k, s in per.items() if k != "sshd"]
+        dpeak = max((s.get("peak_queue", 0) for s in direct), default=0)
+        dfull = sum(s.get("queue_full", 0) for s in direct)
+        notes.append(f"{ll_label(rtt)}: in front of sshd peak queue "
+                     f"{sshd.get('peak_queue', 0) / mib:.1f} MiB, "
+                     f"{sshd.get('queue_full', 0)} pause(s) at 64 MiB, timers late by up to "
+                     f"{sshd.get('max_late_ms', 0):.0f} ms; direct's: peak "
+                     f"{dpeak / mib:.1f} MiB, {dfull} pause(s), late by up to "
+                     f"{max((s.get('max_late_ms', 0) for s in direct), default=0):.0f} ms")
+    if notes:
+        out("Delay proxies: " + "; ".join(notes) + ". A pause at 64 MiB in front of sshd "
+            "would mean the proxy, not the tunnel, limited a transfer; on direct's it is the "
+            "link being full (64 MiB per RTT/2). Upload times include one round trip (the "
+            "sink's acknowledgement), download times start at the first byte.")
+        out("")
+    obs = []
+    for metric, cells in res.metrics.items():
+        if not metric.startswith("long."):
+            continue
+        for key, c in cells.items():
+            for entry in c.get("log", []):
+                obs.append(f"{ll_name(key)}, {metric}: {entry['lines']} warning/error log "
+                           f"line(s), e.g. `{entry['examples'][0][:150]}`")
+            kinds: collections.Counter[str] = collections.Counter()
+            for k in c.get("kinds", []):
+                kinds.update(k)
+            if kinds:
+                obs.append(f"{ll_name(key)}, {metric}: client errors " +
+                           ", ".join(f"{k} × {n}" for k, n in kinds.most_common()))
+            for e in c.get("errors_seen", []):
+                obs.append(f"{ll_name(key)}, {metric}: {e}")
+    for o in list(dict.fromkeys(obs))[:20]:
+        out(f"- {o}")
+    if obs:
+        out("")
+    return lines
+
+
+def long_link_json(b: Bench, argv: list[str], now: str) -> dict[str, Any]:
+    return dict(b.long_info or {}, command=["python", "bench/run.py", *argv], date=now,
+                loadavg_start=b.load_start, loadavg_end=os.getloadavg(), versions=b.versions,
+                metrics_prefix="long.<rtt>.{bulk.up,bulk.down,conn.median,conn.p99,"
+                               "rss.down,rss.busy}")
+
+
+def write_long_only(b: Bench, wall: float, argv: list[str]) -> None:
+    """--long-link-only: replace (or insert) the long-link section of results.md and its
+    part of results.json; the rest of both files stays as it was."""
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    section = "\n" + "\n".join(long_link_section(b, argv, now))
+    md_path = RESULTS / "results.md"
+    try:
+        md = md_path.read_text()
+    except OSError:
+        md = "# tunneld benchmark results\n"
+    if (span := _section_span(md, LONG_SECTION)):
+        md = md[:span[0]] + section.rstrip("\n") + "\n" + md[span[1]:]
+    else:
+        at = next((i for i in (md.find("\n## Targets of issue 5"), md.find(KEPT_SECTION))
+                   if i >= 0), len(md.rstrip("\n")))
+        md = md[:at] + section.rstrip("\n") + "\n" + md[at:]
+    md_path.write_text(md)
+    js_path = RESULTS / "results.json"
+    try:
+        data = json.loads(js_path.read_text())
+    except (OSError, ValueError):
+        data = {}
+    metrics = {k: v for k, v in data.get("metrics", {}).items() if not k.startswith("long.")}
+    metrics.update({k: v for k, v in b.res.metrics.items() if k.startswith("long.")})
+    data["metrics"] = metrics
+    data["long_link"] = dict(long_link_json(b, argv, now), wall_s=wall)
+    js_path.write_text(json.dumps(data, indent=1, default=str) + "\n")
+
+
 def write_report(b: Bench, wall: float, argv: list[str]) -> None:
+    if b.long_only:
+        write_long_only(b, wall, argv)
+        return
     res, p = b.res, b.p
     paths = {x.key: x for x in b.paths}
 
@@ -1405,6 +1884,12 @@ def write_report(b: Bench, wall: float, argv: list[str]) -> None:
             f" {ratio(m, 'tunnelctl list (console script)', base)} |")
     out("")
 
+    old_long_md, old_long_json = _old_long_link()
+    if b.long_info is not None:
+        lines.extend(long_link_section(b, argv, now))
+    elif old_long_md:   # from an earlier run: kept, it names its own command and date
+        lines.extend(old_long_md.strip("\n").split("\n") + [""])
+
     targets = issue_targets(res, p)
     out("## Targets of issue 5")
     out("")
@@ -1463,7 +1948,7 @@ def write_report(b: Bench, wall: float, argv: list[str]) -> None:
             ex = "; ".join(f"`{e[:140]}`" for e in sm["examples"][:3])
             out(f"- {name}: {sm['lines']} of {sm['total_lines']} lines, e.g. {ex}")
     out("")
-    (BENCH / "results.md").write_text("\n".join(lines) + _kept_sections(BENCH / "results.md"))
+    (RESULTS / "results.md").write_text("\n".join(lines) + _kept_sections(RESULTS / "results.md"))
 
     data = {"command": ["python", "bench/run.py", *argv], "date": now, "wall_s": wall,
             "params": p.__dict__, "versions": v, "cpus": os.cpu_count(), "cpu": cpu,
@@ -1472,7 +1957,12 @@ def write_report(b: Bench, wall: float, argv: list[str]) -> None:
                           "error": x.error} for k, x in paths.items()},
             "metrics": res.metrics, "notes": res.notes, "logs": res.logs,
             "targets": targets}
-    (BENCH / "results.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    if b.long_info is not None:
+        data["long_link"] = long_link_json(b, argv, now)
+    elif old_long_json:
+        data["long_link"] = old_long_json["long_link"]
+        data["metrics"] = dict(res.metrics, **old_long_json["metrics"])
+    (RESULTS / "results.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
 
 
 # ------------------------------------------------------------------------------------------
@@ -1484,15 +1974,51 @@ def main() -> int:
                     help="50 MB transfers, fewer iterations, one repetition (about 2-3 min)")
     ap.add_argument("--keep", action="store_true",
                     help="keep the temp dir (sshd, tunneld, ssh logs) and print its path")
+    ap.add_argument("--long-link", nargs="?", const="20,50,100", metavar="RTTS",
+                    help="add the 'Long link' section: each RTT in ms (default 20,50,100) "
+                         "through bench/delay.py, plus rows without the proxy and at 0 ms")
+    ap.add_argument("--long-link-only", action="store_true",
+                    help="run only the long-link section (RTTs of --long-link, else "
+                         "20,50,100); replaces that section of results.md/json, the rest "
+                         "of them stays")
+    ap.add_argument("--max-window", metavar="LIST",
+                    help="long link: one tunneld row per max_window written to its "
+                         "config.toml, e.g. 2MiB,16MiB,64MiB ('default': no key written); "
+                         "default: one row, no key")
+    ap.add_argument("--results-dir", type=Path, metavar="DIR",
+                    help="write (and update) results.md/json there instead of bench/")
     args = ap.parse_args()
+    if args.results_dir:
+        global RESULTS
+        RESULTS = args.results_dir.resolve()
+        RESULTS.mkdir(parents=True, exist_ok=True)
     argv = ["--quick"] if args.quick else []
     params = QUICK if args.quick else FULL
+    rtts: list[str] = []
+    windows: list[str | None] = [None]
+    if args.long_link is not None or args.long_link_only:
+        try:
+            rtts = parse_rtts(args.long_link or "20,50,100")
+            windows = parse_windows(args.max_window) if args.max_window else [None]
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            ap.error(str(e))
+        argv += ["--long-link", ",".join(rtts)]
+        if args.long_link_only:
+            argv.append("--long-link-only")
+        if args.max_window:
+            argv += ["--max-window", ",".join(w or "default" for w in windows)]
+            if any(w is not None for w in windows) and "max_window" not in \
+                    (REPO / "tunneld" / "config.py").read_text():
+                log("warning: tunneld/config.py has no max_window: those rows will fail")
+    elif args.max_window:
+        ap.error("--max-window needs --long-link or --long-link-only")
 
     def on_term(signum, frame):  # SIGTERM: clean up as for Ctrl-C
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, on_term)
 
-    bench = Bench(params, args.quick, args.keep)
+    bench = Bench(params, args.quick, args.keep, rtts=rtts, long_only=args.long_link_only,
+                  windows=windows)
     status = 0
     try:
         bench.run()
@@ -1510,7 +2036,7 @@ def main() -> int:
         finally:
             wall = time.monotonic() - T_START
             write_report(bench, wall, argv)
-            log(f"wrote {BENCH / 'results.md'} and results.json ({wall:.0f} s)")
+            log(f"wrote {RESULTS / 'results.md'} and results.json ({wall:.0f} s)")
     return status
 
 
