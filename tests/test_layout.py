@@ -14,7 +14,7 @@ PACKAGES = ("tunneld", "tunnelctl")
 #: modules with no I/O framework in them (design.md §2): tested byte-in / event-out
 PURE = ("spec", "markers", "printed", "urls", "state", "wire", "socks", "remote", "openfail",
         "spool", "rcfile", "openlog", "jobs", "jobpoll",
-        "reload", "names", "errors", "desktop", "sshconfig")
+        "reload", "window", "mux", "names", "errors", "desktop", "sshconfig")
 FRAMEWORKS = ("asyncio", "asyncssh", "pydantic", "uvloop")
 #: a module is one job: about this many lines at most
 MAX_LINES = 470
