@@ -331,6 +331,38 @@ def bulk_download(host: str, port: int, nbytes: int) -> float:
     return (nbytes - first) / (t1 - t0) / MB
 
 
+def stalled_download(host: str, port: int, nbytes: int, fast: int, stall: float,
+                     pids: list[int]) -> dict[str, float]:
+    """Read ``fast`` bytes of an ``nbytes`` download at full speed, then nothing for ``stall``
+    seconds (what waits for the reader piles up in the tunnel, up to its window), then the
+    rest: the tunnel processes' RSS growth at the end of the stall (MiB) and the download's
+    MB/s over all of it."""
+    buf = bytearray(S.CHUNK)
+    view = memoryview(buf)
+    before = sum(S.rss_kib(x) for x in pids)
+    with socket.socket() as s:
+        S.set_bufs(s)
+        s.settimeout(30)
+        s.connect((host, port))
+        s.sendall(struct.pack("!Q", nbytes))
+        t0 = time.perf_counter()
+        deadline = t0 + BULK_TIMEOUT
+        got, held = 0, None
+        while got < nbytes:
+            if held is None and got >= fast:
+                time.sleep(stall)
+                held = sum(S.rss_kib(x) for x in pids)
+            n = s.recv_into(view)
+            if not n:
+                raise ConnectionError(f"EOF after {got} of {nbytes} bytes")
+            got += n
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"download not done within {BULK_TIMEOUT:g}s")
+        t1 = time.perf_counter()
+    return {"rss_growth_mib": ((held or before) - before) / 1024,
+            "mbps": nbytes / (t1 - t0 - stall) / MB}
+
+
 def new_conn_latency(host: str, port: int, n: int) -> dict[str, Any]:
     """Open, 100-byte echo, close; sequentially, n times (at most LOOP_CAP seconds)."""
     msg = b"x" * 100
@@ -726,6 +758,7 @@ def _readline(proc: subprocess.Popen, timeout: float) -> str:
 
 LL_SAMPLE = 0.02               # s between two RSS samples during a long-link download
 LL_SAMPLES_MAX = 20000         # RSS samples kept at most (BULK_TIMEOUT / LL_SAMPLE is 6000)
+LL_STALL = 2.0                 # s a long-link download's reader stops, halfway
 
 
 class RssSampler:
@@ -1369,6 +1402,19 @@ class Bench:
                 except Exception as e:
                     self.res.add(metric, path.key, error=short(e))
                     log(f"  {ll_label(rtt)} {path.key}: {metric}: ERROR {short(e)}")
+        pids = path.pids()
+        if pids and self.healthy(path):
+            try:  # a reader that stops: what the tunnel holds for it (its window, at most)
+                r = stalled_download(path.host, path.ports["source"], nbytes, nbytes // 2,
+                                     LL_STALL, pids)
+                self.res.add(f"{pre}.rss.stalled", path.key, r["rss_growth_mib"])
+                log(f"  {ll_label(rtt):8} {path.key:22} reader stopped {LL_STALL:g}s after "
+                    f"{nbytes // 2 // MB} MB: RSS +{r['rss_growth_mib']:.1f} MiB")
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:
+                self.res.add(f"{pre}.rss.stalled", path.key, error=short(e))
+                log(f"  {ll_label(rtt)} {path.key}: stalled reader: ERROR {short(e)}")
         if not self.healthy(path):
             self.res.add(f"{pre}.conn.median", path.key, error=path.error)
             return
@@ -1559,7 +1605,8 @@ LL_METRICS = [("upload (MB/s)", "bulk.up", True), ("download (MB/s)", "bulk.down
               ("new conn, median (ms)", "conn.median", False),
               ("new conn, p99 (ms)", "conn.p99", False),
               ("RSS peak in download (MiB)", "rss.down", False),
-              ("RSS growth in download (MiB)", "rss.busy", False)]
+              ("RSS growth in download (MiB)", "rss.busy", False),
+              ("RSS growth, reader stopped (MiB)", "rss.stalled", False)]
 
 
 def _section_span(text: str, heading: str) -> tuple[int, int] | None:
@@ -1623,7 +1670,10 @@ def long_link_section(b: Bench, argv: list[str], now: str) -> list[str]:
         f"Bulk: one connection, {info.get('mb')} MB, median of {info.get('reps')} "
         f"(download first); new connection = open + 100-byte echo + close, "
         f"{info.get('conn_n')}× sequentially; RSS of the tunnel process sampled every "
-        f"{LL_SAMPLE * 1e3:.0f} ms during the download (growth = peak − RSS just before). "
+        f"{LL_SAMPLE * 1e3:.0f} ms during the download (growth = peak − RSS just before); "
+        f"reader stopped: one more download whose reader stops for {LL_STALL:g} s halfway, "
+        f"the tunnel's RSS growth at the end of the stop (what it holds for a reader that "
+        f"does not read: its window at most, plus the kernel's socket buffers). "
         f"\"no proxy\" and \"0 ms\" are loopback without and through the proxy: the proxy's "
         f"own cost.")
     out("")
@@ -1702,7 +1752,7 @@ def long_link_json(b: Bench, argv: list[str], now: str) -> dict[str, Any]:
     return dict(b.long_info or {}, command=["python", "bench/run.py", *argv], date=now,
                 loadavg_start=b.load_start, loadavg_end=os.getloadavg(), versions=b.versions,
                 metrics_prefix="long.<rtt>.{bulk.up,bulk.down,conn.median,conn.p99,"
-                               "rss.down,rss.busy}")
+                               "rss.down,rss.busy,rss.stalled}")
 
 
 def write_long_only(b: Bench, wall: float, argv: list[str]) -> None:
