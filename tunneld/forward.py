@@ -25,7 +25,7 @@ from . import fastpath, openfail, remotehome
 from .bindfail import bind_failure
 from .errors import BindError, TunneldError
 from .events import EventHub
-from .localside import LINGER_RESET, LocalSide, set_linger
+from .localside import LINGER_RESET, LocalSide, arm_listener, armed_at_accept, set_linger
 from .spec import ForwardSpec, join_host_port
 from .state import (
     ForwardEvent,
@@ -146,6 +146,9 @@ class LocalForward(ForwardReport):
         super().__init__(spec, host, origin)
         #: the asyncio server; None iff the listener is not bound
         self._server: asyncio.base_events.Server | None = None
+        #: whether the listener's sockets arm the clients they accept (``localside``: they
+        #: inherit its SO_LINGER); None until its first client says
+        self.arms_clients: bool | None = None
 
     # -- listener ---------------------------------------------------------------------------
 
@@ -159,6 +162,9 @@ class LocalForward(ForwardReport):
                 family=family, reuse_address=True, backlog=LISTEN_BACKLOG)
         except OSError as exc:
             raise BindError(await bind_failure(self.spec, exc)) from None
+        self.arms_clients = None
+        for sock in self._server.sockets:
+            arm_listener(sock)   # each client is armed from its accept (see localside.reset)
         if self.spec.bind_port == 0:  # the OS chose the port
             port = self._server.sockets[0].getsockname()[1]
             self.spec = dataclasses.replace(self.spec, bind_port=port)
@@ -194,17 +200,16 @@ class LocalClient(LocalSide):
     """One client accepted by a local forward; its channel is opened when it connects (on
     the host's live connection, or once the host is back)."""
 
-    def __init__(self, fwd: LocalForward):
-        super().__init__(fwd)
-        self.fwd: LocalForward = fwd
-        #: the client's (host, port)
-        self.peername: tuple[str, int] = ("", 0)
-        #: waits for the host's connection; None when not waiting
-        self._waiting: asyncio.Task[None] | None = None
-        #: the channel being opened (until ``attached`` or ``failed``)
-        self._opening: fastpath.Channel | None = None
-        #: a forward to a Unix socket: the path opened on the server (``~`` expanded)
-        self._socket_path = ""
+    # what a client starts with (class attributes: no __init__ of its own per client)
+    fwd: LocalForward
+    #: the client's (host, port)
+    peername: tuple[str, int] = ("", 0)
+    #: waits for the host's connection; None when not waiting
+    _waiting: asyncio.Task[None] | None = None
+    #: the channel being opened (until ``attached`` or ``failed``)
+    _opening: fastpath.Channel | None = None
+    #: a forward to a Unix socket: the path opened on the server (``~`` expanded)
+    _socket_path = ""
 
     @property
     def peer(self) -> str:
@@ -213,11 +218,15 @@ class LocalClient(LocalSide):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's: not a subclass
-        set_linger(transport, LINGER_RESET)   # see localside.reset()
+        fwd = self.fwd
+        arms = fwd.arms_clients
+        if arms is None:
+            arms = fwd.arms_clients = armed_at_accept(transport)
+        if not arms:
+            set_linger(transport, LINGER_RESET)   # see localside.reset()
         peer = transport.get_extra_info("peername")
         if peer:
             self.peername = peer[:2]
-        fwd = self.fwd
         fwd.conns.add(self)
         fwd.total += 1
         with fastpath.batch:  # the channel open leaves before this callback returns

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from .fastpath import Channel, batch
 
@@ -54,6 +54,8 @@ class LocalSide(asyncio.Protocol):
         self.pending_len = 0
         self.pending_eof = False
         self.closed = False
+        #: the socket is disarmed (``LINGER_OFF``: an orderly end); it is armed until then
+        self.disarmed = False
         #: data from the channel, written when the current batch ends: the packets decoded
         #: from one read of the SSH socket leave together
         self.out: list[bytes] = []
@@ -112,9 +114,10 @@ class LocalSide(asyncio.Protocol):
         self.channel = chan
         self.fwd.served()
         self._granted()
-        if self.pending:
-            data = b"".join(self.pending)
-            self.pending.clear()
+        pending = self.pending
+        if pending:
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
             self.pending_len = 0
             chan.write(data)
             self.fwd.bytes_out += len(data)
@@ -146,10 +149,13 @@ class LocalSide(asyncio.Protocol):
 
     def deliver_eof(self) -> None:
         """Half-close the local socket after the data before it."""
-        self.flush()
+        if self.out:
+            self.flush()
         transport = self.transport
         if transport is not None and transport.can_write_eof() and not transport.is_closing():
-            set_linger(transport, LINGER_OFF)   # an orderly end: a FIN after every byte
+            if not self.disarmed:   # an orderly end: a FIN after every byte
+                self.disarmed = True
+                set_linger(transport, LINGER_OFF)
             transport.write_eof()
 
     def ended(self, exc: Exception | None) -> None:
@@ -158,11 +164,14 @@ class LocalSide(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        self.flush()
+        if self.out:
+            self.flush()
         if exc is not None:
             reset(transport)
         else:
-            set_linger(transport, LINGER_OFF)
+            if not self.disarmed:
+                self.disarmed = True
+                set_linger(transport, LINGER_OFF)
             transport.close()
 
     def _granted(self) -> None:
@@ -185,9 +194,57 @@ def reset(transport: asyncio.Transport) -> None:
 
 
 def set_linger(transport: asyncio.BaseTransport, value: bytes) -> None:
+    """Set ``transport``'s SO_LINGER to ``value`` (errors ignored: a socket already gone)."""
     sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, value)
-        except (OSError, ValueError):
-            pass
+    if sock is None:
+        return
+    if _setsockopt is not None:
+        fd = sock.fileno()   # -1 once the transport closed its socket
+        if fd >= 0:
+            _setsockopt(fd, socket.SOL_SOCKET, socket.SO_LINGER, value, len(value))
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, value)
+    except (OSError, ValueError):
+        pass
+
+
+def arm_listener(sock: Any) -> None:
+    """Arm a listening socket: the sockets it accepts inherit SO_LINGER (Linux, the BSDs and
+    macOS copy the listener's options), so a client is armed before its first callback.
+    ``armed_at_accept`` says whether it worked."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    except (OSError, ValueError):
+        pass
+
+
+def armed_at_accept(transport: asyncio.BaseTransport) -> bool:
+    """Whether ``transport``'s socket is armed already (asked of a listener's first client:
+    then its others are too)."""
+    sock = transport.get_extra_info("socket")
+    try:
+        if sock is None:
+            return False
+        onoff, seconds = struct.unpack("ii", sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, len(LINGER_RESET)))
+    except (OSError, ValueError, struct.error):
+        return False
+    return onoff != 0 and seconds == 0   # the BSDs say "on" with the option's bit
+
+
+def _libc_setsockopt() -> Callable[..., int] | None:
+    """libc's ``setsockopt(fd, level, name, value, len)``, or None.  One system call, where
+    a socket object's (uvloop's transports make one per call) first asks ``getsockname`` and
+    parses a bytes value only after two failed tries (two exceptions formatted)."""
+    try:
+        import ctypes
+        fn = ctypes.PyDLL(None).setsockopt   # the GIL is kept: it never blocks
+    except (ImportError, OSError, AttributeError):
+        return None
+    # no argtypes (converting through them costs more than the call): Python ints pass as
+    # C ints, bytes as a pointer to them; the result is an int (0, or -1 with errno set)
+    return fn
+
+
+_setsockopt = _libc_setsockopt()

@@ -19,7 +19,7 @@ import pytest
 from asyncssh.connection import SSHConnection
 from asyncssh.constants import MSG_CHANNEL_CLOSE
 
-from tunneld import fastpath
+from tunneld import fastpath, localside
 from tunneld.config import Defaults
 from tunneld.fastpath import gate
 from tunneld.fastpath.channel import TCPChannel
@@ -272,6 +272,67 @@ async def _still_fine(conn: asyncssh.SSHClientConnection) -> bool:
     """The SSH connection still runs a command."""
     result = await conn.run("echo still fine", check=True)
     return result.stdout.strip() == "still fine"
+
+
+@pytest.mark.parametrize("by_listener", [True, False], ids=["by-listener", "one-by-one"])
+@pytest.mark.parametrize("native", [True, False], ids=["libc-setsockopt", "socket-object"])
+async def test_clients_are_armed_from_their_accept_and_end_with_a_fin(
+        home, monkeypatch, by_listener, native):
+    """A client's socket is armed to reset (SO_LINGER 0) before its first callback: by the
+    listener, whose SO_LINGER the sockets it accepts inherit, or one by one where they do not
+    (the listener's first client tells).  An orderly end disarms it, with libc's setsockopt
+    or a socket object's: a slow client whose data still waits in tunneld and in its socket
+    when the server's CLOSE arrives gets every byte, then EOF (armed, it would be reset)."""
+    if not by_listener:
+        monkeypatch.setattr("tunneld.forward.arm_listener", lambda sock: None)
+    if not native:
+        monkeypatch.setattr(localside, "_setsockopt", None)
+    payload = os.urandom(600_000)
+    srv = socket.create_server(("127.0.0.2", 0))
+    loop = asyncio.get_running_loop()
+
+    srv.settimeout(20)   # a failed test must not leave the thread in accept()
+
+    def serve() -> None:
+        for _ in range(2):
+            c, _ = srv.accept()
+            with c:
+                c.sendall(payload)
+
+    armed: list[bytes] = []
+    orig_made = LocalClient.connection_made
+
+    def connection_made(self, transport):
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 * 1024)  # data queues here
+        orig_made(self, transport)
+        armed.append(sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                     len(localside.LINGER_RESET)))
+
+    monkeypatch.setattr(LocalClient, "connection_made", connection_made)
+    server = loop.run_in_executor(None, serve)
+    try:
+        async with forward(home, srv.getsockname()) as (fwd, conn):
+            for _ in range(2):
+                s = socket.create_connection(("127.0.0.1", fwd.spec.bind_port))
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+                s.shutdown(socket.SHUT_WR)
+                s.setblocking(False)
+                got = bytearray()
+                with s:
+                    while True:
+                        data = await asyncio.wait_for(loop.sock_recv(s, 16 * 1024), 10)
+                        if not data:
+                            break
+                        got += data
+                        await asyncio.sleep(0.001)
+                assert bytes(got) == payload
+            await asyncio.wait_for(server, 20)
+            assert armed == [localside.LINGER_RESET] * 2
+            assert fwd.arms_clients is by_listener
+            await _channels_empty(conn)
+    finally:
+        srv.close()
 
 
 async def test_refused_open_closes_the_client_and_says_why(home, free_port):

@@ -32,7 +32,7 @@ class Batch:
     def __enter__(self) -> None:
         self.depth += 1
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, _typ: object, _exc: object, _tb: object) -> None:
         self.depth -= 1
         if self.depth:
             return

@@ -18,12 +18,8 @@ high-water mark; received data beyond the window is a protocol error; EOF and CL
 buffered data, both ways; data arriving after our CLOSE is dropped and nothing is sent after
 it; a channel number is freed once both CLOSEs have passed.  One difference: the window is
 given back once more than three packets' worth is used (OpenSSH's rule), where asyncssh waits
-for half of it — with megabytes in loopback socket buffers the server then stalled for window.
-Either way only while the local socket takes data, so a slow local reader closes the window
-and the server stops sending.  And the window grows with the link (``window``): when the server
-sent half a window or more in one round trip while the local client kept reading, it doubles,
-up to ``max_window``; the round trip is the connection's fastest open → confirmation
-(``FastConnection.rtt``, sampled by every channel).
+for half of it, and only for data the local socket took, so a slow reader closes the window;
+and it grows with the link (``window``, ``_give_back``).
 
 Each direction's state follows its machine in ``state.py`` (``CHAN_SEND_TABLE``,
 ``CHAN_RECV_TABLE``): a message from the server that its table does not allow is a
@@ -36,7 +32,8 @@ from __future__ import annotations
 import collections
 import struct
 import time
-from typing import Any
+import types
+from typing import Any, Callable
 
 from asyncssh import ChannelOpenError, ProtocolError
 from asyncssh.constants import (
@@ -77,6 +74,7 @@ _OPEN_MSG = bytes((MSG_CHANNEL_OPEN,)) + String(b"direct-tcpip")
 _CHAN_HEAD = struct.Struct(">BI")       # message type, recipient channel
 _DATA_HEAD = struct.Struct(">BII")      # ... and the data's length
 _CONFIRM = struct.Struct(">III")        # sender channel, initial window, maximum packet size
+_OPEN_HEAD = struct.Struct(">III")      # sender channel, initial window, maximum packet size
 
 # the machine's states and events as plain globals (the hot path compares by identity)
 _OPENING, _OPEN, _EOF_PENDING, _CLOSE_PENDING, _CLOSED, _ABANDONED = (
@@ -85,19 +83,46 @@ _OPENING, _OPEN, _EOF_PENDING, _CLOSE_PENDING, _CLOSED, _ABANDONED = (
 _CONFIRMED, _REFUSED, _EOF, _CLOSE, _PEER_CLOSE, _DRAINED, _LOST = (
     ChanEvent.CONFIRMED, ChanEvent.REFUSED, ChanEvent.EOF, ChanEvent.CLOSE,
     ChanEvent.PEER_CLOSE, ChanEvent.DRAINED, ChanEvent.LOST)
-_SEND = CHAN_SEND_TABLE
-_RECV = CHAN_RECV_TABLE
 _monotonic = time.monotonic
 
 
-def _peer(table: dict[tuple[ChanState, ChanEvent], ChanState], state: ChanState,
-          event: ChanEvent, why: str) -> ChanState:
-    """The next state after the server's message ``event``; a protocol error if the table
-    does not allow it."""
-    try:
-        return table[(state, event)]
-    except KeyError:
-        raise ProtocolError(why) from None
+class _Next(dict[tuple[ChanState, ChanEvent], ChanState]):
+    """A side's table as a lookup, ``table[state, event]`` (no call on the hot path); a
+    transition it does not allow is ``step(state, event)``: ``IllegalTransition`` for our own
+    events (the machine's function), a protocol error for the server's (``_peer``)."""
+
+    __slots__ = ("step",)
+
+    def __init__(self, table: dict[tuple[ChanState, ChanEvent], ChanState],
+                 step: Callable[[ChanState, ChanEvent], ChanState]):
+        super().__init__(table)
+        self.step = step
+
+    def __missing__(self, key: tuple[ChanState, ChanEvent]) -> ChanState:
+        return self.step(*key)
+
+
+def _peer(state: ChanState, event: ChanEvent) -> ChanState:
+    """The server's message ``event`` is not allowed in ``state``: asyncssh's reason."""
+    raise ProtocolError(_PEER_WHY[event])
+
+
+_PEER_WHY = {_CONFIRMED: "Channel not being opened", _REFUSED: "Channel not being opened",
+             _EOF: "Channel not open for sending", _CLOSE: "Channel not open"}
+_SEND_NEXT, _SEND_PEER = _Next(CHAN_SEND_TABLE, chan_send_next), _Next(CHAN_SEND_TABLE, _peer)
+_RECV_NEXT, _RECV_PEER = _Next(CHAN_RECV_TABLE, chan_recv_next), _Next(CHAN_RECV_TABLE, _peer)
+#: what an ended channel has for its local end (``_cleanup``): no transport to pause
+_ENDED = types.SimpleNamespace(transport=None)
+
+
+def _open_msg(recv_chan: int, window: int, max_pktsize: int, host: str, port: int,
+              orig_host: str, orig_port: int) -> bytes:
+    """The CHANNEL_OPEN message (asyncssh's ``String``/``UInt32`` encodings, in one call)."""
+    h = host.encode() if isinstance(host, str) else host
+    o = orig_host.encode() if isinstance(orig_host, str) else orig_host
+    return b"".join((_OPEN_MSG, _OPEN_HEAD.pack(recv_chan, window, max_pktsize),
+                     len(h).to_bytes(4, "big"), h, port.to_bytes(4, "big"),
+                     len(o).to_bytes(4, "big"), o, orig_port.to_bytes(4, "big")))
 
 
 class TCPChannel:
@@ -123,11 +148,8 @@ class TCPChannel:
         self.recv_chan: int = conn.add_channel(self)  # type: ignore[arg-type]
         if conn._max_recv_pktlen < max_pktsize + 1024:
             conn._update_recv_pktlen(max_pktsize)
-        self.send_chan = 0
-        self.send_state = _OPENING
-        self.recv_state = _OPENING
-        self.send_window = 0
-        self.send_pktsize = 0
+        self.send_chan = self.send_window = self.send_pktsize = 0
+        self.send_state = self.recv_state = _OPENING
         self.send_buf: collections.deque[Any] = collections.deque()
         self.send_buf_len = 0
         self.send_paused = False
@@ -138,17 +160,15 @@ class TCPChannel:
         #: window given back once this much is consumed (OpenSSH: three packets or half)
         self.adjust_at = min(window // 2, 3 * max_pktsize)
         self.recv_paused = False
-        #: data waiting for the local socket, and its length: not given back yet (so what
-        #: waits here never passes the window)
+        #: data waiting for the local socket, and its length (its window is not given back)
         self.recv_buf: collections.deque[Any] = collections.deque()
         self.recv_buf_len = 0
         #: since when (the open, then the confirmation, then each round trip measured) and
         #: how much data arrived that was given back: the window's growth (``_give_back``)
         self.epoch_start = _monotonic()
         self.epoch_bytes = 0
-        self.sender.send(b"".join((
-            _OPEN_MSG, UInt32(self.recv_chan), UInt32(window), UInt32(max_pktsize),
-            String(host), UInt32(port), String(orig_host), UInt32(orig_port))))
+        self.sender.send(_open_msg(self.recv_chan, window, max_pktsize, host, port, orig_host,
+                                   orig_port))
 
     # -- called by the local end ---------------------------------------------------------------
 
@@ -175,13 +195,13 @@ class TCPChannel:
 
     def write_eof(self) -> None:
         old = self.send_state
-        self.send_state = chan_send_next(old, _EOF)
+        self.send_state = _SEND_NEXT[old, _EOF]
         if old is _OPEN:
             self._flush_send()
 
     def close(self) -> None:
         old = self.send_state
-        self.send_state = chan_send_next(old, _CLOSE)
+        self.send_state = _SEND_NEXT[old, _CLOSE]
         if self.send_state is _CLOSE_PENDING and old is not _CLOSE_PENDING:
             self._flush_send()  # CLOSE once the buffered data is sent
         self.recv_buf.clear()
@@ -220,11 +240,12 @@ class TCPChannel:
             self.send_buf_len -= n
             self.send_window -= n
             send(_DATA_HEAD.pack(MSG_CHANNEL_DATA, self.send_chan, n), data)
-        self._pause_resume()
+        if self.send_paused or self.send_buf_len > CHANNEL_HIGH_WATER:
+            self._pause_resume()
         if not buf:
             if self.send_state is _EOF_PENDING:
                 self._send(MSG_CHANNEL_EOF)
-                self.send_state = chan_send_next(_EOF_PENDING, _DRAINED)
+                self.send_state = _SEND_NEXT[_EOF_PENDING, _DRAINED]
             elif self.send_state is _CLOSE_PENDING:
                 self._close_send(_DRAINED)
 
@@ -248,7 +269,7 @@ class TCPChannel:
         old = self.send_state
         if old is not _CLOSED:
             self._send(MSG_CHANNEL_CLOSE)
-        self.send_state = chan_send_next(old, event)
+        self.send_state = _SEND_NEXT[old, event]
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -301,7 +322,7 @@ class TCPChannel:
         if buf:
             return
         if self.recv_state is _EOF_PENDING:
-            self.recv_state = chan_recv_next(_EOF_PENDING, _DRAINED)
+            self.recv_state = _RECV_NEXT[_EOF_PENDING, _DRAINED]
             self.local.deliver_eof()
         elif self.recv_state is _CLOSE_PENDING:
             self._cleanup(None, _DRAINED)
@@ -310,13 +331,13 @@ class TCPChannel:
 
     def _confirmed(self, send_chan: int, send_window: int, send_pktsize: int) -> None:
         old = self.send_state
-        new = _peer(_SEND, old, _CONFIRMED, "Channel not being opened")
+        new = _SEND_PEER[old, _CONFIRMED]
         self.send_chan, self.send_window, self.send_pktsize = \
             send_chan, send_window, send_pktsize
         now = _monotonic()
         self.fast.note_rtt(now - self.epoch_start)
         self.epoch_start = now
-        self.recv_state = chan_recv_next(self.recv_state, _CONFIRMED)
+        self.recv_state = _RECV_NEXT[self.recv_state, _CONFIRMED]
         self.send_state = new
         if old is _ABANDONED:
             self._close_send(_DRAINED)  # nothing was buffered
@@ -330,11 +351,11 @@ class TCPChannel:
         self._flush_send()
 
     def _eof(self) -> None:
-        self.recv_state = _peer(_RECV, self.recv_state, _EOF, "Channel not open for sending")
+        self.recv_state = _RECV_PEER[self.recv_state, _EOF]
         self._flush_recv()
 
     def _close(self) -> None:
-        self.recv_state = _peer(_RECV, self.recv_state, _CLOSE, "Channel not open")
+        self.recv_state = _RECV_PEER[self.recv_state, _CLOSE]
         self._close_send(_PEER_CLOSE)
         self._flush_recv()
 
@@ -364,8 +385,8 @@ class TCPChannel:
 
     def process_open_failure(self, code: int, reason: str, lang: str) -> None:
         old = self.send_state
-        self.send_state = _peer(_SEND, old, _REFUSED, "Channel not being opened")
-        self.recv_state = chan_recv_next(self.recv_state, _REFUSED)
+        self.send_state = _SEND_PEER[old, _REFUSED]
+        self.recv_state = _RECV_NEXT[self.recv_state, _REFUSED]
         self._release()
         if old is not _ABANDONED:
             self.local.failed(ChannelOpenError(code, reason, lang))
@@ -374,12 +395,12 @@ class TCPChannel:
         """The SSH connection ended under the channel (asyncssh passes None when it was
         closed on purpose): the local socket is reset, whatever the cause."""
         opening = self.send_state is _OPENING
-        self.send_state = chan_send_next(self.send_state, _LOST)
+        self.send_state = _SEND_NEXT[self.send_state, _LOST]
         self.send_buf.clear()
         self.send_buf_len = 0
         exc = exc or ConnectionResetError("the SSH connection closed")
         if opening:
-            self.recv_state = chan_recv_next(self.recv_state, _LOST)
+            self.recv_state = _RECV_NEXT[self.recv_state, _LOST]
             self._release()
             self.local.failed(exc)
         else:
@@ -440,6 +461,9 @@ class TCPChannel:
         """The channel has ended (``event``: the data before the server's CLOSE has passed,
         or the connection was lost): end the local socket after what it was sent so far
         (reset it if the SSH connection failed)."""
-        self.recv_state = chan_recv_next(self.recv_state, event)
+        self.recv_state = _RECV_NEXT[self.recv_state, event]
         self._release()
         self.local.ended(exc)
+        # nothing reaches the local end from here on; holding it, the channel would make a
+        # cycle with it (its ``channel``) that only the garbage collector frees
+        self.local = _ENDED

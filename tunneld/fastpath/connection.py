@@ -27,8 +27,8 @@ consuming the buffer once per read instead of twice per packet.  Anything else (
 message, another channel, a bad tag, compression, packet logging on) goes to asyncssh's code
 unchanged, which gets the packet already opened (``Opener.hold``).
 
-``_recv_data`` — a read of the SSH socket is a batch (``batch``): the packets and local
-writes it causes leave together.
+``_recv_data`` — asyncssh 2.24's, in a batch (``batch``): the packets and local writes a
+read of the SSH socket causes leave together.
 
 ``_reset_keepalive_timer``, ``_keepalive_timer_callback`` — one keepalive timer per
 connection instead of one per read.  asyncssh cancels and re-creates its timer for every
@@ -69,7 +69,7 @@ from asyncssh.constants import (
 )
 from asyncssh.encryption import ChachaEncryption, GCMEncryption
 from asyncssh.logging import SSHLogger
-from asyncssh.misc import CompressionError, ProtocolError
+from asyncssh.misc import CompressionError, DisconnectError, ProtocolError
 from asyncssh.packet import String
 
 from .batch import batch
@@ -88,7 +88,6 @@ _ATTR = "_tunneld_fastpath"
 
 #: asyncssh's own methods, called where the replacements hand over
 _stock_recv_pkthdr = SSHConnection._recv_pkthdr
-_stock_recv_data = SSHConnection._recv_data
 _stock_reset_keepalive = SSHConnection._reset_keepalive_timer
 _stock_keepalive_callback = SSHConnection._keepalive_timer_callback
 _stock_add_channel = SSHConnection.add_channel
@@ -194,8 +193,23 @@ class FastConnection:
     # -- receiving -----------------------------------------------------------------------------
 
     def recv_data(self) -> None:
+        """asyncssh 2.24's ``_recv_data`` in a batch, with ``reset_keepalive_timer``'s usual
+        case (a timer running: note the time) inline."""
+        conn = self.conn
         with batch:
-            _stock_recv_data(self.conn)
+            if conn._keepalive_timer is not None and conn._auth_complete and \
+                    self.ka_interval == conn._keepalive_interval:
+                self.ka_received = conn._loop.time()
+            else:
+                conn._reset_keepalive_timer()
+            try:
+                while conn._inpbuf and conn._recv_handler():
+                    pass
+            except DisconnectError as exc:
+                conn._send_disconnect(exc.code, exc.reason, exc.lang)
+                conn._force_close(exc)
+            except Exception:  # noqa: BLE001 - asyncssh's: it reports and closes
+                conn.internal_error()
 
     def recv_pkthdr(self) -> bool:
         """asyncssh's ``_recv_pkthdr`` (the start of each packet), taking the messages of lean

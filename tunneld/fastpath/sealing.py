@@ -41,20 +41,15 @@ _PADLEN = [bytes((i,)) for i in range(256)]
 
 
 class _Padding:
-    """Random padding bytes, each drawn once from a pool (no system call per packet)."""
+    """Random padding bytes, each drawn once from a pool (no system call per packet):
+    ``Sender.seal`` takes ``pool[pos:pos + n]`` and moves ``pos`` on, refilling the pool
+    when it runs out."""
 
     __slots__ = ("pool", "pos")
 
     def __init__(self) -> None:
         self.pool = b""
         self.pos = 0
-
-    def take(self, n: int) -> bytes:
-        pos = self.pos
-        if pos + n > len(self.pool):
-            self.pool, pos = os.urandom(4096), 0
-        self.pos = pos + n
-        return self.pool[pos:pos + n]
 
 
 _padding = _Padding()
@@ -134,7 +129,12 @@ class Sender:
         padlen = -(conn._send_enchdrlen + len(head) + len(data)) % blocksize
         if padlen < 4:
             padlen += blocksize
-        plain = b"".join((_PADLEN[padlen], head, data, _padding.take(padlen)))
+        pad = _padding
+        pos = pad.pos
+        if pos + padlen > len(pad.pool):
+            pad.pool, pos = os.urandom(4096), 0
+        pad.pos = pos + padlen
+        plain = b"".join((_PADLEN[padlen], head, data, pad.pool[pos:pos + padlen]))
         pktlen = len(plain)
         header = pktlen.to_bytes(4, "big")
         seq = conn._send_seq
@@ -142,12 +142,22 @@ class Sender:
         if aead is not None:
             counter = self.counter
             self.counter = (counter + 1) & _COUNTER_MASK
-            self._queue(header, aead.encrypt(self.fixed + counter.to_bytes(8, "big"), plain,
-                                             header))
+            sealed = aead.encrypt(self.fixed + counter.to_bytes(8, "big"), plain, header)
         elif enc:
-            self._queue(*enc.encrypt_packet(seq, header, plain))  # chacha: nonce = seq
+            header, sealed = enc.encrypt_packet(seq, header, plain)  # chacha: nonce = seq
         else:
-            self._queue(header, plain)
+            sealed = plain
+        # queued: written when the batch ends, or soon
+        transport = conn._transport
+        if transport:
+            pending = self.pending
+            if pending is None or pending[0] is not transport:
+                self.pending = pending = (transport, [])
+                if batch.depth:
+                    batch.later(self._flush, pending)
+                else:
+                    conn._loop.call_soon(self._flush, pending)
+            pending[1].extend((header, sealed))
         if seq == 0xffffffff and not enc:
             conn._send_seq = 0
             raise ProtocolError("Sequence rollover before kex complete")
@@ -156,19 +166,6 @@ class Sender:
         if conn._kex_complete:
             conn._rekey_bytes_sent += pktlen
         return seq
-
-    def _queue(self, first: bytes, second: bytes) -> None:
-        transport = self.conn._transport
-        if not transport:
-            return
-        pending = self.pending
-        if pending is None or pending[0] is not transport:
-            self.pending = pending = (transport, [])
-            if batch.depth:
-                batch.later(self._flush, pending)
-            else:
-                self.conn._loop.call_soon(self._flush, pending)
-        pending[1].extend((first, second))
 
     def _flush(self, pending: tuple[Any, list[Any]]) -> None:
         if self.pending is pending:
