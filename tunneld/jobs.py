@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import remote
+from .names import SCHEDULERS
 from .remote import _BROWSER_HELPER, _HOSTNAME, _dir, _exports
 
-SCHEDULERS = ("slurm", "pbs", "lsf")
 #: the command that tells a scheduler is there (in this order: a Slurm site may have PBS
 #: wrappers named qsub, an LSF site rarely anything else)
 _SUBMITTERS = {"slurm": "sbatch", "lsf": "bsub", "pbs": "qsub"}

@@ -16,6 +16,10 @@ from typing import Any
 
 from .errors import UsageError
 
+#: the batch schedulers ``run --job`` knows (``jobs``); here, so that the control protocol's
+#: argument check (``wire``) and the thin client need not import the job texts
+SCHEDULERS = ("slurm", "pbs", "lsf")
+
 #: longest host name accepted (DNS limit)
 MAX_HOST_LEN = 253
 

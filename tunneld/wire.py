@@ -34,8 +34,7 @@ import time
 from typing import Any, Callable
 
 from .errors import ProtocolError, TunneldError, UsageError
-from .jobs import SCHEDULERS
-from .names import check_host_alias, check_session_name
+from .names import SCHEDULERS, check_host_alias, check_session_name
 
 #: bumped when a request or reply changes incompatibly
 PROTOCOL_VERSION = 1
