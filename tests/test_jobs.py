@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -384,5 +385,24 @@ def test_a_follower_nobody_reads_ends_itself(cluster, monkeypatch):
                             env={"HOME": str(home), "PATH": "/usr/bin:/bin"})
     assert proc.stderr is not None
     proc.stderr.readline()   # it runs (a heartbeat came)
+    log = str(home / remote.SESSIONS_DIR / "f-1-0000" / "log")
+    assert _tails_of(log), "the follower's tail is not running"
     proc.stderr.close()
     assert proc.wait(timeout=20) is not None
+    deadline = time.monotonic() + 10
+    while _tails_of(log) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _tails_of(log), "the follower ended, its tail lives on"
+
+
+def _tails_of(path: str) -> list[int]:
+    """pids of the processes running ``tail`` on ``path``."""
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"tail") and path.encode() in argv:
+            found.append(int(d.name))
+    return found

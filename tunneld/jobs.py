@@ -325,6 +325,9 @@ def follow_command(session_id: str, offset: int) -> str:
         f'[ -d "$dir" ] || {{ printf \'%sgone\\n\' {shlex.quote(remote.END_TAG)} >&2; exit 0; }}',
         f'tail -c +{offset + 1} -F "$dir/log" 2>/dev/null &',
         't=$!',
+        # a write to a reader that is gone fails (EPIPE) instead of killing this shell
+        # (SIGPIPE) before it can end its tail, which would then outlive it on the server
+        "trap '' PIPE",
         'said= hb=0',
         'while [ ! -e "$dir/status" ]; do',
         '  kill -0 $PPID 2>/dev/null || { kill $t 2>/dev/null; exit 0; }',
