@@ -6,6 +6,7 @@ uid, and garbage on the socket."""
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import socket
 import struct
@@ -92,14 +93,20 @@ def test_the_connection_killed_under_passengers_then_the_next_one_rides(daemon, 
 
 def test_a_passenger_gone_ends_its_session(daemon, sshd):
     start_socket(daemon)
-    p = subprocess.Popen(["ssh", *ssh_opts(daemon), sshd.host, "sleep 300"],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    p = subprocess.Popen(["ssh", *ssh_opts(daemon), sshd.host, "echo running; sleep 300"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                          stderr=subprocess.DEVNULL, env=daemon.env)
     wait_passengers(daemon, 1)
+    # its session is open and its command runs (a passenger is listed as soon as it asks,
+    # before the server confirmed its session: an ssh gone then has nothing to end)
+    assert p.stdout is not None and select.select([p.stdout], [], [], CMD_TIMEOUT)[0], \
+        "the passenger's command did not start"
+    assert p.stdout.readline() == b"running\n"
     p.kill()
     p.wait(10)
     wait_passengers(daemon, 0)
-    daemon.wait_for(lambda: "ended (tunneld: its ssh went away): sleep 300" in daemon.log(None),
+    daemon.wait_for(lambda: "ended (tunneld: its ssh went away): echo running; sleep 300"
+                    in daemon.log(None),
                     10, "the passenger's end")
 
 
