@@ -175,7 +175,9 @@ class JobSession(JobStates):
             size, status = end
             if self.received < size and not await self._catch_up(conn, size):
                 continue
-            self.job_state = "completed" if status == 0 else "failed"
+            # the job's own status came first; after our scancel it is the cancel's (143)
+            self.job_state = ("cancelled" if self._kill_requested else
+                              "completed" if status == 0 else "failed")
             self.poke()
             self._ended_with(status, lost="it ended without an exit status")
             return
