@@ -153,9 +153,7 @@ class LocalSide(asyncio.Protocol):
             self.flush()
         transport = self.transport
         if transport is not None and transport.can_write_eof() and not transport.is_closing():
-            if not self.disarmed:   # an orderly end: a FIN after every byte
-                self.disarmed = True
-                set_linger(transport, LINGER_OFF)
+            self._disarm(transport)   # an orderly end: a FIN after every byte
             transport.write_eof()
 
     def ended(self, exc: Exception | None) -> None:
@@ -169,10 +167,14 @@ class LocalSide(asyncio.Protocol):
         if exc is not None:
             reset(transport)
         else:
-            if not self.disarmed:
-                self.disarmed = True
-                set_linger(transport, LINGER_OFF)
+            self._disarm(transport)
             transport.close()
+
+    def _disarm(self, transport: asyncio.BaseTransport) -> None:
+        """An orderly end: the socket closes with a FIN after every byte (once)."""
+        if not self.disarmed:
+            self.disarmed = True
+            set_linger(transport, LINGER_OFF)
 
     def _granted(self) -> None:
         """Hook: the channel is open and ``channel`` set; ``pending`` is sent next."""

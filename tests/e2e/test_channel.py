@@ -106,6 +106,19 @@ async def _channels_empty(conn: asyncssh.SSHClientConnection, timeout: float = 1
     assert not conn._channels, conn._channels
 
 
+def small_send_buffer(monkeypatch, size: int) -> None:
+    """Each local client's socket gets a ``size``-byte kernel send buffer: little room on our
+    side, so the data a slow reader does not take waits in tunneld."""
+    orig_made = LocalClient.connection_made
+
+    def connection_made(self, transport):
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                                      size)
+        orig_made(self, transport)
+
+    monkeypatch.setattr(LocalClient, "connection_made", connection_made)
+
+
 @contextlib.contextmanager
 def _count(owner: object, name: str) -> Iterator[list[int]]:
     """Count calls of ``owner.name`` while in the block: a class's method (asyncssh's own
@@ -217,15 +230,7 @@ async def test_slow_client_gets_everything_after_the_server_closed(home, monkeyp
         with c:
             c.sendall(payload)
 
-    orig_made = LocalClient.connection_made
-
-    def connection_made(self, transport):
-        # little room in the kernel on our side: the data queues in tunneld
-        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
-                                                      8 * 1024)
-        orig_made(self, transport)
-
-    monkeypatch.setattr(LocalClient, "connection_made", connection_made)
+    small_send_buffer(monkeypatch, 8 * 1024)
     queued_at_close = []
     orig_close = TCPChannel._close
 

@@ -20,14 +20,14 @@ from typing import AsyncIterator, Iterator
 import asyncssh
 import pytest
 from asyncssh.constants import MSG_CHANNEL_WINDOW_ADJUST
-from test_channel import _Host, fast_only
+from test_channel import _Host, fast_only, small_send_buffer
 
 from tunneld import fastpath
 from tunneld.config import Defaults
 from tunneld.fastpath.channel import TCPChannel
 from tunneld.fastpath.connection import FastConnection
 from tunneld.fastpath.sealing import Sender
-from tunneld.forward import CHANNEL_MAX_PKTSIZE, LocalClient, LocalForward
+from tunneld.forward import CHANNEL_MAX_PKTSIZE, LocalForward
 from tunneld.spec import ForwardSpec
 from tunneld.window import BASE_WINDOW
 
@@ -202,15 +202,7 @@ async def test_a_reader_that_stops_never_grows_the_window_and_bounds_memory(
     queued: list[int] = []
     windows: list[int] = []
 
-    orig_made = LocalClient.connection_made
-
-    def connection_made(self, transport):
-        # little room in the kernel on our side: the data waits in tunneld
-        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
-                                                      64 * 1024)
-        orig_made(self, transport)
-
-    monkeypatch.setattr(LocalClient, "connection_made", connection_made)
+    small_send_buffer(monkeypatch, 64 * 1024)
 
     async def stalled() -> None:
         [chan] = channels
@@ -234,14 +226,7 @@ async def test_a_reader_that_stops_never_grows_the_window_and_bounds_memory(
 async def test_a_slow_reader_from_the_start_keeps_the_first_window(home, channels,
                                                                    monkeypatch):
     payload = os.urandom(6 * MiB)
-    orig_made = LocalClient.connection_made
-
-    def connection_made(self, transport):
-        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
-                                                      16 * 1024)
-        orig_made(self, transport)
-
-    monkeypatch.setattr(LocalClient, "connection_made", connection_made)
+    small_send_buffer(monkeypatch, 16 * 1024)
     with source(payload) as target:
         async with forward(home, target, max_window=64 * MiB) as (fwd, conn):
             _fixed_rtt(monkeypatch, conn, 0.05)

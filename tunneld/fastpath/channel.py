@@ -74,7 +74,6 @@ _OPEN_MSG = bytes((MSG_CHANNEL_OPEN,)) + String(b"direct-tcpip")
 _CHAN_HEAD = struct.Struct(">BI")       # message type, recipient channel
 _DATA_HEAD = struct.Struct(">BII")      # ... and the data's length
 _CONFIRM = struct.Struct(">III")        # sender channel, initial window, maximum packet size
-_OPEN_HEAD = struct.Struct(">III")      # sender channel, initial window, maximum packet size
 
 # the machine's states and events as plain globals (the hot path compares by identity)
 _OPENING, _OPEN, _EOF_PENDING, _CLOSE_PENDING, _CLOSED, _ABANDONED = (
@@ -120,7 +119,7 @@ def _open_msg(recv_chan: int, window: int, max_pktsize: int, host: str, port: in
     """The CHANNEL_OPEN message (asyncssh's ``String``/``UInt32`` encodings, in one call)."""
     h = host.encode() if isinstance(host, str) else host
     o = orig_host.encode() if isinstance(orig_host, str) else orig_host
-    return b"".join((_OPEN_MSG, _OPEN_HEAD.pack(recv_chan, window, max_pktsize),
+    return b"".join((_OPEN_MSG, _CONFIRM.pack(recv_chan, window, max_pktsize),
                      len(h).to_bytes(4, "big"), h, port.to_bytes(4, "big"),
                      len(o).to_bytes(4, "big"), o, orig_port.to_bytes(4, "big")))
 
