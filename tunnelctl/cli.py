@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("add", help="add forwards to a host (local, -R remote, -D SOCKS)",
                        usage="tunnelctl add HOST [SPEC...] [-R SPEC]... [-D [BIND:]PORT]... "
-                             "[--public]")
+                             "[--public] [--resume]")
     p.add_argument("host", help="host alias from ~/.ssh/config, or a host name")
     p.add_argument("specs", nargs="*", metavar="SPEC",
                    help="PORT, A-B, LPORT:RPORT, LPORT:RHOST:RPORT, BIND:LPORT:RHOST:RPORT, "
@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "server")
     p.add_argument("--public", action="store_true",
                    help="allow a non-loopback listen address (reachable from other machines)")
+    p.add_argument("--resume", action="store_true",
+                   help="make the SPECs resumable: their connections survive an outage, a "
+                        "sleep and a daemon restart (a relay on the server, Python 3 there)")
     p.add_argument("--force", "--offline", dest="force", action="store_true",
                    help="add a host that is not in ~/.ssh/config and does not resolve now "
                         "(e.g. one reached only through a VPN that is down)")

@@ -45,6 +45,12 @@ def cmd_add(a: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     args = _forwards(a) | _interactive(a)
+    if a.resume:
+        if a.remote or a.socks or not a.specs:
+            print("tunnelctl add: error: --resume makes local forwards resumable (e.g. "
+                  "`tunnelctl add HOST 8090 --resume`), not -R or -D ones", file=sys.stderr)
+            return EXIT_USAGE
+        args["specs"] = [f"--resume {s}" for s in a.specs]
     if a.force:
         args["force"] = True
     r = call("add", host=a.host, public=a.public, **args)

@@ -114,8 +114,23 @@ def print_list(data: dict[str, Any]) -> None:
                          f.get("origin", "")))
         table(rows, indent="  ")
         for f in h.get("forwards", []):
+            if f.get("resume"):
+                print(f"  {f['spec']}: {resume_line(f['resume'], f['active'])}")
             if f.get("last_error"):
                 print(f"  ! {f['spec']}: {f['last_error']}")
+
+
+def resume_line(r: dict[str, Any], active: int) -> str:
+    """A resumable forward's link and streams, in a few words."""
+    limit = r.get("suspend_limit") or 0
+    if r.get("suspended"):
+        since = r.get("suspended_since") or time.time()
+        left = max(0.0, limit - (time.time() - since))
+        return (f"{r['suspended']} stream{'s' if r['suspended'] != 1 else ''} suspended for "
+                f"{time.time() - since:.0f} s (closed in {left:.0f} s unless the link "
+                "comes back)")
+    link = "relay linked" if r.get("link") else "relay not linked"
+    return f"resumable, {link}, {active} stream{'s' if active != 1 else ''} open"
 
 
 def session_line(r: dict[str, Any]) -> str:

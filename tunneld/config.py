@@ -12,9 +12,13 @@ config.toml (optional)::
     job_warning = 10            # minutes before a batch job's time limit: a notification
     mux_persist = 14400         # seconds a host used only by your own ssh stays connected
     max_window = "16MiB"        # the most a channel's receive window grows to on a long link
+    resume_suspend = 600        # seconds a resumable forward's stream may stay suspended
+    resume_buffer = "8MiB"      # bytes a resumable stream holds unacknowledged, each way
+    resume_total_buffer = "64MiB"  # ... all streams of one resumable forward, at each end
+    resume_max_streams = 256    # streams one resumable forward carries at once
 
     [hosts.barhal]
-    forwards = ["8090-8092", "18888:node42:8888"]
+    forwards = ["8090-8092", "18888:node42:8888", {spec = "8890", resume = true}]
 
 The files the daemon writes itself (saved forwards, detached sessions) are ``store.py``'s.
 """
@@ -86,6 +90,27 @@ class Defaults(Strict):
                              f"{windowmod.format_size(lo)}..{windowmod.format_size(hi)}")
         return n
 
+    #: seconds a resumable forward's stream may stay suspended (no link to its relay); then
+    #: both ends are closed, and a relay that had no tunneld for as long exits
+    resume_suspend: float = Field(600.0, ge=1, le=7 * 86400)
+    #: bytes a resumable stream holds that the other end has not taken, each way (full: its
+    #: reader pauses)
+    resume_buffer: int = 8 * 1024 * 1024
+    #: bytes all the streams of one resumable forward hold, at each end
+    resume_total_buffer: int = 64 * 1024 * 1024
+    #: streams one resumable forward carries at once (more: refused, logged)
+    resume_max_streams: int = Field(256, ge=1, le=65536)
+
+    @field_validator("resume_buffer", "resume_total_buffer", mode="before")
+    @classmethod
+    def _resume_size(cls, v: Any) -> int:
+        n = windowmod.parse_size(v)
+        lo, hi = 64 * 1024, windowmod.MAX_MAX_WINDOW
+        if not lo <= n <= hi:
+            raise ValueError(f"{windowmod.format_size(n)} is outside "
+                             f"{windowmod.format_size(lo)}..{windowmod.format_size(hi)}")
+        return n
+
     @field_validator("bind")
     @classmethod
     def _bind(cls, v: str) -> str:
@@ -102,15 +127,36 @@ class HostConfig(Strict):
     #: this host's ``open_max_age``, else ``[defaults]``'s
     open_max_age: float | None = Field(None, ge=0, le=30 * 86400)
 
-    @field_validator("forwards")
+    @field_validator("forwards", mode="before")
     @classmethod
-    def _forwards(cls, v: list[str]) -> list[str]:
-        for text in v:
+    def _forwards(cls, v: Any) -> list[str]:
+        """Local forward specs; ``{spec = "8090", resume = true}`` is a resumable one (kept
+        as its spec string, ``--resume 8090``)."""
+        if not isinstance(v, list):
+            return v  # pydantic's own error names the type
+        out = []
+        for item in v:
+            if isinstance(item, dict):
+                extra = set(item) - {"spec", "resume"}
+                if extra or not isinstance(item.get("spec"), str) or \
+                        not isinstance(item.get("resume", False), bool):
+                    raise ValueError(f"{item!r}: a forward table is {{spec = \"8090\", "
+                                     "resume = true}")
+                text = ("--resume " if item.get("resume") else "") + item["spec"]
+            elif isinstance(item, str):
+                text = item
+            else:
+                raise ValueError(f"{item!r}: a forward is a spec string like \"8090\" or a "
+                                 "table {spec = \"8090\", resume = true}")
             try:
-                specmod.parse(text)
+                kinds = {s.kind for s in specmod.parse_any(text)}
             except SpecError as exc:
                 raise ValueError(str(exc)) from None
-        return v
+            if kinds - {"local", "resume"}:
+                raise ValueError(f"{text!r}: config forwards are local ones (\"8090\", "
+                                 "\"18888:node42:8888\"); add -R and -D with tunnelctl add")
+            out.append(text)
+        return out
 
 
 class Config(Strict):

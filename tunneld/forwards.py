@@ -23,6 +23,7 @@ from .host import Prompter
 from .registry import Forward, Hosts
 from .reload import Listener, plan_reload
 from .remote_forward import RemoteForward
+from .resume import ResumableForward
 from .socks_forward import SocksForward
 from .spec import ForwardSpec, is_loopback, join_host_port
 from .state import HostState
@@ -95,6 +96,8 @@ class Forwards:
             fwd = RemoteForward(s, sup, origin)
         elif s.kind == "socks":
             fwd = SocksForward(s, sup, origin)
+        elif s.kind == "resume":
+            fwd = ResumableForward(s, sup, origin)
         else:
             fwd = LocalForward(s, sup, origin)
         try:
@@ -112,6 +115,8 @@ class Forwards:
         if sup is None:
             return
         sup.forwards.pop(fwd.spec, None)
+        if isinstance(fwd, ResumableForward):
+            await fwd.retire()   # its streams end with it (close alone leaves them)
         await fwd.close()
         self.events.publish("forward", host=host, spec=str(fwd.spec), event="removed",
                             origin=fwd.origin, old=None, new=fwd.state.value)

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import SpecError
 from .names import has_host_chars
@@ -57,7 +57,7 @@ DEFAULT_REMOTE_BIND = "127.0.0.1"
 #: target fields of a SOCKS proxy (each connection names its own target)
 SOCKS_TARGET = ("*", 0)
 #: the forward kinds and the option that introduces each in a spec string (local: none)
-KIND_PREFIX = {"local": "", "remote": "-R", "socks": "-D"}
+KIND_PREFIX = {"local": "", "remote": "-R", "socks": "-D", "resume": "--resume"}
 #: a security limit: one spec may not open more listeners than this
 MAX_RANGE = 1024
 #: the longest Unix socket path the server can connect to, in bytes (Linux's ``sun_path`` is
@@ -117,6 +117,8 @@ class ForwardSpec:
             if self.bind_host != DEFAULT_BIND:
                 return f"-D {_fmt_host(self.bind_host)}:{self.bind_port}"
             return f"-D {self.bind_port}"
+        if self.kind == "resume":
+            return f"--resume {replace(self, kind='local')}"
         if self.bind_host != DEFAULT_BIND:
             return f"{_fmt_host(self.bind_host)}:{self.bind_port}:{self.target}"
         if self.target_path:
@@ -397,10 +399,23 @@ def parse_any(text: str, default_bind: str = DEFAULT_BIND) -> list[ForwardSpec]:
         return parse_remote(stripped[2:])
     if stripped.startswith("-D"):
         return parse_socks(stripped[2:], default_bind)
+    if stripped.startswith("--resume") and stripped[8:9] in (" ", "="):
+        return parse_resume(stripped[9:], default_bind)
     if stripped.startswith("-"):
-        raise SpecError(f"forward spec {stripped!r}: unknown option {stripped[:2]!r}; "
-                        "use -R for a remote forward or -D for a SOCKS proxy")
+        raise SpecError(f"forward spec {stripped!r}: unknown option {stripped.split()[0]!r}; "
+                        "use -R for a remote forward, -D for a SOCKS proxy or --resume for "
+                        "a resumable forward")
     return parse(text, default_bind)
+
+
+def parse_resume(text: str, default_bind: str = DEFAULT_BIND) -> list[ForwardSpec]:
+    """A resumable local forward (``--resume 8090``): a local spec to a TCP target whose
+    connections survive a reconnect (``relay``)."""
+    out = parse(text, default_bind)
+    if any(s.target_path for s in out):
+        raise SpecError(f"forward spec {text.strip()!r}: --resume carries TCP targets only, "
+                        "not a socket path on the server")
+    return [replace(s, kind="resume") for s in out]
 
 
 def parse_all(texts: list[str], default_bind: str = DEFAULT_BIND) -> list[ForwardSpec]:
