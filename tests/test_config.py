@@ -247,3 +247,26 @@ def test_open_max_age_default_per_host_and_bad_values(tmp_path):
                        ("[hosts.hpc]\nopen_max_age = \"soon\"\n", 2)):
         assert re.search(rf"config.toml:{line}: .*open_max_age",
                          _config_error(_write(tmp_path, text)))
+
+
+def test_resumable_forwards_and_their_limits(tmp_path):
+    cfg = load_config(_write(tmp_path, '[defaults]\nresume_suspend = 30\nresume_buffer = "1MiB"\n'
+                             '[hosts.hpc]\nforwards = ["8090", {spec = "8091", resume = true},'
+                             ' {spec = "8092", resume = false}, "--resume 8093"]\n'))
+    assert cfg.defaults.resume_suspend == 30 and cfg.defaults.resume_buffer == 1024 ** 2
+    assert cfg.defaults.resume_total_buffer == 64 * 1024 ** 2
+    assert [(s.bind_port, s.kind) for s in cfg.forwards()["hpc"]] == \
+        [(8090, "local"), (8091, "resume"), (8092, "local"), (8093, "resume")]
+
+
+@pytest.mark.parametrize("text,says", [
+    ('[hosts.h]\nforwards = [{spec = "8090", resum = true}]\n', "a forward table is"),
+    ('[hosts.h]\nforwards = [{spec = "8090", resume = "yes"}]\n', "a forward table is"),
+    ('[hosts.h]\nforwards = ["-R 9000:localhost:80"]\n', "config forwards are local ones"),
+    ('[hosts.h]\nforwards = [{spec = "8090:~/a.sock", resume = true}]\n', "TCP targets only"),
+    ("[defaults]\nresume_buffer = \"1KiB\"\n", "resume_buffer"),
+    ("[defaults]\nresume_suspend = 0\n", "resume_suspend"),
+])
+def test_bad_resumable_settings_name_what_is_wrong(tmp_path, text, says):
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        load_config(_write(tmp_path, text))

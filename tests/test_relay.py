@@ -5,6 +5,7 @@ its restarts: tests/e2e/test_e2e_resume.py.)"""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import hashlib
@@ -12,10 +13,11 @@ import json
 import os
 import random
 import socket
+import sys
 
 import pytest
 
-from tunneld import relay, relay_serve
+from tunneld import relay, relay_serve, resume
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -59,13 +61,14 @@ async def _pump(r, w) -> None:
 async def _ends(tmp_path, target_port: int, **limits):
     lsock = socket.create_server(("127.0.0.1", 0))
     port = lsock.getsockname()[1]
+    fd = lsock.detach()   # the keeper's now: closed once, by it
     paths = {}
     tasks = []
     for role in ("keeper", "relay"):
         d = tmp_path / role
         d.mkdir(mode=0o700)
         conf = dict(limits, role=role, dir=str(d), secret=SECRET,
-                    targets=[["127.0.0.2", target_port]], fd=lsock.fileno())
+                    targets=[["127.0.0.2", target_port]], fd=fd)
         tasks.append(asyncio.ensure_future(relay_serve.serve(
             conf, lambda p, end, r=role: paths.__setitem__(r, (p, end)))))
     while len(paths) < 2:
@@ -147,3 +150,19 @@ async def test_a_full_buffer_pauses_the_reader(tmp_path):
         w.transport.abort()
     assert limit <= held[-1] <= limit + 256 * 1024, held   # one read past the limit at most
     assert held[-1] == held[-5]
+
+
+def test_the_program_is_one_text_of_the_standard_library_for_python_3_8():
+    """What ``python3 -`` runs on the server: the three modules joined, no import of each
+    other or of anything outside the standard library, parsable by Python 3.8."""
+    text = resume.program({"role": "relay"}).decode()
+    tree = ast.parse(text, feature_version=(3, 8))
+    used = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            used |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert not node.level, ast.unparse(node)
+            used.add((node.module or "").split(".")[0])
+    assert used - {"__future__"} <= sys.stdlib_module_names, used
+    assert text.count("from __future__") == 1 and "_CONFIG = {'role': 'relay'}" in text

@@ -1,5 +1,7 @@
 """Forward-spec grammar: a table of inputs and what they mean, and of errors."""
 
+import re
+
 import pytest
 
 from tunneld.errors import SpecError
@@ -312,3 +314,26 @@ def test_socket_path_specs_sort_with_the_others():
     specs = parse_all(["8092:/b.sock", "8090", "8091:~/a.sock", "-D 1080"])
     assert [str(s) for s in sorted(specs)] == ["-D 1080", "8090", "8091:~/a.sock",
                                                "8092:/b.sock"]
+
+
+@pytest.mark.parametrize("text,want", [
+    ("--resume 8090", ForwardSpec("127.0.0.1", 8090, "localhost", 8090, kind="resume")),
+    ("--resume=18090:node42:8090",
+     ForwardSpec("127.0.0.1", 18090, "node42", 8090, kind="resume")),
+    ("--resume 0.0.0.0:8090:localhost:80",
+     ForwardSpec("0.0.0.0", 8090, "localhost", 80, kind="resume")),
+])
+def test_a_resumable_spec_parses_and_prints_back(text, want):
+    assert parse_any(text) == [want]
+    assert parse_any(str(want)) == [want]
+    assert str(want).startswith("--resume ")
+
+
+@pytest.mark.parametrize("text,says", [
+    ("--resume 8090:~/app.sock", "TCP targets only"),
+    ("--resume", "empty forward spec"),
+    ("--resum 8090", "unknown option '--resum'"),
+])
+def test_a_bad_resumable_spec_says_what_is_wrong(text, says):
+    with pytest.raises(SpecError, match=re.escape(says)):
+        parse_any(text)

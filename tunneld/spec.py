@@ -399,7 +399,7 @@ def parse_any(text: str, default_bind: str = DEFAULT_BIND) -> list[ForwardSpec]:
         return parse_remote(stripped[2:])
     if stripped.startswith("-D"):
         return parse_socks(stripped[2:], default_bind)
-    if stripped.startswith("--resume") and stripped[8:9] in (" ", "="):
+    if stripped.startswith("--resume") and stripped[8:9] in ("", " ", "="):
         return parse_resume(stripped[9:], default_bind)
     if stripped.startswith("-"):
         raise SpecError(f"forward spec {stripped!r}: unknown option {stripped.split()[0]!r}; "
