@@ -13,6 +13,7 @@ import json
 import os
 import random
 import socket
+import struct
 import sys
 
 import pytest
@@ -150,6 +151,198 @@ async def test_a_full_buffer_pauses_the_reader(tmp_path):
         w.transport.abort()
     assert limit <= held[-1] <= limit + 256 * 1024, held   # one read past the limit at most
     assert held[-1] == held[-5]
+
+
+class _Link:
+    """A link spliced between the two ends (as tunneld does), until cut."""
+
+    async def start(self, keeper: str, relay_path: str) -> _Link:
+        kr, self.kw = await _auth(keeper)
+        rr, self.rw = await _auth(relay_path)
+        self.pumps = [asyncio.ensure_future(_pump(kr, self.rw)),
+                      asyncio.ensure_future(_pump(rr, self.kw))]
+        return self
+
+    def cut(self) -> None:
+        for p in self.pumps:
+            p.cancel()
+        self.kw.transport.abort()
+        self.rw.transport.abort()
+
+
+async def _until(what: str, cond, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def _source(reader, writer, total: int, gate: asyncio.Event | None = None) -> None:
+    """A target that sends ``total`` bytes (endless if 0; once ``gate`` is set), then ends."""
+    if gate is not None:
+        await gate.wait()
+    chunk, sent = b"z" * 65536, 0
+    with contextlib.suppress(ConnectionError):
+        while not total or sent < total:
+            writer.write(chunk)
+            sent += len(chunk)
+            await writer.drain()
+        writer.write_eof()
+        await reader.read()
+    writer.close()
+
+
+def _rst(w: asyncio.StreamWriter) -> None:
+    """Close with a reset (SO_LINGER 0), not an orderly end."""
+    w.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                          struct.pack("ii", 1, 0))
+    w.transport.abort()
+
+
+def _slow_reader(port: int) -> socket.socket:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    s.setblocking(False)
+    return s
+
+
+async def test_a_stream_is_forgotten_only_once_its_last_bytes_are_delivered(tmp_path):
+    """The keeper's client reads nothing until the target has sent everything and ended:
+    the keeper holds the last bytes undelivered when both ends have ended.  It must not
+    forget the stream before it has delivered them and said so, or the relay keeps them
+    (and the stream) for ever."""
+    total, gate = 1 << 20, asyncio.Event()   # within stream_buffer: all of it comes
+    server = await asyncio.start_server(lambda r, w: _source(r, w, total, gate), "127.0.0.2", 0)
+    target = server.sockets[0].getsockname()[1]
+    async with _ends(tmp_path, target, stream_buffer=4 << 20) as (
+            port, (keeper, kend), (relay_path, rend)):
+        link = await _Link().start(keeper, relay_path)
+        loop = asyncio.get_running_loop()
+        s = _slow_reader(port)
+        s.shutdown(socket.SHUT_WR)
+        await _until("a stream", lambda: kend.streams)
+        st = next(iter(kend.streams.values()))
+        st.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                                         4096)
+        gate.set()
+        await _until("the target's end at the keeper", lambda: st.eof_in)
+        assert st.delivered() < st.recv == total   # the case: its last bytes wait here
+        got = 0
+        while data := await asyncio.wait_for(loop.sock_recv(s, 1 << 20), 10):
+            got += len(data)
+        s.close()
+        assert got == total
+        await _until("both ends to forget the stream", lambda: not rend.streams and
+                     not kend.streams)
+        assert rend.used == kend.used == 0
+        link.cut()
+    server.close()
+
+
+async def test_a_stream_reset_while_its_target_connects_closes_that_connection(
+        tmp_path, monkeypatch):
+    accepted: list[asyncio.StreamReader] = []
+
+    async def target_side(reader, writer) -> None:
+        accepted.append(reader)
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(target_side, "127.0.0.2", 0)
+    target = server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    connecting = asyncio.Event()
+    go_on = asyncio.Event()
+    real = loop.create_connection
+
+    async def slow(factory, host=None, port=None, **kwargs):
+        if host == "127.0.0.2":   # the relay's, to its target (not the test's own)
+            connecting.set()
+            await go_on.wait()
+        return await real(factory, host, port, **kwargs)
+
+    monkeypatch.setattr(loop, "create_connection", slow)
+    async with _ends(tmp_path, target) as (port, (keeper, kend), (relay_path, rend)):
+        link = await _Link().start(keeper, relay_path)
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.wait_for(connecting.wait(), 10)
+        _rst(w)   # the RESET reaches the relay mid-connect
+        await _until("the relay to drop the stream", lambda: not rend.streams)
+        go_on.set()
+        await _until("the target to be reached", lambda: accepted)
+        # the late connection is closed, not left open with no stream
+        assert await asyncio.wait_for(accepted[0].read(), 10) == b""
+        link.cut()
+    server.close()
+
+
+async def test_a_link_replaced_while_backed_up_leaves_no_stream_paused(tmp_path):
+    server = await asyncio.start_server(_echo, "127.0.0.2", 0)
+    target = server.sockets[0].getsockname()[1]
+    async with _ends(tmp_path, target) as (port, (keeper, kend), (relay_path, rend)):
+        old = await _Link().start(keeper, relay_path)
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"one")
+        assert await asyncio.wait_for(r.readexactly(3), 10) == b"one"
+        for end, conn in ((kend, kend.link), (rend, rend.link)):
+            conn.pause_writing()   # the old link is backed up when the new one comes
+            assert end.blocked
+        new = await _Link().start(keeper, relay_path)
+        w.write(b"two")
+        assert await asyncio.wait_for(r.readexactly(3), 10) == b"two"
+        w.close()
+        old.cut()
+        new.cut()
+    server.close()
+
+
+async def test_a_stream_that_ends_frees_the_end_buffer_for_the_others(tmp_path):
+    """No link: a fills the keeper's whole buffer, so b (and any new stream) waits; once a
+    is gone (here: reset, as by its suspend limit), b reads again."""
+    async with _ends(tmp_path, 9, buffer=1 << 20) as (port, (_, kend), _):
+        ra, wa = await asyncio.open_connection("127.0.0.1", port)
+        wa.write(b"a" * (4 << 20))
+        await _until("a to fill the buffer", lambda: kend.used >= 1 << 20)
+        rb, wb = await asyncio.open_connection("127.0.0.1", port)
+        await _until("b's stream", lambda: len(kend.streams) == 2)
+        wb.write(b"b" * 1000)
+        await asyncio.sleep(0.2)
+        b = max(kend.streams.values(), key=lambda st: st.sid)
+        assert b.buf_len == 0 and b.paused
+        a = min(kend.streams.values(), key=lambda st: st.sid)
+        kend.reset(a, "ended here")   # (a paused reader sees no reset of its client)
+        await _until("b to read once a is gone", lambda: b.buf_len == 1000)
+        wb.transport.abort()
+        wa.transport.abort()
+
+
+async def test_a_stalled_reader_holds_one_stream_buffer_across_link_cuts(tmp_path):
+    """The keeper's client reads nothing; the target sends without end.  After each link the
+    relay may send only what the keeper has *delivered* plus stream_buffer, not what it has
+    received: the bytes the keeper holds stay bounded however often the link is cut."""
+    limit = 256 << 10
+    server = await asyncio.start_server(lambda r, w: _source(r, w, 0), "127.0.0.2", 0)
+    target = server.sockets[0].getsockname()[1]
+    async with _ends(tmp_path, target, stream_buffer=limit) as (
+            port, (keeper, kend), (relay_path, rend)):
+        s = _slow_reader(port)
+        held = []
+        for _ in range(6):
+            link = await _Link().start(keeper, relay_path)
+            await _until("a stream", lambda: kend.streams)
+            st = next(iter(kend.streams.values()))
+            await _until("the relay to send all it may", lambda: rend.synced and kend.synced and
+                         rend.streams and next(iter(rend.streams.values())).paused)
+            await asyncio.sleep(0.1)   # what is on its way arrives
+            held.append(st.recv - st.delivered())
+            link.cut()
+            await _until("the link to go", lambda: kend.link is None and rend.link is None)
+        s.close()
+    server.close()
+    # one read (256 KiB) past the limit at most, each time
+    assert max(held) <= limit + (256 << 10), held
 
 
 def test_the_program_is_one_text_of_the_standard_library_for_python_3_8():

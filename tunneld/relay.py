@@ -38,7 +38,7 @@ HEAD = struct.Struct(">BII")
 ACK_BODY = struct.Struct(">QB")
 #: the largest payload accepted (DATA is cut at CHUNK)
 MAX_FRAME = 1 << 20
-CHUNK = 1 << 16
+CHUNK = 1 << 18
 #: received bytes after which an ACK goes at once (else at the next tick)
 ACK_EVERY = 1 << 18
 TICK = 0.05
@@ -68,16 +68,20 @@ class Frames:
         self.buf = bytearray()
 
     def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
-        self.buf += data
+        if self.buf:
+            self.buf += data
+            data = bytes(self.buf)
         out = []
-        while len(self.buf) >= HEAD.size:
-            kind, sid, n = HEAD.unpack_from(self.buf)
+        at, end, size = 0, len(data), HEAD.size
+        while end - at >= size:
+            kind, sid, n = HEAD.unpack_from(data, at)
             if n > MAX_FRAME or not AUTH <= kind <= PING:
                 raise ValueError(f"bad frame (type {kind}, {n} bytes)")
-            if len(self.buf) < HEAD.size + n:
+            if end - at < size + n:
                 break
-            out.append((kind, sid, bytes(self.buf[HEAD.size:HEAD.size + n])))
-            del self.buf[:HEAD.size + n]
+            out.append((kind, sid, data[at + size:at + size + n]))
+            at += size + n
+        self.buf = bytearray(data[at:])
         return out
 
 
@@ -91,6 +95,9 @@ class Stream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.pending: list[bytes] = []   # received before the target connected
         self.sent = self.acked = 0
+        #: what the peer has delivered of ours: ``sent - credit`` is held to stream_buffer
+        #: (``acked`` may be ahead: bytes the peer holds undelivered after a resync)
+        self.credit = 0
         self.buf: collections.deque = collections.deque()
         self.buf_len = 0
         self.recv = self.acked_out = 0   # received; what we told the peer it may drop
@@ -118,6 +125,8 @@ class Stream(asyncio.Protocol):
         self.end.check_pause(self)
 
     def eof_received(self) -> bool:
+        if self.eof_out:   # reading resumed after the end: said once
+            return True
         self.eof_out = True
         self.end.send(frame(EOF, self.sid))
         self.end.maybe_done(self)
@@ -139,8 +148,14 @@ class Stream(asyncio.Protocol):
         waiting = sum(map(len, self.pending)) + (t.get_write_buffer_size() if t else 0)
         return self.recv - waiting
 
-    def drop_to(self, n: int) -> None:
-        """The peer has bytes up to ``n``: free them."""
+    def owed(self) -> int:
+        """Bytes sent that the peer has not delivered yet (held to stream_buffer)."""
+        return self.sent - self.credit
+
+    def drop_to(self, n: int, delivered: int | None = None) -> None:
+        """The peer has bytes up to ``n`` (and has delivered up to ``delivered``, by
+        default ``n``): free them."""
+        self.credit = max(self.credit, n if delivered is None else min(n, delivered))
         while self.buf and self.acked + len(self.buf[0]) <= n:
             d = self.buf.popleft()
             self.acked += len(d)
@@ -179,7 +194,10 @@ class Stream(asyncio.Protocol):
             t.write_eof()
 
     def done(self) -> bool:
-        return self.eof_in and self.eof_out and self.eof_acked and not self.buf_len
+        """Both ways ended and acknowledged: the peer has all of ours, and has been told
+        that we delivered all of its (else it would keep its bytes for ever)."""
+        return self.eof_in and self.eof_out and self.eof_acked and not self.buf_len and \
+            self.eof_told and self.acked_out == self.recv
 
     def status(self) -> dict:
         return {"sid": self.sid, "since": self.since, "sent": self.sent, "recv": self.recv,

@@ -18,6 +18,7 @@ from .relay import (
     DATA,
     DEFAULTS,
     EOF,
+    HEAD,
     OPEN,
     PING,
     PING_EVERY,
@@ -68,8 +69,10 @@ class End:
     def send_data(self, st: Stream, data: bytes) -> None:
         if self.link is None or not self.synced or not st.opened and self.role == "relay":
             return
+        write = self.link.transport.writelines
         for i in range(0, len(data), CHUNK):
-            self.link.transport.write(frame(DATA, st.sid, data[i:i + CHUNK]))
+            chunk = data[i:i + CHUNK]
+            write((HEAD.pack(DATA, st.sid, len(chunk)), chunk))
 
     def ack(self, st: Stream) -> None:
         d = st.delivered()
@@ -77,14 +80,18 @@ class End:
             st.acked_out = d
             st.eof_told = st.eof_in
             self.send(frame(ACK, st.sid, ACK_BODY.pack(d, st.eof_in)))
+            self.maybe_done(st)
 
     def link_up(self, conn: Any) -> None:
         old, self.link, self.synced = self.link, conn, False
+        self.blocked = False   # that was the old link's
         if old is not None:
             old.transport.abort()
         conn.transport.write(jframe(SYNC, {
             "boot": self.boot,
-            "streams": {str(s.sid): [s.recv, s.eof_in] for s in self.streams.values()},
+            # received (resend from there), the end received, delivered (credit from there)
+            "streams": {str(s.sid): [s.recv, s.eof_in, s.delivered()]
+                        for s in self.streams.values()},
             "reset": list(self.resets)}))
 
     def link_down(self, conn: Any) -> None:
@@ -113,14 +120,17 @@ class End:
                 self.resend(st, 0, False)
             elif known is not None:
                 st.opened = True
-                self.resend(st, known[0], known[1])
+                self.resend(st, known[0], known[1], known[2] if len(known) > 2 else known[0])
+        for sid in theirs:   # ended here while the SYNC that names it was on its way
+            if int(sid) in self.resets and int(sid) not in self.streams:
+                self.send(frame(RESET, int(sid), b"gone"))
         for st in list(self.streams.values()):
             self.ack(st)
         self.pause_all()
         self.event("resumed", after=round(gap, 3))
 
-    def resend(self, st: Stream, recv: int, eof: bool) -> None:
-        st.drop_to(max(recv, st.acked))
+    def resend(self, st: Stream, recv: int, eof: bool, delivered: int | None = None) -> None:
+        st.drop_to(max(recv, st.acked), delivered)
         data = st.unsent_from(max(recv, st.acked))
         self.send_data(st, data)
         if st.eof_out and not eof:
@@ -187,30 +197,42 @@ class End:
     async def _connect(self, st: Stream, host: str, port: int) -> None:
         loop = asyncio.get_event_loop()
         try:
-            await loop.create_connection(lambda: st, host, port)
+            transport, _ = await loop.create_connection(lambda: st, host, port)
         except OSError as exc:
-            if st.sid in self.streams:
+            if self.streams.get(st.sid) is st:
                 self.reset(st, f"the server could not connect to {host}:{port}: "
                                f"{exc.strerror or exc}")
+            return
+        if self.streams.get(st.sid) is not st:   # reset while it connected
+            transport.abort()
 
     def maybe_done(self, st: Stream) -> None:
         if st.done():
             self.finish(st)
 
+    def _forget(self, st: Stream) -> bool:
+        if self.streams.get(st.sid) is not st:
+            return False
+        del self.streams[st.sid]
+        self.used -= st.buf_len
+        st.buf.clear()
+        st.buf_len = 0
+        self.closed_total += 1
+        self.unpause()   # its bytes no longer count against buffer
+        return True
+
     def finish(self, st: Stream) -> None:
         """Both directions ended (or the peer says so): close it, orderly."""
-        self.streams.pop(st.sid, None)
-        self.used -= st.buf_len
-        self.closed_total += 1
+        if not self._forget(st):
+            return
         if st.transport is not None:
             st.transport.close()
         self.event("closed", sid=st.sid)
 
     def reset(self, st: Stream, why: str, tell: bool = True) -> None:
         """End a stream abortively at both ends."""
-        self.streams.pop(st.sid, None)
-        self.used -= st.buf_len
-        self.closed_total += 1
+        if not self._forget(st):
+            return
         self.remember_reset(st.sid)
         if tell:
             self.send(frame(RESET, st.sid, why.encode()[:1000]))
@@ -223,20 +245,30 @@ class End:
         while len(self.resets) > RESETS_KEPT:
             self.resets.popitem(last=False)
 
-    def check_pause(self, st: Stream) -> None:
-        pause = self.blocked or st.buf_len >= self.conf["stream_buffer"] or \
+    def _set_pause(self, st: Stream) -> bool:
+        """Pause or resume reading ``st`` by the limits; whether it may read."""
+        pause = self.blocked or st.owed() >= self.conf["stream_buffer"] or \
             self.used >= self.conf["buffer"]
-        if pause != st.paused and st.transport is not None and not st.transport.is_closing():
+        t = st.transport
+        if pause != st.paused and t is not None and not t.is_closing() and not st.eof_out:
             st.paused = pause
-            (st.transport.pause_reading if pause else st.transport.resume_reading)()
-        if not pause and self.used < self.conf["buffer"] // 2:
-            for other in self.streams.values():
-                if other.paused and other.buf_len < self.conf["stream_buffer"]:
-                    self.check_pause(other)
+            (t.pause_reading if pause else t.resume_reading)()
+        return not pause
+
+    def check_pause(self, st: Stream) -> None:
+        if self._set_pause(st) and self.used < self.conf["buffer"] // 2:
+            self.unpause()
+
+    def unpause(self) -> None:
+        """Resume the streams that only the end's buffer held back."""
+        if self.used < self.conf["buffer"] // 2 and not self.blocked:
+            for other in list(self.streams.values()):
+                if other.paused:
+                    self._set_pause(other)
 
     def pause_all(self) -> None:
         for st in list(self.streams.values()):
-            self.check_pause(st)
+            self._set_pause(st)
 
     # -- ticks, limits, events --------------------------------------------------------------
 

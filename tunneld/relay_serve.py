@@ -5,6 +5,7 @@ keeper's clients, the start (a private directory, detached) — the last part of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import os
@@ -57,7 +58,7 @@ class Conn(asyncio.Protocol):
                         self.end.on_frame(kind, sid, payload)
                 elif kind == CMD:
                     self.end.on_cmd(json.loads(payload))
-        except (ValueError, KeyError, TypeError, struct.error) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, struct.error) as exc:
             self.transport.write(jframe(AUTH, {"ok": False, "error": str(exc)}))
             self.transport.abort()
 
@@ -121,8 +122,8 @@ async def serve(conf: dict, ready) -> None:
     end = End(conf)
     loop = asyncio.get_event_loop()
     path = os.path.join(end.dir, "sock")
-    if os.path.exists(path):
-        os.unlink(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)   # a former end's (``main`` made sure none answers)
     server = await loop.create_unix_server(lambda: Conn(end), path)
     os.chmod(path, 0o600)
     listener = None
@@ -139,16 +140,34 @@ async def serve(conf: dict, ready) -> None:
     await asyncio.sleep(0.2 if end.link is not None else 0)   # the QUIT leaves
     for st in list(end.streams.values()):
         end.reset(st, f"the {end.role} exits: {why}")
-    for name in ("sock", "pid"):
-        try:
-            os.unlink(os.path.join(end.dir, name))
-        except OSError:
-            pass
-    if end.role == "relay":
-        try:
-            os.rmdir(end.dir)
-        except OSError:
-            pass
+    if _own_pid(end.dir):   # else a newer end lives here now: its files
+        for name in ("sock", "pid"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(end.dir, name))
+        if end.role == "relay":
+            with contextlib.suppress(OSError):
+                os.rmdir(end.dir)
+
+
+def _own_pid(d: str) -> bool:
+    try:
+        with open(os.path.join(d, "pid")) as f:
+            return f.read().strip() == str(os.getpid())
+    except OSError:
+        return True   # none written (in-process tests)
+
+
+def _answers(path: str) -> bool:
+    """Whether an end already listens at ``path``."""
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.settimeout(5)
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
 
 
 def main(conf: dict) -> None:
@@ -169,6 +188,9 @@ def main(conf: dict) -> None:
     except OSError as exc:
         print(f"ERROR cannot make {d}: {exc}", flush=True)
         sys.exit(1)
+    if _answers(os.path.join(d, "sock")):   # this relay runs already (one per id)
+        print(f"READY {os.path.join(d, 'sock')}", flush=True)
+        sys.exit(0)
     r, w = os.pipe()
     if os.fork():
         os.close(w)
@@ -185,19 +207,21 @@ def main(conf: dict) -> None:
     with open(os.path.join(d, "pid"), "w") as f:
         f.write(str(os.getpid()))
 
+    started = []
+
     def ready(path: str, end: End) -> None:
         os.write(w, f"READY {path}\n".encode())
         os.close(w)
+        started.append(path)
 
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
         loop.run_until_complete(serve(conf, ready))
     except Exception as exc:   # at start: the parent says why; later: nobody reads it
-        try:
-            os.write(w, f"ERROR {exc}\n".encode())
-        except OSError:
-            pass
+        if not started:
+            with contextlib.suppress(OSError):
+                os.write(w, f"ERROR {exc}\n".encode())
         sys.exit(1)
 
 
