@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import socket
 import sys
@@ -48,6 +49,28 @@ SPLICE_CHUNK = 1 << 18
 RELAY_COMMAND = ('umask 077; p=$(command -v python3) || { echo "ERROR the server has no '
                  'python3 in PATH: a resumable forward runs its relay with it"; exit 127; }; '
                  'exec "$p" -')
+#: where the server refuses ``direct-streamlocal`` (sshd_config AllowStreamLocalForwarding
+#: no), the link to the relay's socket runs through this, in a session (``python3 -c``)
+SPLICE = r"""
+import os, socket, sys, threading
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+def up():
+    while True:
+        d = os.read(0, 262144)
+        if not d:
+            s.shutdown(socket.SHUT_WR)
+            return
+        s.sendall(d)
+threading.Thread(target=up, daemon=True).start()
+out = sys.stdout.buffer
+while True:
+    d = s.recv(262144)
+    if not d:
+        break
+    out.write(d)
+    out.flush()
+"""
 
 
 #: the program's parts, in order (``relay``)
@@ -112,6 +135,10 @@ class ResumableForward(ForwardReport):
         self._link: asyncio.Task[None] | None = None
         self._closing = False
         self.link_up = False
+        #: the server refuses direct-streamlocal: the link runs through a session
+        self._via_session = False
+        #: relays of a former keeper (their socket, their secret), to be told to quit
+        self._stale: list[tuple[str, str]] = []
 
     def _limits(self) -> dict[str, Any]:
         s = self.host.settings
@@ -134,11 +161,17 @@ class ResumableForward(ForwardReport):
         except (OSError, ValueError):
             return False
         self.info = info
-        if info.get("spec") != str(self.spec):
-            return False
         try:
             await self._connect_ctrl()
-        except (OSError, TunneldError, asyncio.TimeoutError, ValueError):
+        except (OSError, TunneldError, asyncio.TimeoutError, ValueError,
+                asyncio.IncompleteReadError):
+            return False
+        if info.get("spec") != str(self.spec):   # the forward changed: its keeper goes
+            log.info("%s: %s: the forward changed (%s, was %s): its keeper ends", self.host.name,
+                     self.spec.listen, self.spec, info.get("spec"))
+            await self._quit_keeper()
+            if info.get("relay_path"):
+                self._stale.append((info["relay_path"], info["secret"]))
             return False
         log.info("%s: %s: took over its keeper (pid %s) and its %d stream(s)", self.host.name,
                  self.spec.listen, info.get("pid"), self.report.get("streams_open", 0))
@@ -158,9 +191,11 @@ class ResumableForward(ForwardReport):
                 self.dir = keeper_dir(self.host.name, spec.listen)
             shutil.rmtree(self.dir, ignore_errors=True)
             paths.ensure_private_dir(self.dir)
+            if self.info.get("relay_path") and self.info.get("secret"):
+                self._stale.append((self.info["relay_path"], self.info["secret"]))
+            # a relay per secret: one of a former keeper's never shares its directory
             self.info = {"spec": str(spec), "secret": os.urandom(32).hex(),
-                         # the relay of a former keeper is reused: it drops that one's streams
-                         "relay": self.info.get("relay") or os.urandom(8).hex()}
+                         "relay": os.urandom(8).hex()}
             conf = dict(self._limits(), role="keeper", dir=str(self.dir), fd=sock.fileno(),
                         secret=self.info["secret"], name=f"{self.host.name} {spec.listen}")
             proc = await asyncio.create_subprocess_exec(
@@ -172,7 +207,8 @@ class ResumableForward(ForwardReport):
             try:
                 line = (await asyncio.wait_for(proc.stdout.readline(), START_TIMEOUT)).decode()
             except asyncio.TimeoutError:
-                line = "ERROR no answer"
+                line = f"ERROR no answer in {START_TIMEOUT:g} s"
+                proc.kill()
             await proc.wait()
         if not line.startswith("READY"):
             raise BindError(f"{spec.listen}: the keeper of the resumable forward did not "
@@ -197,6 +233,17 @@ class ResumableForward(ForwardReport):
     async def _read_frame(reader: Any) -> dict[str, Any]:
         t, _, n = relay.HEAD.unpack(await reader.readexactly(relay.HEAD.size))
         return dict(json.loads(await reader.readexactly(n)))
+
+    async def _quit_keeper(self) -> None:
+        """Tell the adopted keeper to end its streams and exit; wait until it has."""
+        if self._ctrl is None:
+            return
+        self._closing = True
+        self._ctrl[1].write(relay.jframe(relay.CMD, {"cmd": "quit"}))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._ctrl_task), 5)  # type: ignore
+        self._closing = False
+        self.report = {}
 
     async def _follow_keeper(self, reader: Any) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, OSError, ValueError):
@@ -242,14 +289,15 @@ class ResumableForward(ForwardReport):
             return
         self.host_changed()
         self.state = forward_follow(self.state, is_connected(self.host.state))
-        conn = self.host.live_connection()
-        if conn is not None and (self._link is None or self._link.done()) and \
-                not self._closing:
-            self._link = asyncio.get_running_loop().create_task(self._keep_link(conn))
+        if self.host.live_connection() is not None and \
+                (self._link is None or self._link.done()) and not self._closing:
+            self._link = asyncio.get_running_loop().create_task(self._keep_link())
 
-    async def _keep_link(self, conn: asyncssh.SSHClientConnection) -> None:
+    async def _keep_link(self) -> None:
+        """Link the ends while the host is connected (over whichever connection it has now:
+        a reconnect while this waits to try again is taken at the next try)."""
         delay = LINK_RETRY[0]
-        while not self._closing and self.host.live_connection() is conn:
+        while not self._closing and (conn := self.host.live_connection()) is not None:
             try:
                 await self._link_once(conn)
                 delay = LINK_RETRY[0]
@@ -266,6 +314,8 @@ class ResumableForward(ForwardReport):
 
     async def _link_once(self, conn: asyncssh.SSHClientConnection) -> None:
         rel_r, rel_w = await self._open_relay(conn)
+        while self._stale:
+            await self._quit_relay(conn, *self._stale.pop())
         try:
             keep_r, keep_w = await asyncio.wait_for(
                 asyncio.open_unix_connection(str(self.dir / "sock")), AUTH_TIMEOUT)
@@ -292,31 +342,68 @@ class ResumableForward(ForwardReport):
     async def _open_relay(self, conn: asyncssh.SSHClientConnection) -> tuple[Any, Any]:
         """A connection to this forward's relay on the server, after AUTH: the running one,
         else one started now."""
-        for attempt in (1, 2):
-            path = self.info.get("relay_path")
+        started = False
+        if not self.info.get("relay_path"):
+            await self._start_relay(conn)
+            started = True
+        while True:
             try:
-                if not path:
-                    raise asyncssh.ChannelOpenError(0, "not started yet")
-                r, w = await conn.open_unix_connection(path)
+                r, w = await self._reach(conn, self.info["relay_path"], started)
             except asyncssh.ChannelOpenError:
-                if attempt == 2:
+                if started:
                     raise
-                await self._start_relay(conn)
+                await self._start_relay(conn)   # it has gone (its suspend limit, a reboot)
+                started = True
                 continue
             try:
                 await _auth(r, w, self.info["secret"], "link")
-            except TunneldError:
-                # a relay of a former keeper (another secret): it stops, a new one starts
+                return r, w
+            except (TunneldError, asyncio.IncompleteReadError):
                 w.close()
-                if attempt == 2:
+                if started:
                     raise
                 await self._start_relay(conn)
-                continue
+                started = True
             except BaseException:
                 w.close()
                 raise
-            return r, w
-        raise AssertionError("unreachable")
+
+    async def _reach(self, conn: asyncssh.SSHClientConnection, path: str,
+                     fresh: bool) -> tuple[Any, Any]:
+        """A connection to the Unix socket ``path`` on the server: ``direct-streamlocal``,
+        or where the server refuses that, a session that splices it (``SPLICE``)."""
+        if not self._via_session:
+            try:
+                return await asyncio.wait_for(conn.open_unix_connection(path), AUTH_TIMEOUT)
+            except asyncssh.ChannelOpenError as exc:
+                if not fresh:
+                    raise
+                # the relay said it listens there a moment ago: the server refuses the channel
+                log.warning("%s: %s: the server refuses Unix-socket forwarding (%s; sshd_config "
+                            "AllowStreamLocalForwarding): the relay is reached through a "
+                            "session instead", self.host.name, self.spec.listen, exc.reason)
+                self._via_session = True
+        cmd = f"exec python3 -c {shlex.quote(SPLICE)} {shlex.quote(path)}"
+        proc = await asyncio.wait_for(conn.create_process(cmd, encoding=None), AUTH_TIMEOUT)
+        return proc.stdout, proc.stdin
+
+    async def _quit_relay(self, conn: asyncssh.SSHClientConnection, path: str,
+                          secret: str) -> None:
+        """Tell a relay (a former keeper's: its streams are gone) to exit now rather than at
+        its suspend limit; one that has gone already is fine."""
+        try:
+            r, w = await self._reach(conn, path, False)
+        except (OSError, asyncssh.Error, asyncio.TimeoutError):
+            return
+        try:
+            await _auth(r, w, secret, "ctrl")
+            w.write(relay.jframe(relay.CMD, {"cmd": "quit"}))
+            await asyncio.wait_for(w.drain(), AUTH_TIMEOUT)
+        except (OSError, asyncssh.Error, TunneldError, asyncio.TimeoutError,
+                asyncio.IncompleteReadError, ValueError):
+            pass
+        finally:
+            w.close()
 
     async def _start_relay(self, conn: asyncssh.SSHClientConnection) -> None:
         """Start this forward's relay on the server (``~/.tunneld/relay/ID/``; a home too
@@ -341,11 +428,14 @@ class ResumableForward(ForwardReport):
 
     async def retire(self) -> None:
         """The forward is removed: its keeper ends its streams, tells the relay, and exits."""
+        await self._quit_keeper()
         self._closing = True
-        if self._ctrl is not None:
-            self._ctrl[1].write(relay.jframe(relay.CMD, {"cmd": "quit"}))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._ctrl_task), 5)  # type: ignore
+        conn = self.host.live_connection()
+        if conn is not None:   # the keeper told it over the link, if one was up; else now
+            if self.info.get("relay_path"):
+                self._stale.append((self.info["relay_path"], self.info["secret"]))
+            for path, secret in self._stale:
+                await self._quit_relay(conn, path, secret)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     async def close(self, abort_clients: bool = True) -> None:

@@ -133,6 +133,17 @@ def _add(daemon, host: str, target_port: int) -> int:
     return port
 
 
+def _killing(sshd, daemon, port: int, times: int):
+    """An outage: sshd's connections killed ``times`` times, each once the link is back."""
+    def outage() -> None:
+        for _ in range(times):
+            sshd.kill_connections()
+            daemon.wait_for(lambda: daemon.forward(port)["resume"]["link"], timeout=30,
+                            what="the link to come back")
+            time.sleep(0.5)
+    return outage
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -169,15 +180,7 @@ def test_a_websocket_lives_through_a_20s_black_hole(sshd, daemon, fault_proxy, w
 
 def test_a_websocket_lives_through_killed_ssh_connections(sshd, daemon, ws_server):
     port = _add(daemon, sshd.host, ws_server.port)
-
-    def outage() -> None:
-        for _ in range(3):
-            sshd.kill_connections()
-            daemon.wait_for(lambda: daemon.forward(port)["resume"]["link"], timeout=30,
-                            what="the link to come back")
-            time.sleep(0.5)
-
-    back = asyncio.run(_exchange(port, 600, outage))
+    back = asyncio.run(_exchange(port, 600, _killing(sshd, daemon, port, 3)))
     assert back == list(range(600))
     assert ws_server.got == [list(range(600))]
 
@@ -346,3 +349,67 @@ def test_remove_ends_the_keeper_and_the_relay(sshd, daemon, echo_server):
     assert not relay_dir.exists()
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def test_a_keeper_that_dies_is_replaced_and_said(sshd, daemon, echo_server):
+    port = _add(daemon, sshd.host, echo_server()[1])
+    assert roundtrip(port) == b"ping"
+    old = daemon.forward(port)["resume"]["keeper_pid"]
+    os.kill(old, 9)
+    daemon.wait_for(lambda: daemon.forward(port)["resume"]["keeper_pid"] not in (old, None),
+                    timeout=20, what="a new keeper")
+    assert "the keeper of the resumable forward exited; its streams are gone" in daemon.log()
+    assert roundtrip(port) == b"ping"
+
+
+def test_where_the_server_refuses_unix_socket_forwarding_the_link_runs_in_a_session(
+        sshd, daemon, ws_server):
+    text = sshd.sshd_config.read_text()
+    assert "AllowStreamLocalForwarding yes" in text
+    sshd.sshd_config.write_text(text.replace("AllowStreamLocalForwarding yes",
+                                             "AllowStreamLocalForwarding no"))
+    sshd.start()
+    port = _add(daemon, sshd.host, ws_server.port)
+    back = asyncio.run(_exchange(port, 300, _killing(sshd, daemon, port, 2)))
+    assert back == list(range(300))
+    assert ws_server.got == [list(range(300))]
+    log = daemon.log(tail=None)
+    assert "the relay is reached through a session instead" in log
+    assert log.count("started its relay on the server") == 1, log
+
+
+def test_a_changed_forward_ends_the_keeper_a_former_daemon_left(sshd, daemon, echo_server):
+    """The daemon stops (its keeper lives on, holding the port); the forward's target is
+    changed in config.toml; the next daemon ends that keeper and binds the port anew."""
+    _, first = echo_server()
+    second = Target()
+    port = _free_port()
+    forward = '{spec = "%d:127.0.0.2:%d", resume = true}'
+    daemon.config_file.parent.mkdir(parents=True, exist_ok=True)
+    daemon.config_file.write_text(
+        f"[hosts.{sshd.host}]\nforwards = [{forward % (port, first)}]\n")
+    assert daemon.stop() == 0
+    daemon.start()
+    daemon.wait_for(lambda: daemon.forward(port)["resume"]["link"], timeout=30,
+                    what="the link")
+    assert roundtrip(port) == b"ping"
+    old = daemon.forward(port)["resume"]
+    assert daemon.stop() == 0
+    assert _pid_alive(old["keeper_pid"])   # stop leaves it, for the next daemon
+    daemon.config_file.write_text(
+        f"[hosts.{sshd.host}]\nforwards = [{forward % (port, second.port)}]\n")
+    daemon.start()
+    daemon.wait_for(lambda: daemon.forward(port)["resume"]["link"], timeout=30,
+                    what="the new link")
+    new = daemon.forward(port)
+    assert new["state"] != "failed" and new["resume"]["keeper_pid"] != old["keeper_pid"]
+    assert not _pid_alive(old["keeper_pid"])
+    s = socket.create_connection(("127.0.0.1", port), timeout=20)
+    s.sendall(b"hi")
+    assert s.recv(10) == b"ok"   # the new target's answer
+    s.close()
+    deadline = time.monotonic() + 20   # the former relay was told to go
+    while Path(old["relay_path"]).parent.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(old["relay_path"]).parent.exists()
+    assert "the forward changed" in daemon.log(tail=None)
