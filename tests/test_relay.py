@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from tunneld import relay, relay_serve, resume
+from tunneld import relay, relay_serve, resume_relay
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -236,7 +236,7 @@ async def test_a_stream_is_forgotten_only_once_its_last_bytes_are_delivered(tmp_
         assert got == total
         await _until("both ends to forget the stream", lambda: not rend.streams and
                      not kend.streams)
-        assert rend.used == kend.used == 0
+        assert rend.owed == kend.owed == 0
         link.cut()
     server.close()
 
@@ -304,7 +304,7 @@ async def test_a_stream_that_ends_frees_the_end_buffer_for_the_others(tmp_path):
     async with _ends(tmp_path, 9, buffer=1 << 20) as (port, (_, kend), _):
         ra, wa = await asyncio.open_connection("127.0.0.1", port)
         wa.write(b"a" * (4 << 20))
-        await _until("a to fill the buffer", lambda: kend.used >= 1 << 20)
+        await _until("a to fill the buffer", lambda: kend.owed >= 1 << 20)
         rb, wb = await asyncio.open_connection("127.0.0.1", port)
         await _until("b's stream", lambda: len(kend.streams) == 2)
         wb.write(b"b" * 1000)
@@ -318,37 +318,56 @@ async def test_a_stream_that_ends_frees_the_end_buffer_for_the_others(tmp_path):
         wa.transport.abort()
 
 
-async def test_a_stalled_reader_holds_one_stream_buffer_across_link_cuts(tmp_path):
-    """The keeper's client reads nothing; the target sends without end.  After each link the
-    relay may send only what the keeper has *delivered* plus stream_buffer, not what it has
-    received: the bytes the keeper holds stay bounded however often the link is cut."""
-    limit = 256 << 10
+@pytest.mark.parametrize("streams, limits", [
+    (1, {"stream_buffer": 256 << 10}),
+    (4, {"stream_buffer": 1 << 20, "buffer": 1 << 20}),
+], ids=["stream_buffer", "buffer"])
+async def test_stalled_readers_hold_one_buffer_across_link_cuts(tmp_path, streams, limits):
+    """The keeper's clients read nothing; the target sends without end.  After each link the
+    relay may send only what the keeper has *delivered* plus stream_buffer (and all streams
+    together: buffer), not what it has received: the bytes the keeper holds stay bounded
+    however often the link is cut."""
+    limit = min(limits.values())
     server = await asyncio.start_server(lambda r, w: _source(r, w, 0), "127.0.0.2", 0)
     target = server.sockets[0].getsockname()[1]
-    async with _ends(tmp_path, target, stream_buffer=limit) as (
-            port, (keeper, kend), (relay_path, rend)):
-        s = _slow_reader(port)
+    async with _ends(tmp_path, target, **limits) as (port, (keeper, kend), (relay_path, rend)):
+        clients = [_slow_reader(port) for _ in range(streams)]
         held = []
         for _ in range(6):
             link = await _Link().start(keeper, relay_path)
-            await _until("a stream", lambda: kend.streams)
-            st = next(iter(kend.streams.values()))
+            await _until("the streams", lambda: len(kend.streams) == streams)
             await _until("the relay to send all it may", lambda: rend.synced and kend.synced and
-                         rend.streams and next(iter(rend.streams.values())).paused)
+                         len(rend.streams) == streams and
+                         all(st.paused for st in rend.streams.values()))
             await asyncio.sleep(0.1)   # what is on its way arrives
-            held.append(st.recv - st.delivered())
+            held.append(sum(st.recv - st.delivered() for st in kend.streams.values()))
             link.cut()
             await _until("the link to go", lambda: kend.link is None and rend.link is None)
-        s.close()
+        for c in clients:
+            c.close()
     server.close()
-    # one read (256 KiB) past the limit at most, each time
-    assert max(held) <= limit + (256 << 10), held
+    # one read (256 KiB) per stream past the limit at most, each time
+    assert max(held) <= limit + streams * (256 << 10), held
+
+
+async def test_links_that_never_sync_do_not_hold_off_the_suspend_limit(tmp_path):
+    """A relay reached again and again by a tunneld that cannot link it to the keeper (its
+    keeper gone) still exits at its suspend limit."""
+    async with _ends(tmp_path, 9, suspend=1.0) as (_, _, (relay_path, rend)):
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        while not rend.quit.done() and loop.time() - t0 < 5:
+            _, w = await _auth(relay_path)   # no SYNC from this side: never synced
+            await asyncio.sleep(0.2)
+            w.transport.abort()
+        assert rend.quit.done(), "the relay did not stop at its suspend limit"
+        assert loop.time() - t0 < 2.5
 
 
 def test_the_program_is_one_text_of_the_standard_library_for_python_3_8():
     """What ``python3 -`` runs on the server: the three modules joined, no import of each
     other or of anything outside the standard library, parsable by Python 3.8."""
-    text = resume.program({"role": "relay"}).decode()
+    text = resume_relay.program({"role": "relay"}).decode()
     tree = ast.parse(text, feature_version=(3, 8))
     used = set()
     for node in ast.walk(tree):

@@ -20,7 +20,7 @@ Every connection to an end starts with ``AUTH`` (the secret made for this forwar
 in constant time; the peer must be the same uid); the relay connects only to ``targets``.
 
 Frames: ``>BII`` (type, stream id, payload length) and the payload.  The program is three
-modules sent as one text (``resume.program``): this one (the frames, a stream), ``relay_end``
+modules sent as one text (``resume_relay.program``): this one (the frames, a stream), ``relay_end``
 (an end: the link, the resync, the limits) and ``relay_serve`` (the sockets, the start).
 """
 
@@ -66,10 +66,14 @@ class Frames:
 
     def __init__(self) -> None:
         self.buf = bytearray()
+        #: bytes the frame begun in ``buf`` needs in all
+        self.need = 0
 
     def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
         if self.buf:
             self.buf += data
+            if len(self.buf) < self.need:   # a large frame in many reads: one copy, at its end
+                return []
             data = bytes(self.buf)
         out = []
         at, end, size = 0, len(data), HEAD.size
@@ -82,6 +86,7 @@ class Frames:
             out.append((kind, sid, data[at + size:at + size + n]))
             at += size + n
         self.buf = bytearray(data[at:])
+        self.need = HEAD.unpack_from(data, at)[2] + size if end - at >= size else size
         return out
 
 
@@ -103,12 +108,16 @@ class Stream(asyncio.Protocol):
         self.recv = self.acked_out = 0   # received; what we told the peer it may drop
         self.eof_out = self.eof_in = self.eof_acked = self.eof_told = False
         self.opened = opened             # the peer knows this stream
+        self.offered = False             # the keeper's OPEN went on a synced link
         self.paused = False
         self.since = time.time()
 
     # the local socket
     def connection_made(self, transport) -> None:
         self.transport = transport
+        if self.end.streams.get(self.sid) is not self:   # reset while it connected
+            transport.abort()
+            return
         for data in self.pending:
             transport.write(data)
         self.pending = []
@@ -120,7 +129,7 @@ class Stream(asyncio.Protocol):
         self.sent += len(data)
         self.buf.append(data)
         self.buf_len += len(data)
-        self.end.used += len(data)
+        self.end.owed += len(data)
         self.end.send_data(self, data)
         self.end.check_pause(self)
 
@@ -155,18 +164,18 @@ class Stream(asyncio.Protocol):
     def drop_to(self, n: int, delivered: int | None = None) -> None:
         """The peer has bytes up to ``n`` (and has delivered up to ``delivered``, by
         default ``n``): free them."""
-        self.credit = max(self.credit, n if delivered is None else min(n, delivered))
+        credit = max(self.credit, n if delivered is None else min(n, delivered))
+        self.end.owed -= credit - self.credit
+        self.credit = credit
         while self.buf and self.acked + len(self.buf[0]) <= n:
             d = self.buf.popleft()
             self.acked += len(d)
             self.buf_len -= len(d)
-            self.end.used -= len(d)
         if self.buf and n > self.acked:
             cut = n - self.acked
             self.buf[0] = self.buf[0][cut:]
             self.acked += cut
             self.buf_len -= cut
-            self.end.used -= cut
         self.end.check_pause(self)
 
     def unsent_from(self, n: int) -> bytes:

@@ -1,5 +1,5 @@
 """One end of a resumable forward (``relay``): its streams, its link, the resync after a new
-link, the limits (part of the program ``resume.program`` sends)."""
+link, the limits (part of the program ``resume_relay.program`` sends)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,10 @@ class End:
         self.down_since: float | None = time.monotonic()
         self.ctrl: Any = None
         self.no_ctrl_since: float | None = time.monotonic()
-        self.used = 0
+        #: bytes all streams sent that the peer has not delivered (held to ``buffer``)
+        self.owed = 0
+        #: streams paused now
+        self.paused = 0
         #: the link's writes are backed up (tunneld reads no faster)
         self.blocked = False
         self.next_sid = 1
@@ -75,6 +78,8 @@ class End:
             write((HEAD.pack(DATA, st.sid, len(chunk)), chunk))
 
     def ack(self, st: Stream) -> None:
+        if self.link is None or not self.synced:   # said after the next SYNC instead
+            return
         d = st.delivered()
         if d > st.acked_out or st.eof_in and not st.eof_told:
             st.acked_out = d
@@ -97,7 +102,8 @@ class End:
     def link_down(self, conn: Any) -> None:
         if conn is self.link:
             self.link, self.synced = None, False
-            self.down_since = time.monotonic()
+            if self.down_since is None:   # a link that never synced does not restart it
+                self.down_since = time.monotonic()
             self.blocked = False
             self.event("suspended")
 
@@ -111,12 +117,15 @@ class End:
         self.down_since = None
         for st in list(self.streams.values()):
             known = theirs.get(str(st.sid))
-            if known is None and (st.sid in reset or new_peer and st.opened):
+            # a restarted peer lost what it had: a stream it may have begun (its target may
+            # have had the bytes) is reset, never begun twice
+            if known is None and (st.sid in reset or new_peer and (st.opened or st.offered)):
                 self.reset(st, "the other end lost it (restarted)", tell=False)
             elif known is None and st.opened:
                 self.finish(st)   # done there and forgotten
             elif known is None and self.role == "keeper":
                 self.send(jframe(OPEN, {}, st.sid))   # the OPEN was lost: all of it again
+                st.offered = True
                 self.resend(st, 0, False)
             elif known is not None:
                 st.opened = True
@@ -131,6 +140,7 @@ class End:
 
     def resend(self, st: Stream, recv: int, eof: bool, delivered: int | None = None) -> None:
         st.drop_to(max(recv, st.acked), delivered)
+        st.eof_acked = st.eof_acked or eof and st.eof_out
         data = st.unsent_from(max(recv, st.acked))
         self.send_data(st, data)
         if st.eof_out and not eof:
@@ -214,7 +224,9 @@ class End:
         if self.streams.get(st.sid) is not st:
             return False
         del self.streams[st.sid]
-        self.used -= st.buf_len
+        self.owed -= st.owed()
+        if st.paused:
+            self.paused -= 1
         st.buf.clear()
         st.buf_len = 0
         self.closed_total += 1
@@ -245,23 +257,24 @@ class End:
         while len(self.resets) > RESETS_KEPT:
             self.resets.popitem(last=False)
 
-    def _set_pause(self, st: Stream) -> bool:
-        """Pause or resume reading ``st`` by the limits; whether it may read."""
+    def _set_pause(self, st: Stream) -> None:
+        """Pause or resume reading ``st`` by the limits."""
         pause = self.blocked or st.owed() >= self.conf["stream_buffer"] or \
-            self.used >= self.conf["buffer"]
+            self.owed >= self.conf["buffer"]
         t = st.transport
         if pause != st.paused and t is not None and not t.is_closing() and not st.eof_out:
             st.paused = pause
+            self.paused += 1 if pause else -1
             (t.pause_reading if pause else t.resume_reading)()
-        return not pause
 
     def check_pause(self, st: Stream) -> None:
-        if self._set_pause(st) and self.used < self.conf["buffer"] // 2:
-            self.unpause()
+        self._set_pause(st)
+        self.unpause()
 
     def unpause(self) -> None:
-        """Resume the streams that only the end's buffer held back."""
-        if self.used < self.conf["buffer"] // 2 and not self.blocked:
+        """Resume the streams that only the end's buffer held back, once half of it is
+        free."""
+        if self.paused and self.owed < self.conf["buffer"] // 2 and not self.blocked:
             for other in list(self.streams.values()):
                 if other.paused:
                     self._set_pause(other)

@@ -1,6 +1,6 @@
 """The sockets of a resumable forward's end (``relay``): tunneld's connections (AUTH), the
 keeper's clients, the start (a private directory, detached) — the last part of the program
-``resume.program`` sends; run with ``python3 -``."""
+``resume_relay.program`` sends; run with ``python3 -``."""
 
 from __future__ import annotations
 
@@ -109,6 +109,7 @@ class Client(Stream):
         end.streams[self.sid] = self
         end.total += 1
         end.send(jframe(OPEN, {}, self.sid))
+        self.offered = end.link is not None and end.synced
         end.event("open", sid=self.sid)
         super().connection_made(transport)
 
