@@ -14,14 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
 import os
-import re
-import shlex
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -34,78 +32,19 @@ from . import paths, relay
 from .bindfail import bind_failure
 from .errors import BindError, TunneldError
 from .forward import LISTEN_BACKLOG, ForwardHost, ForwardReport
+from .resume_relay import AUTH_TIMEOUT, START_TIMEOUT, RelayEnd, auth, program
 from .state import ForwardEvent, ForwardState, forward_follow, forward_next, is_connected
 
 log = logging.getLogger("tunneld")
 
-#: seconds a keeper or a relay may take to say it listens
-START_TIMEOUT = 20.0
-#: seconds an end may take to answer AUTH
-AUTH_TIMEOUT = 10.0
 #: seconds between two tries of a link that failed (doubling up to the second)
 LINK_RETRY = (0.5, 5.0)
 SPLICE_CHUNK = 1 << 18
-#: the shell text that runs the relay program given on stdin with the server's Python 3
-RELAY_COMMAND = ('umask 077; p=$(command -v python3) || { echo "ERROR the server has no '
-                 'python3 in PATH: a resumable forward runs its relay with it"; exit 127; }; '
-                 'exec "$p" -')
-#: where the server refuses ``direct-streamlocal`` (sshd_config AllowStreamLocalForwarding
-#: no), the link to the relay's socket runs through this, in a session (``python3 -c``)
-SPLICE = r"""
-import os, socket, sys, threading
-s = socket.socket(socket.AF_UNIX)
-s.connect(sys.argv[1])
-def up():
-    while True:
-        d = os.read(0, 262144)
-        if not d:
-            s.shutdown(socket.SHUT_WR)
-            return
-        s.sendall(d)
-threading.Thread(target=up, daemon=True).start()
-out = sys.stdout.buffer
-while True:
-    d = s.recv(262144)
-    if not d:
-        break
-    out.write(d)
-    out.flush()
-"""
-
-
-#: the program's parts, in order (``relay``)
-PARTS = ("relay.py", "relay_end.py", "relay_serve.py")
-_FUTURE = "from __future__ import annotations\n"
-_OWN_IMPORT = re.compile(r"^from \.\w+ import (?:\([^)]*\)|.*)\n", re.MULTILINE)
-
-
-@functools.lru_cache(maxsize=1)
-def _source() -> str:
-    """The relay program's modules as one text: their imports of each other dropped."""
-    here = Path(relay.__file__).parent
-    texts = [_OWN_IMPORT.sub("", (here / name).read_text()) for name in PARTS]
-    return texts[0] + "".join(t.replace(_FUTURE, "", 1) for t in texts[1:])
-
-
-def program(conf: dict[str, Any]) -> bytes:
-    """The relay program with its configuration, for ``python3 -``."""
-    return _source().replace(_FUTURE, f"{_FUTURE}_CONFIG = {conf!r}\n", 1).encode()
 
 
 def keeper_dir(host: str, listen: str) -> Path:
     return paths.runtime_dir() / "resume" / hashlib.sha256(
         f"{host}\n{listen}".encode()).hexdigest()[:16]
-
-
-async def _auth(reader: Any, writer: Any, secret: str, kind: str) -> dict[str, Any]:
-    """Say AUTH on a new connection to an end; its answer (raises TunneldError)."""
-    writer.write(relay.jframe(relay.AUTH, {"secret": secret, "kind": kind}))
-    head = await asyncio.wait_for(reader.readexactly(relay.HEAD.size), AUTH_TIMEOUT)
-    t, _, n = relay.HEAD.unpack(head)
-    msg = json.loads(await asyncio.wait_for(reader.readexactly(n), AUTH_TIMEOUT))
-    if t != relay.AUTH or not msg.get("ok"):
-        raise TunneldError(f"refused: {msg.get('error', 'no answer')}")
-    return dict(msg)
 
 
 async def _pump(reader: Any, writer: Any, fwd: ForwardReport, field: str) -> None:
@@ -135,12 +74,11 @@ class ResumableForward(ForwardReport):
         self._link: asyncio.Task[None] | None = None
         self._closing = False
         self.link_up = False
-        #: the server refuses direct-streamlocal: the link runs through a session
-        self._via_session = False
+        self.relay = RelayEnd(self)
         #: relays of a former keeper (their socket, their secret), to be told to quit
         self._stale: list[tuple[str, str]] = []
 
-    def _limits(self) -> dict[str, Any]:
+    def limits(self) -> dict[str, Any]:
         s = self.host.settings
         return {"suspend": s.resume_suspend, "stream_buffer": s.resume_buffer,
                 "buffer": s.resume_total_buffer, "max_streams": s.resume_max_streams}
@@ -191,12 +129,13 @@ class ResumableForward(ForwardReport):
                 self.dir = keeper_dir(self.host.name, spec.listen)
             shutil.rmtree(self.dir, ignore_errors=True)
             paths.ensure_private_dir(self.dir)
-            if self.info.get("relay_path") and self.info.get("secret"):
-                self._stale.append((self.info["relay_path"], self.info["secret"]))
+            old = (self.info.get("relay_path"), self.info.get("secret"))
+            if old[0] and old[1] and old not in self._stale:
+                self._stale.append(old)  # type: ignore[arg-type]
             # a relay per secret: one of a former keeper's never shares its directory
             self.info = {"spec": str(spec), "secret": os.urandom(32).hex(),
                          "relay": os.urandom(8).hex()}
-            conf = dict(self._limits(), role="keeper", dir=str(self.dir), fd=sock.fileno(),
+            conf = dict(self.limits(), role="keeper", dir=str(self.dir), fd=sock.fileno(),
                         secret=self.info["secret"], name=f"{self.host.name} {spec.listen}")
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-", stdin=asyncio.subprocess.PIPE,
@@ -221,7 +160,7 @@ class ResumableForward(ForwardReport):
         reader, writer = await asyncio.wait_for(
             asyncio.open_unix_connection(str(self.dir / "sock")), AUTH_TIMEOUT)
         try:
-            await _auth(reader, writer, self.info["secret"], "ctrl")
+            await auth(reader, writer, self.info["secret"], "ctrl")
             self._on_report(await self._read_frame(reader))
         except BaseException:
             writer.close()
@@ -235,21 +174,27 @@ class ResumableForward(ForwardReport):
         return dict(json.loads(await reader.readexactly(n)))
 
     async def _quit_keeper(self) -> None:
-        """Tell the adopted keeper to end its streams and exit; wait until it has."""
-        if self._ctrl is None:
+        """Tell the keeper to end its streams and exit; wait until it has (else kill it)."""
+        task, ctrl = self._ctrl_task, self._ctrl
+        self._ctrl_task = self._ctrl = None   # its end is no news: not followed, not replaced
+        if task is None or ctrl is None:
             return
-        self._closing = True
-        self._ctrl[1].write(relay.jframe(relay.CMD, {"cmd": "quit"}))
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._ctrl_task), 5)  # type: ignore
-        self._closing = False
+        ctrl[1].write(relay.jframe(relay.CMD, {"cmd": "quit"}))
+        try:
+            await asyncio.wait_for(task, 5)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(OSError, TypeError, ValueError):
+                os.kill(int(self.info.get("pid")), signal.SIGKILL)  # type: ignore[arg-type]
+        ctrl[1].close()
         self.report = {}
 
     async def _follow_keeper(self, reader: Any) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, OSError, ValueError):
             while True:
                 self._on_report(await self._read_frame(reader))
-        self._ctrl = None
+        if self._ctrl_task is not asyncio.current_task():
+            return   # let go (``_quit_keeper``, ``close``)
+        self._ctrl = self._ctrl_task = None
         if not self._closing:
             self.fail(f"{self.spec.listen}: the keeper of the resumable forward exited; its "
                       "streams are gone. Starting a new one.")
@@ -298,9 +243,11 @@ class ResumableForward(ForwardReport):
         a reconnect while this waits to try again is taken at the next try)."""
         delay = LINK_RETRY[0]
         while not self._closing and (conn := self.host.live_connection()) is not None:
+            t0 = time.monotonic()
             try:
                 await self._link_once(conn)
-                delay = LINK_RETRY[0]
+                if time.monotonic() - t0 > 10 * LINK_RETRY[1]:   # a link that held
+                    delay = LINK_RETRY[0]
             except asyncio.CancelledError:
                 raise
             except (OSError, asyncssh.Error, TunneldError, asyncio.TimeoutError,
@@ -313,17 +260,18 @@ class ResumableForward(ForwardReport):
                 delay = min(2 * delay, LINK_RETRY[1])
 
     async def _link_once(self, conn: asyncssh.SSHClientConnection) -> None:
-        rel_r, rel_w = await self._open_relay(conn)
         while self._stale:
-            await self._quit_relay(conn, *self._stale.pop())
+            await self.relay.quit(conn, *self._stale.pop())
+        # the keeper first: a relay reached but not linked would wait for nothing
+        keep_r, keep_w = await asyncio.wait_for(
+            asyncio.open_unix_connection(str(self.dir / "sock")), AUTH_TIMEOUT)
         try:
-            keep_r, keep_w = await asyncio.wait_for(
-                asyncio.open_unix_connection(str(self.dir / "sock")), AUTH_TIMEOUT)
+            await auth(keep_r, keep_w, self.info["secret"], "link")
+            rel_r, rel_w = await self.relay.open(conn)
         except BaseException:
-            rel_w.close()
+            keep_w.close()
             raise
         try:
-            await _auth(keep_r, keep_w, self.info["secret"], "link")
             self.link_up = True
             self.last_error = None
             pumps = [asyncio.ensure_future(_pump(keep_r, rel_w, self, "bytes_in")),
@@ -339,91 +287,6 @@ class ResumableForward(ForwardReport):
             keep_w.close()
             rel_w.close()
 
-    async def _open_relay(self, conn: asyncssh.SSHClientConnection) -> tuple[Any, Any]:
-        """A connection to this forward's relay on the server, after AUTH: the running one,
-        else one started now."""
-        started = False
-        if not self.info.get("relay_path"):
-            await self._start_relay(conn)
-            started = True
-        while True:
-            try:
-                r, w = await self._reach(conn, self.info["relay_path"], started)
-            except asyncssh.ChannelOpenError:
-                if started:
-                    raise
-                await self._start_relay(conn)   # it has gone (its suspend limit, a reboot)
-                started = True
-                continue
-            try:
-                await _auth(r, w, self.info["secret"], "link")
-                return r, w
-            except (TunneldError, asyncio.IncompleteReadError):
-                w.close()
-                if started:
-                    raise
-                await self._start_relay(conn)
-                started = True
-            except BaseException:
-                w.close()
-                raise
-
-    async def _reach(self, conn: asyncssh.SSHClientConnection, path: str,
-                     fresh: bool) -> tuple[Any, Any]:
-        """A connection to the Unix socket ``path`` on the server: ``direct-streamlocal``,
-        or where the server refuses that, a session that splices it (``SPLICE``)."""
-        if not self._via_session:
-            try:
-                return await asyncio.wait_for(conn.open_unix_connection(path), AUTH_TIMEOUT)
-            except asyncssh.ChannelOpenError as exc:
-                if not fresh:
-                    raise
-                # the relay said it listens there a moment ago: the server refuses the channel
-                log.warning("%s: %s: the server refuses Unix-socket forwarding (%s; sshd_config "
-                            "AllowStreamLocalForwarding): the relay is reached through a "
-                            "session instead", self.host.name, self.spec.listen, exc.reason)
-                self._via_session = True
-        cmd = f"exec python3 -c {shlex.quote(SPLICE)} {shlex.quote(path)}"
-        proc = await asyncio.wait_for(conn.create_process(cmd, encoding=None), AUTH_TIMEOUT)
-        return proc.stdout, proc.stdin
-
-    async def _quit_relay(self, conn: asyncssh.SSHClientConnection, path: str,
-                          secret: str) -> None:
-        """Tell a relay (a former keeper's: its streams are gone) to exit now rather than at
-        its suspend limit; one that has gone already is fine."""
-        try:
-            r, w = await self._reach(conn, path, False)
-        except (OSError, asyncssh.Error, asyncio.TimeoutError):
-            return
-        try:
-            await _auth(r, w, secret, "ctrl")
-            w.write(relay.jframe(relay.CMD, {"cmd": "quit"}))
-            await asyncio.wait_for(w.drain(), AUTH_TIMEOUT)
-        except (OSError, asyncssh.Error, TunneldError, asyncio.TimeoutError,
-                asyncio.IncompleteReadError, ValueError):
-            pass
-        finally:
-            w.close()
-
-    async def _start_relay(self, conn: asyncssh.SSHClientConnection) -> None:
-        """Start this forward's relay on the server (``~/.tunneld/relay/ID/``; a home too
-        deep for a socket path: ``/tmp/tunneld-UID/relay/ID/``), and note its socket."""
-        rdir = f"~/.tunneld/relay/{self.info['relay']}"
-        conf = dict(self._limits(), role="relay", dir=rdir, secret=self.info["secret"],
-                    targets=[[self.spec.target_host, self.spec.target_port]])
-        r = await asyncio.wait_for(conn.run(
-            RELAY_COMMAND, input=program(conf).decode(), check=False, request_pty=False,
-            term_type=None), START_TIMEOUT)
-        out = str(r.stdout or "").strip()
-        if not out.startswith("READY"):
-            why = out.removeprefix("ERROR ") or str(r.stderr or "").strip()[-300:] or \
-                f"exit status {r.exit_status}"
-            raise TunneldError(f"the relay did not start on the server: {why}")
-        self.info["relay_path"] = out.split(None, 1)[1]
-        paths.atomic_write(self.dir / "forward.json", json.dumps(self.info).encode())
-        log.info("%s: %s: started its relay on the server (%s)", self.host.name,
-                 self.spec.listen, self.info["relay_path"])
-
     # -- the end ------------------------------------------------------------------------------
 
     async def retire(self) -> None:
@@ -435,7 +298,7 @@ class ResumableForward(ForwardReport):
             if self.info.get("relay_path"):
                 self._stale.append((self.info["relay_path"], self.info["secret"]))
             for path, secret in self._stale:
-                await self._quit_relay(conn, path, secret)
+                await self.relay.quit(conn, path, secret, fresh=True)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     async def close(self, abort_clients: bool = True) -> None:
