@@ -334,5 +334,8 @@ class End:
             if self.link is not None and self.synced:
                 self.link.transport.write(frame(QUIT))
             self.stop("tunneld asked")
+        elif msg.get("cmd") == "reset":   # tunneld cannot start a relay to serve them
+            for st in list(self.streams.values()):
+                self.reset(st, str(msg.get("why", "")))
         elif msg.get("cmd") == "status" and self.ctrl is not None:
             self.ctrl.transport.write(jframe(STATUS, self.status()))

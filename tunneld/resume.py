@@ -32,7 +32,7 @@ from . import paths, relay
 from .bindfail import bind_failure
 from .errors import BindError, TunneldError
 from .forward import LISTEN_BACKLOG, ForwardHost, ForwardReport
-from .resume_relay import AUTH_TIMEOUT, START_TIMEOUT, RelayEnd, auth, program
+from .resume_relay import AUTH_TIMEOUT, START_TIMEOUT, RelayEnd, RelayStartError, auth, program
 from .state import ForwardEvent, ForwardState, forward_follow, forward_next, is_connected
 
 log = logging.getLogger("tunneld")
@@ -255,6 +255,10 @@ class ResumableForward(ForwardReport):
                 if self.host.live_connection() is conn and not self._closing:
                     self.fail(f"{self.spec.listen}: no link to the relay: {exc}",
                               key=f"{self.spec.listen}: no link to the relay")
+                if isinstance(exc, RelayStartError) and self._ctrl is not None:
+                    # no relay to resume them on: the clients are told now, not at the limit
+                    self._ctrl[1].write(relay.jframe(relay.CMD, {"cmd": "reset",
+                                                                 "why": str(exc)}))
             if self.host.live_connection() is conn and not self._closing:
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, LINK_RETRY[1])

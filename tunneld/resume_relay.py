@@ -83,6 +83,11 @@ async def auth(reader: Any, writer: Any, secret: str, kind: str) -> dict[str, An
     return dict(msg)
 
 
+class RelayStartError(TunneldError):
+    """The server said why the relay cannot run (no python3, a directory it cannot make):
+    the forward's streams cannot be served until that changes."""
+
+
 class Owner(Protocol):
     """What a relay needs of its forward (``resume.ResumableForward``)."""
 
@@ -186,7 +191,7 @@ class RelayEnd:
         if not out.startswith("READY"):
             why = out.removeprefix("ERROR ") or str(r.stderr or "").strip()[-300:] or \
                 f"exit status {r.exit_status}"
-            raise TunneldError(f"the relay did not start on the server: {why}")
+            raise RelayStartError(f"the relay did not start on the server: {why}")
         self.fwd.info["relay_path"] = out.split(None, 1)[1]
         paths.atomic_write(self.fwd.dir / "forward.json", json.dumps(self.fwd.info).encode())
         log.info("%s: %s: started its relay on the server (%s)", self.fwd.host.name,

@@ -413,3 +413,19 @@ def test_a_changed_forward_ends_the_keeper_a_former_daemon_left(sshd, daemon, ec
         time.sleep(0.1)
     assert not Path(old["relay_path"]).parent.exists()
     assert "the forward changed" in daemon.log(tail=None)
+
+
+def test_a_server_without_python3_says_so_and_closes_the_waiting_client(sshd, daemon):
+    text = sshd.sshd_config.read_text()
+    assert "SetEnv HOME=" in text
+    sshd.sshd_config.write_text(text.replace("SetEnv HOME=", "SetEnv PATH=/nonexistent HOME="))
+    sshd.start()
+    port = _add(daemon, sshd.host, 9)
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    with contextlib.suppress(ConnectionResetError):
+        assert s.recv(10) == b""   # closed, not left waiting for resume_suspend
+    s.close()
+    fwd = daemon.forward(port)
+    assert "the server has no python3 in PATH" in fwd["last_error"], fwd
+    assert "no python3 in PATH" in daemon.ctl("list").stdout
+    assert "no python3 in PATH" in daemon.log(tail=None)
