@@ -295,14 +295,16 @@ class ResumableForward(ForwardReport):
 
     async def retire(self) -> None:
         """The forward is removed: its keeper ends its streams, tells the relay, and exits."""
-        await self._quit_keeper()
         self._closing = True
+        linked = self.link_up   # then the keeper tells the relay over the link
+        await self._quit_keeper()
         conn = self.host.live_connection()
-        if conn is not None:   # the keeper told it over the link, if one was up; else now
-            if self.info.get("relay_path"):
-                self._stale.append((self.info["relay_path"], self.info["secret"]))
+        if conn is not None:
+            if self.info.get("relay_path") and not linked:
+                await self.relay.quit(conn, self.info["relay_path"], self.info["secret"],
+                                      fresh=True)
             for path, secret in self._stale:
-                await self.relay.quit(conn, path, secret, fresh=True)
+                await self.relay.quit(conn, path, secret)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     async def close(self, abort_clients: bool = True) -> None:
