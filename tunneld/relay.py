@@ -77,16 +77,17 @@ class Frames:
             data = bytes(self.buf)
         out = []
         at, end, size = 0, len(data), HEAD.size
+        self.need = size
         while end - at >= size:
             kind, sid, n = HEAD.unpack_from(data, at)
             if n > MAX_FRAME or not AUTH <= kind <= PING:
                 raise ValueError(f"bad frame (type {kind}, {n} bytes)")
             if end - at < size + n:
+                self.need = size + n
                 break
             out.append((kind, sid, data[at + size:at + size + n]))
             at += size + n
         self.buf = bytearray(data[at:])
-        self.need = HEAD.unpack_from(data, at)[2] + size if end - at >= size else size
         return out
 
 

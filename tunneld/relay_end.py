@@ -297,8 +297,8 @@ class End:
             for st in list(self.streams.values()):
                 self.ack(st)
             link, ping = self.link, min(PING_EVERY, limit / 4)
-            if link is not None and self.synced and ticks % max(1, int(ping / TICK)) == 0:
-                link.transport.write(frame(PING))
+            if ticks % max(1, int(ping / TICK)) == 0:
+                self.send(frame(PING))
             if link is not None and now - link.heard > 3 * ping:
                 link.transport.abort()   # its connection_lost: link_down
                 self.link_down(link)
@@ -331,8 +331,7 @@ class End:
 
     def on_cmd(self, msg: dict) -> None:
         if msg.get("cmd") == "quit":
-            if self.link is not None and self.synced:
-                self.link.transport.write(frame(QUIT))
+            self.send(frame(QUIT))
             self.stop("tunneld asked")
         elif msg.get("cmd") == "reset":   # tunneld cannot start a relay to serve them
             for st in list(self.streams.values()):

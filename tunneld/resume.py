@@ -32,7 +32,15 @@ from . import paths, relay
 from .bindfail import bind_failure
 from .errors import BindError, TunneldError
 from .forward import LISTEN_BACKLOG, ForwardHost, ForwardReport
-from .resume_relay import AUTH_TIMEOUT, START_TIMEOUT, RelayEnd, RelayStartError, auth, program
+from .resume_relay import (
+    AUTH_TIMEOUT,
+    START_TIMEOUT,
+    RelayEnd,
+    RelayStartError,
+    auth,
+    program,
+    read_frame,
+)
 from .state import ForwardEvent, ForwardState, forward_follow, forward_next, is_connected
 
 log = logging.getLogger("tunneld")
@@ -78,6 +86,9 @@ class ResumableForward(ForwardReport):
         #: relays of a former keeper (their socket, their secret), to be told to quit
         self._stale: list[tuple[str, str]] = []
 
+    def save(self) -> None:
+        paths.atomic_write(self.dir / "forward.json", json.dumps(self.info).encode())
+
     def limits(self) -> dict[str, Any]:
         s = self.host.settings
         return {"suspend": s.resume_suspend, "stream_buffer": s.resume_buffer,
@@ -107,9 +118,7 @@ class ResumableForward(ForwardReport):
         if info.get("spec") != str(self.spec):   # the forward changed: its keeper goes
             log.info("%s: %s: the forward changed (%s, was %s): its keeper ends", self.host.name,
                      self.spec.listen, self.spec, info.get("spec"))
-            await self._quit_keeper()
-            if info.get("relay_path"):
-                self._stale.append((info["relay_path"], info["secret"]))
+            await self._quit_keeper()   # (``_spawn`` notes its relay, to be told to quit)
             return False
         log.info("%s: %s: took over its keeper (pid %s) and its %d stream(s)", self.host.name,
                  self.spec.listen, info.get("pid"), self.report.get("streams_open", 0))
@@ -129,9 +138,8 @@ class ResumableForward(ForwardReport):
                 self.dir = keeper_dir(self.host.name, spec.listen)
             shutil.rmtree(self.dir, ignore_errors=True)
             paths.ensure_private_dir(self.dir)
-            old = (self.info.get("relay_path"), self.info.get("secret"))
-            if old[0] and old[1] and old not in self._stale:
-                self._stale.append(old)  # type: ignore[arg-type]
+            if self.info.get("relay_path") and self.info.get("secret"):   # a former keeper's
+                self._stale.append((self.info["relay_path"], self.info["secret"]))
             # a relay per secret: one of a former keeper's never shares its directory
             self.info = {"spec": str(spec), "secret": os.urandom(32).hex(),
                          "relay": os.urandom(8).hex()}
@@ -153,7 +161,7 @@ class ResumableForward(ForwardReport):
             raise BindError(f"{spec.listen}: the keeper of the resumable forward did not "
                             f"start: {line.strip() or 'it exited'}")
         self.info["pid"] = int((self.dir / "pid").read_text())
-        paths.atomic_write(self.dir / "forward.json", json.dumps(self.info).encode())
+        self.save()
         await self._connect_ctrl()
 
     async def _connect_ctrl(self) -> None:
@@ -161,17 +169,12 @@ class ResumableForward(ForwardReport):
             asyncio.open_unix_connection(str(self.dir / "sock")), AUTH_TIMEOUT)
         try:
             await auth(reader, writer, self.info["secret"], "ctrl")
-            self._on_report(await self._read_frame(reader))
+            self._on_report((await read_frame(reader))[1])
         except BaseException:
             writer.close()
             raise
         self._ctrl = reader, writer
         self._ctrl_task = asyncio.get_running_loop().create_task(self._follow_keeper(reader))
-
-    @staticmethod
-    async def _read_frame(reader: Any) -> dict[str, Any]:
-        t, _, n = relay.HEAD.unpack(await reader.readexactly(relay.HEAD.size))
-        return dict(json.loads(await reader.readexactly(n)))
 
     async def _quit_keeper(self) -> None:
         """Tell the keeper to end its streams and exit; wait until it has (else kill it)."""
@@ -191,7 +194,7 @@ class ResumableForward(ForwardReport):
     async def _follow_keeper(self, reader: Any) -> None:
         with contextlib.suppress(asyncio.IncompleteReadError, OSError, ValueError):
             while True:
-                self._on_report(await self._read_frame(reader))
+                self._on_report((await read_frame(reader))[1])
         if self._ctrl_task is not asyncio.current_task():
             return   # let go (``_quit_keeper``, ``close``)
         self._ctrl = self._ctrl_task = None

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import asyncssh
 
-from . import paths, relay
+from . import relay
 from .errors import TunneldError
 from .forward import ForwardHost
 
@@ -72,15 +72,19 @@ def program(conf: dict[str, Any]) -> bytes:
     return _source().replace(_FUTURE, f"{_FUTURE}_CONFIG = {conf!r}\n", 1).encode()
 
 
+async def read_frame(reader: Any) -> tuple[int, dict[str, Any]]:
+    """One JSON frame from an end (AUTH's answer, the keeper's STATUS): its type, its body."""
+    t, _, n = relay.HEAD.unpack(await reader.readexactly(relay.HEAD.size))
+    return t, dict(json.loads(await reader.readexactly(n)))
+
+
 async def auth(reader: Any, writer: Any, secret: str, kind: str) -> dict[str, Any]:
     """Say AUTH on a new connection to an end; its answer (raises TunneldError)."""
     writer.write(relay.jframe(relay.AUTH, {"secret": secret, "kind": kind}))
-    head = await asyncio.wait_for(reader.readexactly(relay.HEAD.size), AUTH_TIMEOUT)
-    t, _, n = relay.HEAD.unpack(head)
-    msg = json.loads(await asyncio.wait_for(reader.readexactly(n), AUTH_TIMEOUT))
+    t, msg = await asyncio.wait_for(read_frame(reader), AUTH_TIMEOUT)
     if t != relay.AUTH or not msg.get("ok"):
         raise TunneldError(f"refused: {msg.get('error', 'no answer')}")
-    return dict(msg)
+    return msg
 
 
 class RelayStartError(TunneldError):
@@ -99,6 +103,9 @@ class Owner(Protocol):
 
     def limits(self) -> dict[str, Any]: ...
 
+    def save(self) -> None:
+        """Write ``info`` to ``forward.json``."""
+
 
 class RelayEnd:
     """The relay of one resumable forward (``fwd``)."""
@@ -116,26 +123,22 @@ class RelayEnd:
             await self.start(conn)
             started = True
         while True:
+            w = None
             try:
                 r, w = await self.reach(conn, self.fwd.info["relay_path"], started)
-            except asyncssh.ChannelOpenError:
-                if started:
-                    raise
-                await self.start(conn)   # it has gone (its suspend limit, a reboot)
-                started = True
-                continue
-            try:
                 await auth(r, w, self.fwd.info["secret"], "link")
                 return r, w
-            except (TunneldError, asyncio.IncompleteReadError):
-                w.close()
+            except (asyncssh.ChannelOpenError, TunneldError, asyncio.IncompleteReadError):
+                if w is not None:
+                    w.close()
                 if started:
                     raise
-                await self.start(conn)
-                started = True
             except BaseException:
-                w.close()
+                if w is not None:
+                    w.close()
                 raise
+            await self.start(conn)   # it has gone (its suspend limit, a reboot), or is not ours
+            started = True
 
     async def reach(self, conn: asyncssh.SSHClientConnection, path: str,
                     fresh: bool, quitting: bool = False) -> tuple[Any, Any]:
@@ -193,6 +196,6 @@ class RelayEnd:
                 f"exit status {r.exit_status}"
             raise RelayStartError(f"the relay did not start on the server: {why}")
         self.fwd.info["relay_path"] = out.split(None, 1)[1]
-        paths.atomic_write(self.fwd.dir / "forward.json", json.dumps(self.fwd.info).encode())
+        self.fwd.save()
         log.info("%s: %s: started its relay on the server (%s)", self.fwd.host.name,
                  self.fwd.spec.listen, self.fwd.info["relay_path"])
