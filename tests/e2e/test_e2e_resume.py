@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import threading
@@ -35,19 +36,24 @@ connect_timeout = 5
 @pytest.fixture(autouse=True)
 def no_ends_left(daemon) -> Iterator[None]:
     """Every keeper and relay a test started is gone after it (a stopped daemon leaves them
-    running for resume_suspend seconds, by design)."""
+    running for resume_suspend seconds, by design).  The daemon stops first: a keeper killed
+    under a running daemon is replaced at once (that is a feature), and the new one lived on."""
     yield
+    daemon.stop()
     root = Path(daemon.env["XDG_RUNTIME_DIR"]) / "tunneld" / "resume"
-    pids = []
+    pids, relay_dirs = [], []
     for info in root.glob("*/forward.json"):
         with contextlib.suppress(OSError, ValueError):
             pids.append(int((info.parent / "pid").read_text()))
             relay = json.loads(info.read_text()).get("relay_path")
             if relay:
+                relay_dirs.append(Path(relay).parent)
                 pids.append(int((Path(relay).parent / "pid").read_text()))
     for pid in pids:
         with contextlib.suppress(OSError):
             os.kill(pid, 9)
+    for d in relay_dirs:   # a relay killed leaves its directory (under /tmp: the HOME is deep)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _config(daemon, extra: str = "") -> None:
