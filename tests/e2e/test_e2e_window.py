@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
@@ -103,8 +104,9 @@ async def forward(sshd, target: tuple[str, int], max_window: int, port: int | No
 
 
 @contextlib.contextmanager
-def source(payload: bytes) -> Iterator[tuple[str, int]]:
-    """A target on 127.0.0.2 that sends ``payload`` to its first client, then closes."""
+def source(payload: bytes, rate: float = 0) -> Iterator[tuple[str, int]]:
+    """A target on 127.0.0.2 that sends ``payload`` to its first client (at most ``rate``
+    bytes a second, if given), then closes."""
     srv = socket.create_server(("127.0.0.2", 0))
     srv.settimeout(30)
 
@@ -114,7 +116,13 @@ def source(payload: bytes) -> Iterator[tuple[str, int]]:
         except OSError:
             return
         with c:
-            c.sendall(payload)
+            if not rate:
+                c.sendall(payload)
+                return
+            t0, view = time.monotonic(), memoryview(payload)
+            for i in range(0, len(payload), MiB):
+                c.sendall(view[i:i + MiB])
+                time.sleep(max(0.0, t0 + (i + MiB) / rate - time.monotonic()))
 
     import threading
     t = threading.Thread(target=serve, daemon=True)
@@ -148,10 +156,14 @@ async def _read_all(port: int, limit: int, pause_when=None, on_pause=None) -> by
 
 async def test_window_doubles_on_a_long_round_trip_up_to_max_window(
         home, channels, adjusts, monkeypatch):
+    # a 200 ms round trip at 100 MB/s: each doubling (2 -> 4 -> 8 MiB) asks for half a
+    # window per round trip (at most 10.5 MB/s), and the 64 MiB last three round trips or
+    # more, however busy the machine (at 50 ms the second doubling asked for 42 MB/s, more
+    # than a loaded CI machine gave)
     payload = os.urandom(64 * MiB)
-    with source(payload) as target:
+    with source(payload, rate=100e6) as target:
         async with forward(home, target, max_window=8 * MiB) as (fwd, conn):
-            _fixed_rtt(monkeypatch, conn, 0.05)
+            _fixed_rtt(monkeypatch, conn, 0.2)
             got = await _read_all(fwd.spec.bind_port, len(payload))
     assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
     [chan] = channels
